@@ -1,0 +1,747 @@
+"""Online DPO in one file: Online AI Feedback (Guo et al. 2024, arXiv 2402.04792).
+
+Each optimizer step, for every prompt of the batch:
+  sample two completions from the *current* policy -> score them with reward models and/or reward functions ->
+  the better one is "chosen", the other "rejected" -> DPO (sigmoid) or IPO loss against a frozen reference.
+
+    python online_dpo.py --help
+    python online_dpo.py --model_name_or_path Qwen/Qwen2-0.5B-Instruct \
+        --reward_model_path trl-lib/Qwen2-0.5B-Reward --dataset_name trl-lib/ultrafeedback-prompt
+
+Flags are spelled as in TRL's OnlineDPOConfig and transformers' TrainingArguments.
+"""
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Annotated, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tyro.constructors import PrimitiveConstructorSpec
+
+from kernels import token_logprobs
+
+QUICK_START_REWARD_MODEL = "trl-lib/Qwen2-0.5B-Reward"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Args
+
+
+def _parse_bool(words: list[str]) -> bool:
+    if not words:  # a bare `--flag` means True, as with HfArgumentParser
+        return True
+    if words[0].lower() in ("true", "1", "yes"):
+        return True
+    if words[0].lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected True or False, got {words[0]!r}")
+
+
+# Booleans accept `--flag`, `--flag True` and `--flag False`, the way TRL's commands write them.
+Bool = Annotated[
+    bool,
+    PrimitiveConstructorSpec(
+        nargs=(0, 1),
+        metavar="{True,False}",
+        instance_from_str=_parse_bool,
+        is_instance=lambda x: isinstance(x, bool),
+        str_from_instance=lambda x: [str(x)],
+    ),
+]
+
+
+@dataclass
+class Args:
+    # --- models and data
+    model_name_or_path: str = "Qwen/Qwen2-0.5B-Instruct"
+    """policy to train: a Hub id or a local directory (the spec's quick start model by default)"""
+    ref_model_path: str | None = None
+    """frozen reference model, Hub id or local directory; None: a frozen copy of the policy"""
+    reward_model_path: tuple[str, ...] | None = None
+    """reward models (sequence classification, one score); None: trl-lib/Qwen2-0.5B-Reward unless --reward_funcs is set"""
+    reward_funcs: tuple[str, ...] = ()
+    """Python reward functions by import path, `my_rewards:length_penalty` or `path/to/file.py:length_penalty`"""
+    reward_weights: tuple[float, ...] | None = None
+    """one weight per reward, reward models first, then reward functions; None: all 1.0"""
+    dataset_name: str = "trl-lib/ultrafeedback-prompt"
+    """prompt dataset: a Hub name, a `save_to_disk` directory, or a .json/.jsonl/.parquet/.csv file"""
+    dataset_config: str | None = None
+    """dataset configuration name (Hub datasets with several configurations)"""
+    dataset_train_split: str = "train"
+    """split to train on"""
+    dataset_prompt_column: str = "prompt"
+    """column holding the prompts: text (standard) or a list of {role, content} messages (conversational)"""
+    model_init_kwargs: str | None = None
+    """JSON dict passed to from_pretrained for the policy and reference, e.g. '{"attn_implementation": "sdpa"}'"""
+    trust_remote_code: Bool = False
+    """allow models and tokenizers to run Python code from their Hub repository (only for sources you trust)"""
+
+    # --- online DPO (OnlineDPOConfig)
+    beta: tuple[float, ...] = (0.1,)
+    """KL strength (tau for IPO); several values: one per epoch, the last one for the remaining epochs"""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: the DPO loss; ipo: the IPO loss"""
+    max_new_tokens: int = 64
+    """maximum number of tokens sampled per completion"""
+    max_length: int = 256
+    """maximum prompt + completion tokens; prompts are cut from the left to max_length - max_new_tokens"""
+    temperature: float = 0.9
+    """sampling temperature"""
+    top_p: float = 1.0
+    """nucleus sampling: keep the smallest set of tokens whose probability sums to top_p (1.0: off)"""
+    top_k: int = 0
+    """keep only the top_k most likely tokens (0: off)"""
+    min_p: float | None = None
+    """drop tokens whose probability is below min_p times the most likely token's (None: off)"""
+    repetition_penalty: float = 1.0
+    """penalise tokens already in the prompt or completion (>1 discourages repeats, 1.0: off)"""
+    generation_kwargs: str | None = None
+    """JSON dict overriding sampling flags: temperature top_k top_p min_p repetition_penalty do_sample suppress_tokens eos_token_id"""
+    missing_eos_penalty: float | None = None
+    """subtracted from the score of a completion that ends without an EOS token (>= 0)"""
+    disable_dropout: Bool = True
+    """turn dropout off in the policy and the reference"""
+
+    # --- training (TrainingArguments)
+    output_dir: str = "Qwen2-0.5B-OnlineDPO"
+    """where the trained model, checkpoints and metrics.jsonl go"""
+    learning_rate: float = 5e-7
+    """AdamW peak learning rate"""
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    """decay after warmup: linear to 0, cosine to 0, or constant"""
+    warmup_steps: float = 0
+    """linear warmup: a number of steps, or a fraction of all steps when < 1"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norm weights)"""
+    max_grad_norm: float = 1.0
+    """clip the gradient to this global norm (0: no clipping)"""
+    per_device_train_batch_size: int = 8
+    """prompts per micro-batch (each gives 2 completions)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    num_train_epochs: float = 3.0
+    """passes over the prompts (ignored when max_steps > 0)"""
+    max_steps: int = -1
+    """total optimizer steps; overrides num_train_epochs when > 0"""
+    logging_steps: float = 10
+    """log every N steps, or a fraction of all steps when < 1"""
+    save_steps: float = 500
+    """save output_dir/checkpoint-N every N steps, or a fraction of all steps when < 1 (0: only the final save)"""
+    seed: int = 42
+    """seed for the data order, sampling and initialisation"""
+    bf16: Bool | None = None
+    """bf16 mixed precision (fp32 master weights); None: on where the GPU supports it, off on CPU"""
+    gradient_checkpointing: Bool = True
+    """recompute activations in the training forward to save memory (sampling keeps its KV cache either way)"""
+    report_to: Literal["none", "wandb"] = "none"
+    """also send metrics to Weights & Biases (project from $WANDB_PROJECT, default online-dpo)"""
+    run_name: str | None = None
+    """run name shown in wandb"""
+    push_to_hub: Bool = False
+    """upload the final model and tokenizer to the Hugging Face Hub"""
+    hub_model_id: str | None = None
+    """Hub repository for --push_to_hub; None: the name of output_dir"""
+
+
+class UsageError(ValueError):
+    """Bad input: the message names the argument and says what to do."""
+
+
+GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "do_sample", "suppress_tokens", "eos_token_id")
+
+
+def json_dict(text: str | None, flag: str) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--{flag} must be a JSON object such as '{{\"key\": 1}}', got {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--{flag} must be a JSON object such as '{{\"key\": 1}}', got {text!r}")
+    return value
+
+
+def check_args(args: Args) -> None:
+    """Fail before anything is loaded. Fills in the default reward model."""
+    if args.reward_model_path is None:
+        args.reward_model_path = () if args.reward_funcs else (QUICK_START_REWARD_MODEL,)
+    n_rewards = len(args.reward_model_path) + len(args.reward_funcs)
+    problems = [
+        (args.loss_type not in ("sigmoid", "ipo"), f"--loss_type must be sigmoid or ipo, got {args.loss_type!r}"),
+        (len(args.beta) == 0 or min(args.beta, default=0) <= 0, f"--beta needs one or more positive values, got {args.beta}"),
+        (args.max_new_tokens < 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
+        (args.max_new_tokens >= args.max_length,
+         f"--max_new_tokens ({args.max_new_tokens}) must be smaller than --max_length ({args.max_length}): "
+         "prompts get max_length - max_new_tokens tokens; raise --max_length or lower --max_new_tokens"),
+        (args.temperature <= 0,
+         f"--temperature must be > 0, got {args.temperature} (for greedy: --generation_kwargs '{{\"do_sample\": false}}')"),
+        (not 0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}"),
+        (args.top_k < 0, f"--top_k must be >= 0 (0 turns it off), got {args.top_k}"),
+        (args.min_p is not None and not 0 <= args.min_p <= 1, f"--min_p must be in [0, 1], got {args.min_p}"),
+        (args.repetition_penalty <= 0, f"--repetition_penalty must be > 0, got {args.repetition_penalty}"),
+        (args.missing_eos_penalty is not None and args.missing_eos_penalty < 0,
+         f"--missing_eos_penalty must be >= 0 (it is subtracted), got {args.missing_eos_penalty}"),
+        (n_rewards == 0, "no reward: give --reward_model_path and/or --reward_funcs"),
+        (args.reward_weights is not None and len(args.reward_weights) != n_rewards,
+         f"--reward_weights has {len(args.reward_weights or ())} values but there are {n_rewards} rewards "
+         f"({len(args.reward_model_path)} reward models + {len(args.reward_funcs)} reward functions)"),
+        (args.per_device_train_batch_size < 1, f"--per_device_train_batch_size must be >= 1"),
+        (args.gradient_accumulation_steps < 1, f"--gradient_accumulation_steps must be >= 1"),
+        (args.max_steps <= 0 and args.num_train_epochs <= 0, "set --max_steps > 0 or --num_train_epochs > 0"),
+        (args.learning_rate < 0, f"--learning_rate must be >= 0, got {args.learning_rate}"),
+        (args.warmup_steps < 0, f"--warmup_steps must be >= 0, got {args.warmup_steps}"),
+        (args.logging_steps <= 0, f"--logging_steps must be > 0, got {args.logging_steps}"),
+        (args.save_steps < 0, f"--save_steps must be >= 0, got {args.save_steps}"),
+        (os.path.isfile(args.output_dir), f"--output_dir {args.output_dir!r} is a file; give a directory"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
+    json_dict(args.model_init_kwargs, "model_init_kwargs")
+    unknown = set(json_dict(args.generation_kwargs, "generation_kwargs")) - set(GENERATION_KEYS)
+    if unknown:
+        raise UsageError(f"--generation_kwargs: unsupported keys {sorted(unknown)}; supported: {', '.join(GENERATION_KEYS)}")
+    if args.push_to_hub:
+        import huggingface_hub
+
+        if huggingface_hub.get_token() is None:
+            raise UsageError("--push_to_hub needs a Hub token: run `hf auth login` or set HF_TOKEN")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: reward functions, prompts, models
+
+
+def load_reward_func(spec: str) -> Callable:
+    """`module:function` (importable from the working directory) or `path/to/file.py:function`."""
+    module_name, _, func_name = spec.rpartition(":")
+    if not module_name or not func_name:
+        raise UsageError(f"--reward_funcs {spec!r}: expected `module:function` or `file.py:function`")
+    try:
+        if module_name.endswith(".py"):
+            loader = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+            if loader is None or not os.path.isfile(module_name):
+                raise FileNotFoundError(module_name)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except Exception as e:
+        raise UsageError(f"--reward_funcs {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e})") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise UsageError(f"--reward_funcs {spec!r}: {module_name!r} has no function {func_name!r}")
+    return func
+
+
+def load_prompts(args: Args):
+    """A datasets.Dataset from a Hub name, a save_to_disk directory or a local data file."""
+    import datasets
+
+    name = args.dataset_name
+    ext = os.path.splitext(name)[1].lower()
+    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+    if os.path.isfile(name) and ext in builders:
+        ds = datasets.load_dataset(builders[ext], data_files=name, split="train")
+    elif os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+        ds = datasets.load_from_disk(name)
+        if isinstance(ds, datasets.DatasetDict):
+            if args.dataset_train_split not in ds:
+                raise UsageError(f"--dataset_train_split {args.dataset_train_split!r} not in {name!r}; splits: {list(ds)}")
+            ds = ds[args.dataset_train_split]
+    else:
+        try:
+            ds = datasets.load_dataset(name, args.dataset_config, split=args.dataset_train_split)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--dataset_name {name!r}: could not load it ({type(e).__name__}: {e}). "
+                             "Give a Hub dataset you can reach, a save_to_disk directory or a .jsonl/.parquet file") from None
+    if args.dataset_prompt_column not in ds.column_names:
+        raise UsageError(f"--dataset_prompt_column {args.dataset_prompt_column!r} is not a column of {name!r}; "
+                         f"columns: {ds.column_names}")
+    if len(ds) == 0:
+        raise UsageError(f"--dataset_name {name!r}: the {args.dataset_train_split!r} split is empty")
+    return ds
+
+
+def is_conversational(prompt) -> bool:
+    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UsageError(f"could not load the tokenizer of {path!r}: give a Hub id you can reach or a local directory "
+                         f"({e})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(auto_class, path: str, args: Args, **kwargs):
+    try:
+        return auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
+    except OSError as e:
+        raise UsageError(f"could not load model {path!r}: give a Hub id you can reach or a local directory ({e})") from None
+
+
+def freeze(model):
+    return model.requires_grad_(False).eval()
+
+
+def disable_dropout(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's EOS plus the model's generation-config EOS ids (end-of-turn tokens of chat models)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts -> left-padded token ids
+
+
+def encode_prompts(tokenizer, prompts: list, max_prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat template for conversational prompts, then keep the last max_prompt_len tokens. -> ids, mask (N, P)."""
+    texts = []
+    for p in prompts:
+        if is_conversational(p):
+            if tokenizer.chat_template is None:
+                raise UsageError("conversational prompts need a tokenizer with a chat template; this one has none "
+                                 "(use standard text prompts or a chat model's tokenizer)")
+            p = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        texts.append(p)
+    rows = [ids[-max_prompt_len:] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    if min(map(len, rows)) == 0:
+        raise UsageError("a prompt is empty after tokenization; remove empty prompts from the dataset")
+    P = max(map(len, rows))
+    ids = torch.full((len(rows), P), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for i, row in enumerate(rows):  # left padding: every row's last token is real, so decoding appends in step
+        ids[i, P - len(row):] = torch.tensor(row)
+        mask[i, P - len(row):] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling with a KV cache
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float | None = None) -> torch.Tensor:
+    """Set the logits of tokens outside top_k / top_p / min_p to -inf, in that order (as transformers does)."""
+    if top_k > 0 and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
+        drop_sorted = mass_before >= top_p  # the token that crosses top_p is kept, so at least one survives
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    if min_p is not None and min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    do_sample: bool = True,
+    suppress_tokens: list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched decoding over a preallocated KV cache. prompt_ids, prompt_mask (N, P) left-padded.
+
+    Returns completion_ids, completion_mask (N, T), T <= max_new_tokens: a row ends at its first stop token
+    (kept, mask 1); everything after it is pad_id with mask 0. Stops early once every row has ended."""
+    from transformers import StaticCache
+
+    N, P = prompt_ids.shape
+    device = prompt_ids.device
+    stop = torch.tensor(stop_ids, device=device)
+    cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
+    mask = torch.cat([prompt_mask, prompt_mask.new_zeros(N, max_new_tokens)], 1)  # (N, P+T): a column opens per step
+    position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position, cache=cache, logits_to_keep=1).logits[:, -1]
+    next_position = prompt_mask.sum(-1, keepdim=True)  # (N, 1)
+    seen = None
+    if repetition_penalty != 1.0:  # tokens already in the prompt or completion; padding does not count
+        seen = torch.zeros(N, logits.size(-1), dtype=torch.bool, device=device)
+        seen.scatter_(1, prompt_ids.where(prompt_mask.bool(), prompt_ids[:, -1:]), True)
+    tokens = prompt_ids.new_full((N, max_new_tokens), pad_id)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        scores = logits.float()
+        if seen is not None:
+            penalised = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
+            scores = torch.where(seen, penalised, scores)
+        if suppress_tokens:
+            scores[:, suppress_tokens] = float("-inf")
+        if do_sample:
+            scores = filter_logits(scores / temperature, top_k, top_p, min_p)
+            token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        token = token.masked_fill(done, pad_id)
+        tokens[:, t] = token
+        done |= torch.isin(token, stop)
+        if t == max_new_tokens - 1 or done.all():
+            break
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        mask[:, P + t] = 1
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position + t, cache=cache).logits[:, -1]
+    tokens = tokens[:, : t + 1]
+    is_stop = torch.isin(tokens, stop).long()
+    after_stop = (is_stop.cumsum(-1) - is_stop) > 0
+    return tokens.masked_fill(after_stop, pad_id), (~after_stop).long()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring and pairing
+
+
+@torch.no_grad()
+def score_completions(prompts: list, completions: list, completion_ids: list[list[int]], extra_columns: dict,
+                      reward_models: list, reward_funcs: list, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every reward for each (prompt, completion), weighted and NaN-summed. -> total (N,), per reward (N, R).
+
+    reward_models: (model, tokenizer) pairs; each re-encodes prompt + completion with its own tokenizer and chat
+    template. reward_funcs get TRL's signature: prompts, completions, completion_ids, and every other dataset
+    column as a keyword argument; None means "no opinion" (NaN, left out of the sum)."""
+    device = weights.device
+    columns = []
+    for model, tokenizer in reward_models:
+        if is_conversational(prompts[0]):
+            texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions)]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+        columns.append(model(**batch.to(device)).logits[:, 0].float())
+    for func in reward_funcs:
+        out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **extra_columns)
+        name = getattr(func, "__name__", repr(func))
+        if not isinstance(out, (list, tuple)) or len(out) != len(prompts):
+            raise UsageError(f"reward function {name} must return a list of {len(prompts)} numbers (one per completion), "
+                             f"got {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}")
+        try:
+            columns.append(torch.tensor([math.nan if r is None else float(r) for r in out], device=device))
+        except (TypeError, ValueError):
+            raise UsageError(f"reward function {name} returned something that is not a number or None: {out[:4]}...") from None
+    per_reward = torch.stack(columns, 1)  # (N, R)
+    return (per_reward * weights).nansum(1), per_reward
+
+
+def pair(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (2B,) laid out [sample 1 of prompts 0..B-1, sample 2 of prompts 0..B-1] -> chosen, rejected (B,)
+    indices: per prompt the higher score is chosen, a tie goes to the first sample."""
+    B = scores.numel() // 2
+    first_wins = scores[:B] >= scores[B:]
+    rows = torch.arange(B, device=scores.device)
+    return rows + B * (~first_wins), rows + B * first_wins
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probs, loss, metrics
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """Per-token log p(completion token | prompt, earlier tokens), (N, T), 0 at padding.
+
+    Only the T+1 last positions go through the lm_head: position P-1+t predicts completion token t."""
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    T = completion_ids.size(1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False, logits_to_keep=T + 1).logits
+    logps = token_logprobs(logits[:, :-1], completion_ids)  # (N, T) float32
+    return logps.masked_fill(completion_mask == 0, 0.0)
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float, loss_type: str):
+    """Per-pair loss (B,) from completion log-probs summed over tokens."""
+    h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    raise UsageError(f"--loss_type must be sigmoid or ipo, got {loss_type!r}")
+
+
+@torch.no_grad()
+def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta) -> dict:
+    """Per-sample values of every logged metric (TRL's names and formulas); the logged value is the mean over all
+    samples since the last log. logps, ref_logps (2B, T); sums run over real tokens only (TRL's include padding)."""
+    logp, ref_logp = (logps * completion_mask).sum(1), (ref_logps * completion_mask).sum(1)  # (2B,)
+    kl = logp - ref_logp
+    non_score_reward = -beta * kl
+    reward_chosen = beta * (logp[chosen] - ref_logp[chosen])
+    reward_rejected = beta * (logp[rejected] - ref_logp[rejected])
+    return {
+        "loss": losses.detach(),
+        "objective/kl": kl,
+        "objective/entropy": -logp,
+        "objective/non_score_reward": non_score_reward,
+        "objective/rlhf_reward": scores + non_score_reward,
+        "objective/scores": scores,
+        "objective/scores_margin": scores[chosen] - scores[rejected],
+        "rewards/chosen": reward_chosen,
+        "rewards/rejected": reward_rejected,
+        "rewards/margins": reward_chosen - reward_rejected,
+        "rewards/accuracies": (reward_chosen > reward_rejected).float(),
+        "logps/chosen": logp[chosen],
+        "logps/rejected": logp[rejected],
+        "val/contain_eos_token": has_eos.float(),
+        "completions/mean_length": completion_mask.sum(1).float(),
+        "beta": torch.full((1,), float(beta), dtype=torch.float64),
+    }
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the peak learning rate before optimizer step `step` (0-based), as transformers' schedulers."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return 1.0
+
+
+def steps_of(value: float, total: int) -> int:
+    """TrainingArguments' convention: a value < 1 is a fraction of all steps."""
+    return math.ceil(value * total) if 0 < value < 1 else int(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_model(model, tokenizer, args: Args, path: str) -> None:
+    """save_pretrained into a temporary sibling, then move the files in: a crash mid-save never leaves a
+    half-written model at `path`, and the files of an earlier save stay until each is replaced whole."""
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "online_dpo_args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    os.rmdir(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main loop
+
+
+def main(args: Args) -> None:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    # 0. Check the arguments and the data before anything heavy is loaded.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the place where torch.distributed setup goes
+        raise UsageError("several processes (torchrun --nproc_per_node > 1) are not supported yet: run one process")
+    check_args(args)
+    reward_funcs = [load_reward_func(spec) for spec in args.reward_funcs]
+    dataset = load_prompts(args)
+    B, GA = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    steps_per_epoch = len(dataset) // (B * GA)
+    if steps_per_epoch == 0:
+        raise UsageError(f"the dataset has {len(dataset)} prompts but one optimizer step needs "
+                         f"per_device_train_batch_size x gradient_accumulation_steps = {B * GA}; lower them")
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    warmup, log_every = steps_of(args.warmup_steps, total_steps), max(1, steps_of(args.logging_steps, total_steps))
+    save_every = steps_of(args.save_steps, total_steps)
+    generation = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+                  "repetition_penalty": args.repetition_penalty, "do_sample": True, "suppress_tokens": None}
+    generation |= json_dict(args.generation_kwargs, "generation_kwargs")
+    eos_override = generation.pop("eos_token_id", None)  # replaces the stop tokens when given
+
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    frozen_dtype = torch.bfloat16 if bf16 else torch.float32  # reference and reward models need no fp32 master copy
+
+    # 1. Policy (fp32 master weights), frozen reference, reward models with their own tokenizers.
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    init_kwargs = {"dtype": torch.float32} | json_dict(args.model_init_kwargs, "model_init_kwargs")
+    policy = load_model(AutoModelForCausalLM, args.model_name_or_path, args, **init_kwargs).to(device)
+    ref_path = args.ref_model_path or args.model_name_or_path  # loaded again: a copy without the fp32 detour
+    ref = freeze(load_model(AutoModelForCausalLM, ref_path, args, **init_kwargs | {"dtype": frozen_dtype}).to(device))
+    if args.disable_dropout:
+        disable_dropout(policy), disable_dropout(ref)
+    if args.gradient_checkpointing:  # active only in train mode: sampling (eval mode) keeps its KV cache
+        policy.activation_checkpointing_enable()
+    reward_models = []
+    for path in args.reward_model_path:
+        rm_tokenizer = load_tokenizer(path, args.trust_remote_code)
+        rm = load_model(AutoModelForSequenceClassification, path, args, num_labels=1, dtype=frozen_dtype)
+        rm.config.pad_token_id = rm_tokenizer.pad_token_id  # it finds each row's last token through the pad id
+        reward_models.append((freeze(rm.to(device)), rm_tokenizer))
+    n_rewards = len(reward_models) + len(reward_funcs)
+    weights = torch.tensor(args.reward_weights or [1.0] * n_rewards, device=device)
+    stop_ids = stop_token_ids(tokenizer, policy)
+    if eos_override is not None:
+        stop_ids = [eos_override] if isinstance(eos_override, int) else list(eos_override)
+    generator = torch.Generator(device).manual_seed(args.seed)
+
+    decay = [p for p in policy.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in policy.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, args.lr_scheduler_type))
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
+    if args.report_to == "wandb":
+        import wandb
+
+        wandb.init(project=os.environ.get("WANDB_PROJECT", "online-dpo"), name=args.run_name, config=asdict(args))
+
+    def micro_batches():  # reshuffled every epoch; the last incomplete optimizer step of an epoch is dropped
+        for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+            for i in range(steps_per_epoch * GA):
+                yield dataset[order[i * B : (i + 1) * B]]
+
+    data = micro_batches()
+    sums, counts = {}, {}
+    window = {"start": time.perf_counter(), "sampling": 0.0, "tokens": 0, "steps": 0}
+    max_prompt_len = args.max_length - args.max_new_tokens
+    bar = tqdm(total=total_steps, desc="online-dpo", dynamic_ncols=True)
+    for step in range(1, total_steps + 1):
+        epoch = (step - 1) // steps_per_epoch
+        beta = args.beta[min(epoch, len(args.beta) - 1)]
+        for _ in range(GA):
+            batch = next(data)
+            prompts = batch.pop(args.dataset_prompt_column)
+
+            # 2. Prompts -> left-padded ids, cut from the left so that sampling and scoring see the same context.
+            prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_len)
+            prompt_ids, prompt_mask = prompt_ids.repeat(2, 1).to(device), prompt_mask.repeat(2, 1).to(device)  # (2B, P)
+
+            # 3. Two completions per prompt from the current policy.
+            t0 = time.perf_counter()
+            policy.eval()
+            with autocast:
+                completion_ids, completion_mask = sample(policy, prompt_ids, prompt_mask, args.max_new_tokens, stop_ids,
+                                                         tokenizer.pad_token_id, generator=generator, **generation)
+            policy.train()
+            window["sampling"] += time.perf_counter() - t0
+            window["tokens"] += int(completion_mask.sum())
+            has_eos = (torch.isin(completion_ids, torch.tensor(stop_ids, device=device)) & (completion_mask == 1)).any(1)
+
+            # 4. Score: reward models and functions, weighted NaN-sum, minus the penalty for a missing EOS.
+            rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids, completion_mask)]
+            texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+            completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversational(prompts[0]) else texts
+            extra = {k: v * 2 for k, v in batch.items()}  # every other dataset column, aligned with the 2B completions
+            with autocast:
+                scores, _ = score_completions(prompts * 2, completions, rows, extra, reward_models, reward_funcs, weights)
+            if args.missing_eos_penalty is not None:
+                scores = scores - args.missing_eos_penalty * (~has_eos).float()
+
+            # 5. Pair: per prompt, the higher score is chosen.
+            chosen, rejected = pair(scores)
+
+            # 6. Log-probs of the completions under the policy (with grad) and the reference, then the loss.
+            with autocast:
+                logps = completion_logprobs(policy, prompt_ids, prompt_mask, completion_ids, completion_mask)
+                with torch.no_grad():
+                    ref_logps = completion_logprobs(ref, prompt_ids, prompt_mask, completion_ids, completion_mask)
+            logp, ref_logp = logps.sum(1), ref_logps.sum(1)
+            losses = dpo_loss(logp[chosen], logp[rejected], ref_logp[chosen], ref_logp[rejected], beta, args.loss_type)
+            (losses.mean() / GA).backward()
+
+            per_sample = step_metrics(logps.detach(), ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta)
+            for k, v in per_sample.items():
+                sums[k] = sums.get(k, 0.0) + v.sum()
+                counts[k] = counts.get(k, 0) + v.numel()
+
+        # 7. Optimizer step: clip, AdamW, schedule.
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window["steps"] += 1
+        bar.update(1)
+
+        # 8. Metrics: means since the last log, one line on stdout, metrics.jsonl, wandb.
+        if step % log_every == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window["start"]
+            logs = {k: float(sums[k]) / counts[k] for k in sums}
+            logs |= {"learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "epoch": step / steps_per_epoch,
+                     "time/step": elapsed / window["steps"], "time/sampling": window["sampling"] / window["steps"],
+                     "time/tokens_per_s": window["tokens"] / elapsed}
+            bar.write(f"step {step}/{total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+            metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
+            metrics_file.flush()
+            if args.report_to == "wandb":
+                wandb.log(logs, step=step)
+            sums, counts = {}, {}
+            window = {"start": time.perf_counter(), "sampling": 0.0, "tokens": 0, "steps": 0}
+
+        if save_every and step % save_every == 0 and step < total_steps:
+            save_model(policy, tokenizer, args, os.path.join(args.output_dir, f"checkpoint-{step}"))
+
+    # 9. Save the policy where from_pretrained(output_dir) finds it.
+    bar.close()
+    metrics_file.close()
+    save_model(policy, tokenizer, args, args.output_dir)
+    print(f"saved the trained model to {args.output_dir}")
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        repo = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=args.output_dir, repo_id=repo, ignore_patterns=["checkpoint-*"])
+        print(f"pushed to https://huggingface.co/{repo}")
+    if args.report_to == "wandb":
+        wandb.finish()
+
+
+def cli(argv: list[str] | None = None) -> Args:
+    return tyro.cli(Args, args=argv, use_underscores=True, config=(tyro.conf.FlagConversionOff,),
+                    description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    try:
+        main(cli())
+    except UsageError as e:
+        sys.exit(f"online_dpo.py: error: {e}")

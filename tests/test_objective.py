@@ -1,0 +1,103 @@
+"""Pairing, loss, metrics and the learning-rate schedule against formulas written out here."""
+
+import math
+
+import pytest
+import torch
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from online_dpo import dpo_loss, lr_factor, pair, step_metrics, steps_of
+
+
+def test_pair_keeps_both_completions_of_a_prompt_and_gives_ties_to_the_first():
+    scores = torch.tensor([0.5, 2.0, 1.0, -3.0, 0.7, 1.0, 1.0, -3.0])  # B = 4: prompt i has samples i and i + 4
+    chosen, rejected = pair(scores)
+    assert chosen.tolist() == [4, 1, 2, 3]  # 0.7 > 0.5; 2.0 > 1.0; tie 1.0 = 1.0 -> first; tie -> first
+    assert rejected.tolist() == [0, 5, 6, 7]
+    assert torch.equal(chosen % 4, rejected % 4) and torch.equal(chosen % 4, torch.arange(4))
+    assert (scores[chosen] >= scores[rejected]).all()
+
+
+def test_pair_on_random_scores():
+    scores = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    chosen, rejected = pair(scores)
+    for i in range(32):
+        best, worst = (i, i + 32) if scores[i] >= scores[i + 32] else (i + 32, i)
+        assert (chosen[i].item(), rejected[i].item()) == (best, worst)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_and_ipo_losses(beta):
+    g = torch.Generator().manual_seed(1)
+    c, r, rc, rr = (torch.randn(8, generator=g, dtype=torch.float64) * 5 for _ in range(4))
+    sigmoid = dpo_loss(c, r, rc, rr, beta, "sigmoid")
+    ipo = dpo_loss(c, r, rc, rr, beta, "ipo")
+    for i in range(8):
+        h = (c[i].item() - r[i].item()) - (rc[i].item() - rr[i].item())
+        assert sigmoid[i].item() == pytest.approx(math.log(1 + math.exp(-beta * h)), rel=1e-12)
+        assert ipo[i].item() == pytest.approx((h - 1 / (2 * beta)) ** 2, rel=1e-12)
+    assert dpo_loss(c, r, c, r, beta, "sigmoid").allclose(torch.full((8,), math.log(2), dtype=torch.float64))
+
+
+def test_every_metric_against_the_formulas():
+    g = torch.Generator().manual_seed(2)
+    B, T, beta = 3, 5, 0.2
+    mask = torch.ones(2 * B, T, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[4, 1:] = 0
+    logps = -torch.rand(2 * B, T, generator=g, dtype=torch.float64) * 3
+    ref_logps = -torch.rand(2 * B, T, generator=g, dtype=torch.float64) * 3
+    logps[mask == 0], ref_logps[mask == 0] = -99.0, -7.0  # padding must not count
+    scores = torch.randn(2 * B, generator=g, dtype=torch.float64)
+    has_eos = torch.tensor([True, False, True, True, False, False])
+    chosen, rejected = pair(scores)
+    losses = torch.rand(B, generator=g, dtype=torch.float64)
+    got = {k: v.double().mean().item() for k, v in step_metrics(logps, ref_logps, mask, scores, chosen, rejected, has_eos, losses, beta).items()}
+
+    # Written out per completion, with python loops over the real tokens only.
+    lp = [sum(logps[i, t].item() for t in range(T) if mask[i, t]) for i in range(2 * B)]
+    rp = [sum(ref_logps[i, t].item() for t in range(T) if mask[i, t]) for i in range(2 * B)]
+    s = scores.tolist()
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    c, r = chosen.tolist(), rejected.tolist()
+    rc = [beta * (lp[i] - rp[i]) for i in c]
+    rr = [beta * (lp[i] - rp[i]) for i in r]
+    expected = {
+        "loss": mean(losses.tolist()),
+        "objective/kl": mean([lp[i] - rp[i] for i in range(2 * B)]),
+        "objective/entropy": mean([-x for x in lp]),
+        "objective/non_score_reward": mean([-beta * (lp[i] - rp[i]) for i in range(2 * B)]),
+        "objective/rlhf_reward": mean([s[i] - beta * (lp[i] - rp[i]) for i in range(2 * B)]),
+        "objective/scores": mean(s),
+        "objective/scores_margin": mean([s[i] - s[j] for i, j in zip(c, r)]),
+        "rewards/chosen": mean(rc),
+        "rewards/rejected": mean(rr),
+        "rewards/margins": mean([a - b for a, b in zip(rc, rr)]),
+        "rewards/accuracies": mean([float(a > b) for a, b in zip(rc, rr)]),
+        "logps/chosen": mean([lp[i] for i in c]),
+        "logps/rejected": mean([lp[i] for i in r]),
+        "val/contain_eos_token": 0.5,
+        "completions/mean_length": mean([3, 5, 5, 5, 1, 5]),
+        "beta": beta,
+    }
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+@pytest.mark.parametrize("kind,reference", [("linear", get_linear_schedule_with_warmup), ("cosine", get_cosine_schedule_with_warmup),
+                                            ("constant", None)])
+def test_lr_schedule_matches_transformers(kind, reference):
+    total, warmup = 50, 7
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = reference(opt, warmup, total) if reference else get_constant_schedule_with_warmup(opt, warmup)
+    for step in range(total):
+        assert lr_factor(step, warmup, total, kind) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        opt.step()
+        sched.step()
+
+
+def test_fractions_of_all_steps():
+    assert steps_of(0.1, 95) == 10  # as TrainingArguments: ceil(0.1 * 95)
+    assert steps_of(3, 95) == 3
+    assert steps_of(0, 95) == 0

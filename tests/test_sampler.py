@@ -1,0 +1,104 @@
+"""The KV-cache sampler against transformers' own generate() and logits warpers."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from online_dpo import encode_prompts, filter_logits, sample
+from tests import assets
+
+PROMPTS = ["the cat", "a big old dog sits near the river and sings", "sun", "red stone house under a blue moon"]
+
+
+@pytest.fixture(scope="module")
+def llama_policy(tiny, tokenizer, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("llama"))
+    assets.make_causal_lm(path, tokenizer, "llama", seed=3)
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _generate(model, ids, mask, max_new_tokens, eos, pad, **kw):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos, pad_token_id=pad, **kw)
+    return out[:, ids.size(1):]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_greedy_matches_generate_on_left_padded_prompts(arch, policy, llama_policy, tokenizer):
+    model = policy if arch == "qwen2" else llama_policy
+    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
+    assert (mask == 0).any(), "the prompts must need left padding for this test to mean anything"
+    pad = tokenizer.pad_token_id
+    free, free_mask = sample(model, ids, mask, 20, stop_ids=[pad], pad_id=pad, do_sample=False)  # nothing stops early
+    reference = _generate(model, ids, mask, 20, eos=[], pad=pad)
+    assert torch.equal(free, reference)
+    assert free_mask.all()
+
+    # A stop token that greedy decoding produces mid-way in some rows: rows end there, the batch ends when all have.
+    stop = int(reference[0, 5])
+    ours, ours_mask = sample(model, ids, mask, 20, stop_ids=[stop], pad_id=pad, do_sample=False)
+    theirs = _generate(model, ids, mask, 20, eos=[stop], pad=pad)
+    assert ours.shape == theirs.shape
+    assert torch.equal(ours, theirs)
+    for row, row_mask in zip(ours.tolist(), ours_mask.tolist()):
+        end = row.index(stop) + 1 if stop in row else len(row)
+        assert row_mask == [1] * end + [0] * (len(row) - end)  # the stop token itself is kept
+        assert row[end:] == [pad] * (len(row) - end)
+
+
+def test_greedy_with_repetition_penalty_matches_generate(policy, tokenizer):
+    # Equal-length prompts: transformers also counts padding as "seen", we do not.
+    ids = torch.randint(10, len(tokenizer), (3, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    pad = tokenizer.pad_token_id
+    ours, _ = sample(policy, ids, mask, 24, stop_ids=[pad], pad_id=pad, do_sample=False, repetition_penalty=1.8)
+    theirs = _generate(policy, ids, mask, 24, eos=[], pad=pad, repetition_penalty=1.8)
+    plain = _generate(policy, ids, mask, 24, eos=[], pad=pad)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(theirs, plain), "the penalty must change the output for this test to mean anything"
+
+
+def _reference_filter(logits, top_k, top_p, min_p):
+    scores = logits.double().clone()
+    ids = torch.zeros(scores.shape[0], 1, dtype=torch.long)
+    for warper in [TopKLogitsWarper(top_k) if top_k else None, TopPLogitsWarper(top_p) if top_p < 1 else None,
+                   MinPLogitsWarper(min_p) if min_p else None]:
+        if warper is not None:
+            scores = warper(ids, scores)
+    return torch.isfinite(scores)
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(5, 1.0, None), (0, 0.6, None), (0, 1.0, 0.3), (20, 0.9, 0.05), (1, 0.1, 0.5)])
+def test_filter_logits_keeps_the_same_tokens_as_transformers(top_k, top_p, min_p):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 300, generator=g, dtype=torch.float64) * 3
+    kept = torch.isfinite(filter_logits(logits, top_k, top_p, min_p))
+    assert torch.equal(kept, _reference_filter(logits, top_k, top_p, min_p))
+    assert kept.sum(-1).min() >= 1
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(4, 1.0, None), (0, 0.3, None), (0, 1.0, 0.8)])
+def test_sampled_tokens_respect_the_filters(policy, tokenizer, top_k, top_p, min_p):
+    """Recompute every step's logits with a plain forward (no cache) and check each sampled token was allowed."""
+    torch.manual_seed(0)
+    with torch.no_grad():  # sharpen the random model so that the filters cut something
+        policy_sharp = type(policy)(policy.config).eval()
+        policy_sharp.load_state_dict(policy.state_dict())
+        policy_sharp.lm_head.weight.mul_(40.0)
+    ids, mask = encode_prompts(tokenizer, PROMPTS * 2, 64)
+    temperature = 0.7
+    gen = torch.Generator().manual_seed(1)
+    pad = tokenizer.pad_token_id
+    out, out_mask = sample(policy_sharp, ids, mask, 12, stop_ids=[pad], pad_id=pad, temperature=temperature,
+                           top_k=top_k, top_p=top_p, min_p=min_p, generator=gen)
+    full = torch.cat([ids, out], 1)
+    full_mask = torch.cat([mask, out_mask], 1)
+    with torch.no_grad():
+        logits = policy_sharp(input_ids=full, attention_mask=full_mask,
+                              position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits.double()
+    P = ids.size(1)
+    step_logits = logits[:, P - 1 : -1] / temperature  # (N, T, V): the distribution each token was drawn from
+    allowed = _reference_filter(step_logits.flatten(0, 1), top_k, top_p, min_p).view_as(step_logits)
+    was_allowed = allowed.gather(-1, out.unsqueeze(-1)).squeeze(-1)
+    assert was_allowed.all()
+    assert (allowed.sum(-1) < allowed.size(-1)).float().mean() > 0.5, "the filters must cut for the test to mean anything"

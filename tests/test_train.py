@@ -1,0 +1,222 @@
+"""Whole runs of online_dpo.py: in process for the metric checks, as a subprocess for the CLI."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import online_dpo
+from online_dpo import Args, UsageError, check_args, cli, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _args(tiny, tmp_path, **kw):
+    base = dict(model_name_or_path=tiny["policy"], dataset_name=tiny["prompts.jsonl"], reward_funcs=("tests.rewards:low_token_ids",),
+                output_dir=str(tmp_path / "out"), max_new_tokens=8, max_length=48, per_device_train_batch_size=4,
+                max_steps=2, logging_steps=1, save_steps=0, learning_rate=1e-3)
+    return Args(**base | kw)
+
+
+def test_first_step_policy_equals_reference(tiny, tmp_path):
+    """At step 1 the policy is the reference: kl = 0, implicit rewards = 0, sigmoid loss = ln 2.
+
+    Two reward models (one with another tokenizer) and a reward function, conversational prompts."""
+    args = _args(tiny, tmp_path, dataset_name=tiny["prompts_chat.jsonl"], max_steps=1,
+                 reward_model_path=(tiny["reward"], tiny["tokenizer2_reward"]), reward_weights=(1.0, 0.5, 2.0))
+    main(args)
+    (first,) = _read_metrics(args.output_dir)
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert first["objective/non_score_reward"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6) and first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/accuracies"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["objective/rlhf_reward"] == pytest.approx(first["objective/scores"], abs=1e-6)
+    assert first["objective/scores_margin"] >= 0  # the chosen never scores below the rejected
+    assert first["logps/chosen"] < 0 and first["objective/entropy"] > 0
+    assert first["beta"] == 0.1 and first["step"] == 1
+
+
+def test_beta_per_epoch_ipo_and_the_eos_penalty(tiny, tmp_path):
+    # 32 prompts, 4 per micro-batch x 2 accumulation = 4 steps per epoch.
+    args = _args(tiny, tmp_path, beta=(0.3, 0.05), loss_type="ipo", gradient_accumulation_steps=2, max_steps=10,
+                 reward_funcs=("tests.rewards:zero",), missing_eos_penalty=1.5, warmup_steps=0.2, max_new_tokens=3)
+    main(args)
+    logs = _read_metrics(args.output_dir)
+    assert [m["beta"] for m in logs] == [0.3] * 4 + [0.05] * 6
+    assert [m["epoch"] for m in logs] == pytest.approx([s / 4 for s in range(1, 11)])
+    assert [m["learning_rate"] for m in logs] == pytest.approx([1e-3 * f for f in (0.5, 1, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0)])
+    for m in logs:  # the only score is the penalty, so scores = -penalty x (1 - fraction with an EOS)
+        assert m["objective/scores"] == pytest.approx(-1.5 * (1 - m["val/contain_eos_token"]), abs=1e-6)
+        assert m["completions/mean_length"] <= 3
+    assert logs[0]["loss"] == pytest.approx((1 / (2 * 0.3)) ** 2, rel=1e-4)  # IPO at h = 0
+    assert any(m["val/contain_eos_token"] < 1 for m in logs), "some completion must miss its EOS for this to mean anything"
+
+
+def test_generation_kwargs_reach_the_sampler(tiny, tmp_path):
+    greedy = _args(tiny, tmp_path, generation_kwargs='{"do_sample": false}', max_steps=1)
+    main(greedy)
+    (m,) = _read_metrics(greedy.output_dir)
+    assert m["objective/scores_margin"] == 0.0  # both samples of a prompt are the same greedy completion
+    assert m["logps/chosen"] == pytest.approx(m["logps/rejected"], abs=1e-4)
+    # Suppressing ids 0..99 removes every token the reward counts, and the EOS (id 1) with them.
+    suppressed = _args(tiny, tmp_path, generation_kwargs=json.dumps({"suppress_tokens": list(range(100))}), max_steps=1)
+    main(suppressed)
+    (m,) = _read_metrics(suppressed.output_dir)
+    assert m["objective/scores"] == 0.0 and m["val/contain_eos_token"] == 0.0
+
+
+def test_saves_a_model_transformers_loads(tiny, tmp_path):
+    args = _args(tiny, tmp_path, max_steps=4, save_steps=0.5)
+    main(args)
+    out = args.output_dir
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    start = AutoModelForCausalLM.from_pretrained(tiny["policy"])
+    changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
+    assert changed, "training must change the weights"
+    checkpoint = AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoint-2"))
+    assert any(not torch.equal(p, trained.state_dict()[n]) for n, p in checkpoint.state_dict().items())
+    with open(os.path.join(out, "online_dpo_args.json")) as f:
+        assert json.load(f)["max_steps"] == 4
+    assert not os.path.exists(out + ".tmp")
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(max_new_tokens=64, max_length=64), "--max_new_tokens \\(64\\) must be smaller than --max_length \\(64\\)"),
+    (dict(loss_type="hinge"), "--loss_type must be sigmoid or ipo"),
+    (dict(beta=()), "--beta needs one or more positive values"),
+    (dict(beta=(0.1, -1.0)), "--beta needs one or more positive values"),
+    (dict(reward_weights=(1.0, 2.0)), "--reward_weights has 2 values but there are 1 rewards"),
+    (dict(reward_funcs=(), reward_model_path=()), "no reward"),
+    (dict(per_device_train_batch_size=0), "--per_device_train_batch_size must be >= 1"),
+    (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps must be >= 1"),
+    (dict(missing_eos_penalty=-1.0), "--missing_eos_penalty must be >= 0"),
+    (dict(top_p=0.0), "--top_p must be in"),
+    (dict(temperature=0.0), "--temperature must be > 0"),
+    (dict(generation_kwargs='{"num_beams": 4}'), "unsupported keys \\['num_beams'\\]"),
+    (dict(model_init_kwargs="{bad json"), "--model_init_kwargs must be a JSON object"),
+])
+def test_bad_arguments_fail_with_a_message_naming_them(tiny, tmp_path, changes, message):
+    with pytest.raises(UsageError, match=message):
+        check_args(Args(**vars(_args(tiny, tmp_path)) | changes))
+
+
+def test_inputs_that_need_a_look_fail_before_any_model_loads(tiny, tmp_path, monkeypatch):
+    def no_loading(*a, **kw):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(online_dpo, "load_model", no_loading)
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (dict(output_dir=str(tmp_path / "file")), "is a file"),
+        (dict(reward_funcs=("tests.rewards:missing",)), "has no function 'missing'"),
+        (dict(dataset_prompt_column="question"), "--dataset_prompt_column 'question'"),
+        (dict(per_device_train_batch_size=16, gradient_accumulation_steps=4), "the dataset has 32 prompts but one optimizer step needs"),
+        (dict(push_to_hub=True), "--push_to_hub needs a Hub token"),
+    ]
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    for changes, message in cases:
+        with pytest.raises(UsageError, match=message):
+            main(Args(**vars(_args(tiny, tmp_path)) | changes))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="not supported yet: run one process"):
+        main(_args(tiny, tmp_path))
+
+
+def test_unreachable_hub_ids_are_named(tiny, tmp_path):
+    # conftest sets HF_HUB_OFFLINE=1: these go through the real Hub loading code and fail as they would offline.
+    with pytest.raises(UsageError, match="--dataset_name 'trl-lib/ultrafeedback-prompt': could not load it"):
+        main(Args(**vars(_args(tiny, tmp_path)) | dict(dataset_name="trl-lib/ultrafeedback-prompt")))
+    with pytest.raises(UsageError, match="'Qwen/Qwen2-0.5B-Instruct'.*Hub id you can reach or a local directory"):
+        main(Args(**vars(_args(tiny, tmp_path)) | dict(model_name_or_path="Qwen/Qwen2-0.5B-Instruct")))
+    with pytest.raises(UsageError, match="'trl-lib/Qwen2-0.5B-Reward'"):
+        main(Args(**vars(_args(tiny, tmp_path)) | dict(reward_model_path=("trl-lib/Qwen2-0.5B-Reward",))))
+
+
+def test_seed_commands_parse_as_written():
+    quick = cli("--model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --reward_model_path trl-lib/Qwen2-0.5B-Reward "
+                "--dataset_name trl-lib/ultrafeedback-prompt --learning_rate 5.0e-7 --output_dir Qwen2.5-0.5B-Online-DPO "
+                "--warmup_steps 0.1 --push_to_hub".split())
+    assert (quick.reward_model_path, quick.warmup_steps, quick.push_to_hub) == (("trl-lib/Qwen2-0.5B-Reward",), 0.1, True)
+    pythia = cli("--model_name_or_path trl-lib/pythia-1b-deduped-tldr-sft --reward_model_path trl-lib/pythia-1b-deduped-tldr-rm "
+                 "--dataset_name trl-lib/tldr --learning_rate 5.0e-7 --output_dir pythia-1b-deduped-tldr-online-dpo --beta 0.1 "
+                 "--per_device_train_batch_size 8 --gradient_accumulation_steps 2 --num_train_epochs 3 --max_new_tokens 53 "
+                 "--warmup_steps 0.1 --missing_eos_penalty 1.0 --save_steps 0.1 --push_to_hub".split())
+    assert (pythia.beta, pythia.max_new_tokens, pythia.save_steps, pythia.missing_eos_penalty) == ((0.1,), 53, 0.1, 1.0)
+    assert cli(["--gradient_checkpointing", "False", "--bf16"]).gradient_checkpointing is False
+    assert cli(["--bf16"]).bf16 is True and cli([]).bf16 is None
+    assert cli(["--beta", "0.1", "0.05"]).beta == (0.1, 0.05)
+    defaults = cli([])
+    assert (defaults.max_new_tokens, defaults.max_length, defaults.temperature, defaults.learning_rate) == (64, 256, 0.9, 5e-7)
+    assert (defaults.logging_steps, defaults.gradient_checkpointing, defaults.loss_type) == (10, True, "sigmoid")
+
+
+def _run(*argv, env=None, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(REPO, "online_dpo.py"), *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=os.environ | (env or {}))
+
+
+def test_help_documents_every_argument():
+    out = _run("--help").stdout
+    for name in Args.__dataclass_fields__:
+        assert f"--{name}" in out, name
+    assert "KL strength" in out and "(default: 5e-07)" in out
+
+
+def test_a_typo_fails_fast_from_the_command_line(tiny):
+    start = time.perf_counter()
+    proc = _run("--model_name_or_path", "/nonexistent/model", "--max_new_tokens", "300")
+    assert proc.returncode != 0 and time.perf_counter() - start < 60
+    assert "--max_new_tokens (300) must be smaller than --max_length (256)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_run_learns_a_reward_and_saves_a_model_that_generates(tiny, tmp_path):
+    out = str(tmp_path / "run")
+    proc = _run("--model_name_or_path", tiny["policy"], "--dataset_name", tiny["prompts.jsonl"], "--reward_funcs",
+                "tests/rewards.py:low_token_ids", "--max_new_tokens", "16", "--max_length", "64", "--learning_rate", "1e-2",
+                "--lr_scheduler_type", "constant", "--max_steps", "30", "--logging_steps", "5", "--seed", "1",
+                "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = _read_metrics(out)
+    assert [m["step"] for m in logs] == [5, 10, 15, 20, 25, 30]
+    assert sum(f"step {m['step']}/30 " in proc.stdout for m in logs) == 6  # one printed line per log step
+    # A random-init policy scores ~0.25; each window averages 80 completions (std of the mean ~0.015).
+    # Online DPO must lift it well beyond that noise.
+    assert logs[-1]["objective/scores"] > logs[0]["objective/scores"] + 0.2, [m["objective/scores"] for m in logs]
+    assert logs[-1]["objective/kl"] > 0 and logs[-1]["rewards/margins"] > 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    prompt = tok(["the cat"], return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt.input_ids.shape[1]:]
+    # The trained policy now prefers the rewarded tokens under greedy decoding too.
+    assert sum(t < 100 for t in generated.tolist()) / len(generated) > 0.5
+
+
+def test_wandb_offline_run_records_the_metrics(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    main(_args(tiny, tmp_path, report_to="wandb", run_name="tiny-test"))
+    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    files = os.listdir(tmp_path / "wandb" / runs[0])
+    data = [f for f in files if f.endswith(".wandb")]
+    assert data and os.path.getsize(tmp_path / "wandb" / runs[0] / data[0]) > 0
+    content = (tmp_path / "wandb" / runs[0] / data[0]).read_bytes()
+    assert b"objective/rlhf_reward" in content and b"rewards/accuracies" in content
