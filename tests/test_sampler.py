@@ -84,12 +84,12 @@ def test_sampled_tokens_respect_the_filters(policy, tokenizer, top_k, top_p, min
     with torch.no_grad():  # sharpen the random model so that the filters cut something
         policy_sharp = type(policy)(policy.config).eval()
         policy_sharp.load_state_dict(policy.state_dict())
-        policy_sharp.lm_head.weight.mul_(40.0)
-    ids, mask = encode_prompts(tokenizer, PROMPTS * 2, 64)
-    temperature = 0.7
-    gen = torch.Generator().manual_seed(1)
+        policy_sharp.lm_head.weight.mul_(4.0)
+    ids, mask = encode_prompts(tokenizer, PROMPTS * 4, 64)
+    temperature = 0.5  # < 1: filtering before the temperature would let through tokens it must cut
+    gen = torch.Generator().manual_seed(3)
     pad = tokenizer.pad_token_id
-    out, out_mask = sample(policy_sharp, ids, mask, 12, stop_ids=[pad], pad_id=pad, temperature=temperature,
+    out, out_mask = sample(policy_sharp, ids, mask, 16, stop_ids=[pad], pad_id=pad, temperature=temperature,
                            top_k=top_k, top_p=top_p, min_p=min_p, generator=gen)
     full = torch.cat([ids, out], 1)
     full_mask = torch.cat([mask, out_mask], 1)
@@ -102,3 +102,39 @@ def test_sampled_tokens_respect_the_filters(policy, tokenizer, top_k, top_p, min
     was_allowed = allowed.gather(-1, out.unsqueeze(-1)).squeeze(-1)
     assert was_allowed.all()
     assert (allowed.sum(-1) < allowed.size(-1)).float().mean() > 0.5, "the filters must cut for the test to mean anything"
+
+
+class _FixedHead(torch.nn.Module):
+    """An lm_head that answers the same logits at every position, so the test knows the distribution exactly."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, hidden):
+        return self.logits.to(hidden.dtype).expand(*hidden.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 1.0, None), (0, 0.8, None), (12, 1.0, 0.05)])
+def test_token_frequencies_match_the_filtered_distribution(policy, tokenizer, top_k, top_p, min_p):
+    """4000 draws of one step: the empirical distribution is softmax(logits / T), filtered, renormalised."""
+    V = policy.config.vocab_size
+    zipf = 1.0 / torch.arange(1, V + 1, dtype=torch.float64) ** 0.6  # a long tail, no token above a few percent
+    logits = zipf.log()[torch.randperm(V, generator=torch.Generator().manual_seed(0))]
+    model = type(policy)(policy.config).eval()
+    model.load_state_dict(policy.state_dict())
+    model.lm_head = _FixedHead(logits.float())
+    temperature, n = 0.7, 4000
+    allowed = _reference_filter((logits / temperature)[None], top_k, top_p, min_p)[0]
+    expected = torch.where(allowed, (logits / temperature).softmax(-1), 0.0)
+    expected /= expected.sum()
+    ids, mask = encode_prompts(tokenizer, ["the old cat"], 64)
+    out, _ = sample(model, ids.repeat(n, 1), mask.repeat(n, 1), 1, stop_ids=[tokenizer.pad_token_id], pad_id=tokenizer.pad_token_id,
+                    temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=torch.Generator().manual_seed(0))
+    observed = torch.bincount(out[:, 0], minlength=V).double() / n
+    assert observed[~allowed].sum() == 0
+    assert 10 <= allowed.sum() < V or (top_k, top_p, min_p) == (0, 1.0, None)
+    # The total variation of n draws over k equally likely tokens is about 0.4 * sqrt(k / n) (0.13 for all 400 here);
+    # allow 1.5 times that. Sampling without the temperature lands at 0.23 and 0.10 in the first and last cases.
+    k = int(allowed.sum())
+    assert 0.5 * (observed - expected).abs().sum().item() < 0.6 * (k / n) ** 0.5

@@ -48,6 +48,19 @@ def test_first_step_policy_equals_reference(tiny, tmp_path):
     assert first["beta"] == 0.1 and first["step"] == 1
 
 
+def test_bf16_mixed_precision_keeps_fp32_master_weights(tiny, tmp_path):
+    args = _args(tiny, tmp_path, bf16=True, max_steps=1, reward_model_path=(tiny["reward"],))
+    main(args)
+    (first,) = _read_metrics(args.output_dir)
+    # The reference is held in bf16, the policy runs its matmuls in bf16 from fp32 weights: nearly, not exactly, equal.
+    assert abs(first["objective/kl"]) < 0.05 and first["loss"] == pytest.approx(math.log(2), abs=5e-3)
+    assert AutoModelForCausalLM.from_pretrained(args.output_dir).dtype == torch.float32
+
+
+def test_stop_tokens_include_the_generation_configs_end_of_turn(tokenizer, policy):
+    assert online_dpo.stop_token_ids(tokenizer, policy) == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")})
+
+
 def test_beta_per_epoch_ipo_and_the_eos_penalty(tiny, tmp_path):
     # 32 prompts, 4 per micro-batch x 2 accumulation = 4 steps per epoch.
     args = _args(tiny, tmp_path, beta=(0.3, 0.05), loss_type="ipo", gradient_accumulation_steps=2, max_steps=10,
