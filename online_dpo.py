@@ -22,9 +22,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Annotated, Callable, Literal
 
+import datasets
 import torch
 import torch.nn.functional as F
 import tyro
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, StaticCache
 from tyro.constructors import PrimitiveConstructorSpec
 
 from kernels import token_logprobs
@@ -195,8 +198,10 @@ def check_args(args: Args) -> None:
         (args.reward_weights is not None and len(args.reward_weights) != n_rewards,
          f"--reward_weights has {len(args.reward_weights or ())} values but there are {n_rewards} rewards "
          f"({len(args.reward_model_path)} reward models + {len(args.reward_funcs)} reward functions)"),
-        (args.per_device_train_batch_size < 1, f"--per_device_train_batch_size must be >= 1"),
-        (args.gradient_accumulation_steps < 1, f"--gradient_accumulation_steps must be >= 1"),
+        (args.per_device_train_batch_size < 1,
+         f"--per_device_train_batch_size must be >= 1, got {args.per_device_train_batch_size}"),
+        (args.gradient_accumulation_steps < 1,
+         f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}"),
         (args.max_steps <= 0 and args.num_train_epochs <= 0, "set --max_steps > 0 or --num_train_epochs > 0"),
         (args.learning_rate < 0, f"--learning_rate must be >= 0, got {args.learning_rate}"),
         (args.warmup_steps < 0, f"--warmup_steps must be >= 0, got {args.warmup_steps}"),
@@ -248,8 +253,6 @@ def load_reward_func(spec: str) -> Callable:
 
 def load_prompts(args: Args):
     """A datasets.Dataset from a Hub name, a save_to_disk directory or a local data file."""
-    import datasets
-
     name = args.dataset_name
     ext = os.path.splitext(name)[1].lower()
     builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -280,8 +283,6 @@ def is_conversational(prompt) -> bool:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -384,7 +385,6 @@ def sample(
 
     Returns completion_ids, completion_mask (N, T), T <= max_new_tokens: a row ends at its first stop token
     (kept, mask 1); everything after it is pad_id with mask 0. Stops early once every row has ended."""
-    from transformers import StaticCache
 
     N, P = prompt_ids.shape
     device = prompt_ids.device
@@ -568,9 +568,6 @@ def save_model(model, tokenizer, args: Args, path: str) -> None:
 
 
 def main(args: Args) -> None:
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     # 0. Check the arguments and the data before anything heavy is loaded.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the place where torch.distributed setup goes
         raise UsageError("several processes (torchrun --nproc_per_node > 1) are not supported yet: run one process")
