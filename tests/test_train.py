@@ -233,3 +233,24 @@ def test_wandb_offline_run_records_the_metrics(tiny, tmp_path, monkeypatch):
     assert data and os.path.getsize(tmp_path / "wandb" / runs[0] / data[0]) > 0
     content = (tmp_path / "wandb" / runs[0] / data[0]).read_bytes()
     assert b"objective/rlhf_reward" in content and b"rewards/accuracies" in content
+
+
+def test_push_to_hub_uploads_the_output_dir(tiny, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:  # records what would go to the Hub
+        def create_repo(self, repo_id, exist_ok):
+            calls.append(("create", repo_id))
+
+        def upload_folder(self, folder_path, repo_id, ignore_patterns):
+            calls.append(("upload", repo_id, sorted(os.listdir(folder_path)), ignore_patterns))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    args = _args(tiny, tmp_path, push_to_hub=True, hub_model_id="me/tiny-online-dpo")
+    main(args)
+    assert calls[0] == ("create", "me/tiny-online-dpo")
+    _, repo, files, ignored = calls[1]
+    assert repo == "me/tiny-online-dpo" and "model.safetensors" in files and "config.json" in files and ignored == ["checkpoint-*"]
