@@ -385,7 +385,6 @@ def sample(
 
     Returns completion_ids, completion_mask (N, T), T <= max_new_tokens: a row ends at its first stop token
     (kept, mask 1); everything after it is pad_id with mask 0. Stops early once every row has ended."""
-
     N, P = prompt_ids.shape
     device = prompt_ids.device
     stop = torch.tensor(stop_ids, device=device)
@@ -614,6 +613,7 @@ def main(args: Args) -> None:
     stop_ids = stop_token_ids(tokenizer, policy)
     if eos_override is not None:
         stop_ids = [eos_override] if isinstance(eos_override, int) else list(eos_override)
+    stop_tensor = torch.tensor(stop_ids, device=device)
     generator = torch.Generator(device).manual_seed(args.seed)
 
     decay = [p for p in policy.parameters() if p.requires_grad and p.ndim >= 2]
@@ -636,8 +636,10 @@ def main(args: Args) -> None:
                 yield dataset[order[i * B : (i + 1) * B]]
 
     data = micro_batches()
-    sums, counts = {}, {}
-    window = {"start": time.perf_counter(), "sampling": 0.0, "tokens": 0, "steps": 0}
+    def new_window():  # what the metrics since the last log are averaged over
+        return {}, {}, {"start": time.perf_counter(), "sampling": 0.0, "tokens": 0, "steps": 0}
+
+    sums, counts, window = new_window()
     max_prompt_len = args.max_length - args.max_new_tokens
     bar = tqdm(total=total_steps, desc="online-dpo", dynamic_ncols=True)
     for step in range(1, total_steps + 1):
@@ -660,7 +662,7 @@ def main(args: Args) -> None:
             policy.train()
             window["sampling"] += time.perf_counter() - t0
             window["tokens"] += int(completion_mask.sum())
-            has_eos = (torch.isin(completion_ids, torch.tensor(stop_ids, device=device)) & (completion_mask == 1)).any(1)
+            has_eos = (torch.isin(completion_ids, stop_tensor) & (completion_mask == 1)).any(1)
 
             # 4. Score: reward models and functions, weighted NaN-sum, minus the penalty for a missing EOS.
             rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids, completion_mask)]
@@ -709,8 +711,7 @@ def main(args: Args) -> None:
             metrics_file.flush()
             if args.report_to == "wandb":
                 wandb.log(logs, step=step)
-            sums, counts = {}, {}
-            window = {"start": time.perf_counter(), "sampling": 0.0, "tokens": 0, "steps": 0}
+            sums, counts, window = new_window()
 
         if save_every and step % save_every == 0 and step < total_steps:
             save_model(policy, tokenizer, args, os.path.join(args.output_dir, f"checkpoint-{step}"))
