@@ -4,9 +4,9 @@ Each optimizer step, for every prompt of the batch:
   sample two completions from the *current* policy -> score them with reward models and/or reward functions ->
   the better one is "chosen", the other "rejected" -> DPO (sigmoid) or IPO loss against a frozen reference.
 
-    python online_dpo.py --help
-    python online_dpo.py --model_name_or_path Qwen/Qwen2-0.5B-Instruct \
-        --reward_model_path trl-lib/Qwen2-0.5B-Reward --dataset_name trl-lib/ultrafeedback-prompt
+    python online_dpo.py --preset tiny                 # the embedded offline world: a few minutes on 2 CPU cores
+    python online_dpo.py --preset qwen2-0.5b           # the quick start: Qwen2-0.5B-Instruct, its reward model, UltraFeedback
+    python online_dpo.py --preset tiny --beta 0.2      # flags after a preset override it; --help shows every flag
 
 Flags are spelled as in TRL's OnlineDPOConfig and transformers' TrainingArguments.
 """
@@ -33,6 +33,8 @@ from tyro.constructors import PrimitiveConstructorSpec
 from kernels import token_logprobs
 
 QUICK_START_REWARD_MODEL = "trl-lib/Qwen2-0.5B-Reward"
+TINY_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "tiny")  # built by benchmarks/tiny_world.py
+OFFLINE_HINT = "no network or no Hub access? `python online_dpo.py --preset tiny` trains the embedded world offline"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,6 +66,9 @@ Bool = Annotated[
 
 @dataclass
 class Args:
+    preset: Literal["tiny", "qwen2-0.5b", "pythia-1b-tldr"] | None = None
+    """start from a named setup (online_dpo.PRESETS): its values become the defaults, other flags override them"""
+
     # --- models and data
     model_name_or_path: str = "Qwen/Qwen2-0.5B-Instruct"
     """policy to train: a Hub id or a local directory (the spec's quick start model by default)"""
@@ -81,6 +86,10 @@ class Args:
     """dataset configuration name (Hub datasets with several configurations)"""
     dataset_train_split: str = "train"
     """split to train on"""
+    dataset_test_split: str = "test"
+    """split of held-out prompts for the end-of-run comparison of reference and trained policy (skipped if absent)"""
+    eval_prompts: int = 64
+    """held-out prompts sampled and scored by both models at the end of the run (0: no comparison)"""
     dataset_prompt_column: str = "prompt"
     """column holding the prompts: text (standard) or a list of {role, content} messages (conversational)"""
     model_init_kwargs: str | None = None
@@ -141,6 +150,8 @@ class Args:
     """save output_dir/checkpoint-N every N steps, or a fraction of all steps when < 1 (0: only the final save)"""
     seed: int = 42
     """seed for the data order, sampling and initialisation"""
+    use_cpu: Bool = False
+    """train on the CPU even when a GPU is present"""
     bf16: Bool | None = None
     """bf16 mixed precision (fp32 master weights); None: on where the GPU supports it, off on CPU"""
     gradient_checkpointing: Bool = True
@@ -153,6 +164,24 @@ class Args:
     """upload the final model and tokenizer to the Hugging Face Hub"""
     hub_model_id: str | None = None
     """Hub repository for --push_to_hub; None: the name of output_dir"""
+
+
+PRESETS = {
+    # The embedded world (benchmarks/tiny_world.py): shop-assistant answers, a reward model that likes them positive,
+    # short and properly ended. Offline, CPU, fp32; about 3 minutes on 2 cores.
+    "tiny": dict(model_name_or_path=f"{TINY_WORLD}/policy", reward_model_path=(f"{TINY_WORLD}/reward",),
+                 dataset_name=f"{TINY_WORLD}/prompts", output_dir="tiny-OnlineDPO", use_cpu=True, bf16=False,
+                 gradient_checkpointing=False, max_new_tokens=64, max_length=128, learning_rate=1e-4, warmup_steps=0.1,
+                 per_device_train_batch_size=16, max_steps=150, logging_steps=10, save_steps=0),
+    # The spec's quick start: Qwen2-0.5B-Instruct, trl-lib/Qwen2-0.5B-Reward, UltraFeedback prompts: the Args defaults.
+    "qwen2-0.5b": dict(),
+    # The spec's 1B TL;DR benchmark command (add --push_to_hub to upload the result as it does).
+    "pythia-1b-tldr": dict(model_name_or_path="trl-lib/pythia-1b-deduped-tldr-sft",
+                           reward_model_path=("trl-lib/pythia-1b-deduped-tldr-rm",), dataset_name="trl-lib/tldr",
+                           learning_rate=5e-7, output_dir="pythia-1b-deduped-tldr-online-dpo", beta=(0.1,),
+                           per_device_train_batch_size=8, gradient_accumulation_steps=2, num_train_epochs=3,
+                           max_new_tokens=53, warmup_steps=0.1, missing_eos_penalty=1.0, save_steps=0.1),
+}
 
 
 class UsageError(ValueError):
@@ -207,6 +236,7 @@ def check_args(args: Args) -> None:
         (args.warmup_steps < 0, f"--warmup_steps must be >= 0, got {args.warmup_steps}"),
         (args.logging_steps <= 0, f"--logging_steps must be > 0, got {args.logging_steps}"),
         (args.save_steps < 0, f"--save_steps must be >= 0, got {args.save_steps}"),
+        (args.eval_prompts < 0, f"--eval_prompts must be >= 0 (0 skips the before/after comparison), got {args.eval_prompts}"),
         (os.path.isfile(args.output_dir), f"--output_dir {args.output_dir!r} is a file; give a directory"),
     ]
     for bad, message in problems:
@@ -252,30 +282,32 @@ def load_reward_func(spec: str) -> Callable:
 
 
 def load_prompts(args: Args):
-    """A datasets.Dataset from a Hub name, a save_to_disk directory or a local data file."""
-    name = args.dataset_name
+    """Train and held-out prompts (datasets.Dataset, the latter None when the dataset has no test split), from a Hub
+    name, a directory (save_to_disk, or data files named by split such as train.jsonl, test.jsonl) or one data file."""
+    name, train_split, test_split = args.dataset_name, args.dataset_train_split, args.dataset_test_split
     ext = os.path.splitext(name)[1].lower()
     builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
     if os.path.isfile(name) and ext in builders:
-        ds = datasets.load_dataset(builders[ext], data_files=name, split="train")
+        splits = {train_split: datasets.load_dataset(builders[ext], data_files=name, split="train")}
     elif os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
-        ds = datasets.load_from_disk(name)
-        if isinstance(ds, datasets.DatasetDict):
-            if args.dataset_train_split not in ds:
-                raise UsageError(f"--dataset_train_split {args.dataset_train_split!r} not in {name!r}; splits: {list(ds)}")
-            ds = ds[args.dataset_train_split]
+        splits = datasets.load_from_disk(name)
+        splits = splits if isinstance(splits, datasets.DatasetDict) else {train_split: splits}
     else:
         try:
-            ds = datasets.load_dataset(name, args.dataset_config, split=args.dataset_train_split)
+            splits = datasets.load_dataset(name, args.dataset_config)
         except (OSError, ValueError) as e:
-            raise UsageError(f"--dataset_name {name!r}: could not load it ({type(e).__name__}: {e}). "
-                             "Give a Hub dataset you can reach, a save_to_disk directory or a .jsonl/.parquet file") from None
-    if args.dataset_prompt_column not in ds.column_names:
-        raise UsageError(f"--dataset_prompt_column {args.dataset_prompt_column!r} is not a column of {name!r}; "
-                         f"columns: {ds.column_names}")
-    if len(ds) == 0:
-        raise UsageError(f"--dataset_name {name!r}: the {args.dataset_train_split!r} split is empty")
-    return ds
+            raise UsageError(f"--dataset_name {name!r}: could not load it ({type(e).__name__}: {e}). Give a Hub dataset "
+                             f"you can reach, a local directory or a .jsonl/.parquet file; {OFFLINE_HINT}") from None
+    if train_split not in splits:
+        raise UsageError(f"--dataset_train_split {train_split!r} is not a split of {name!r}; splits: {list(splits)}")
+    train, test = splits[train_split], splits.get(test_split) if test_split != train_split else None
+    for ds in (train, test) if test is not None else (train,):
+        if args.dataset_prompt_column not in ds.column_names:
+            raise UsageError(f"--dataset_prompt_column {args.dataset_prompt_column!r} is not a column of {name!r}; "
+                             f"columns: {ds.column_names}")
+    if len(train) == 0:
+        raise UsageError(f"--dataset_name {name!r}: the {train_split!r} split is empty")
+    return train, test
 
 
 def is_conversational(prompt) -> bool:
@@ -286,8 +318,8 @@ def load_tokenizer(path: str, trust_remote_code: bool):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise UsageError(f"could not load the tokenizer of {path!r}: give a Hub id you can reach or a local directory "
-                         f"({e})") from None
+        raise UsageError(f"could not load the tokenizer of {path!r} ({e}). Give a Hub id you can reach or a local "
+                         f"directory; {OFFLINE_HINT}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -297,7 +329,8 @@ def load_model(auto_class, path: str, args: Args, **kwargs):
     try:
         return auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
     except OSError as e:
-        raise UsageError(f"could not load model {path!r}: give a Hub id you can reach or a local directory ({e})") from None
+        raise UsageError(f"could not load model {path!r} ({e}). Give a Hub id you can reach or a local directory; "
+                         f"{OFFLINE_HINT}") from None
 
 
 def freeze(model):
@@ -526,6 +559,26 @@ def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, ha
     }
 
 
+def before_after(prompts: list, ref_texts: list[str], ref_scores: torch.Tensor, texts: list[str], scores: torch.Tensor,
+                 rows: int = 4, width: int = 100) -> str:
+    """End-of-run report: a few held-out prompts with the reference's and the trained policy's completions and
+    rewards, then both mean rewards over all prompts and their difference with its paired standard error."""
+    def cut(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    lines = ["before (reference) / after (trained) on held-out prompts, reward in brackets:"]
+    for i in range(min(rows, len(prompts))):
+        prompt = prompts[i][-1]["content"] if is_conversational(prompts[i]) else prompts[i]
+        lines += [f"[{i + 1}] {cut(prompt)}", f"    reference ({ref_scores[i]:+.2f})  {cut(ref_texts[i])}",
+                  f"    trained   ({scores[i]:+.2f})  {cut(texts[i])}"]
+    diff = (scores - ref_scores)[~(scores - ref_scores).isnan()]
+    stderr = diff.std() / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    lines.append(f"mean reward over {len(prompts)} held-out prompts: reference {ref_scores.nanmean():+.3f}, trained "
+                 f"{scores.nanmean():+.3f} (difference {diff.mean():+.3f} +- {stderr:.3f} standard error)")
+    return "\n".join(lines)
+
+
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     """Multiplier of the peak learning rate before optimizer step `step` (0-based), as transformers' schedulers."""
     if step < warmup:
@@ -572,7 +625,7 @@ def main(args: Args) -> None:
         raise UsageError("several processes (torchrun --nproc_per_node > 1) are not supported yet: run one process")
     check_args(args)
     reward_funcs = [load_reward_func(spec) for spec in args.reward_funcs]
-    dataset = load_prompts(args)
+    dataset, test_set = load_prompts(args)
     B, GA = args.per_device_train_batch_size, args.gradient_accumulation_steps
     steps_per_epoch = len(dataset) // (B * GA)
     if steps_per_epoch == 0:
@@ -587,7 +640,7 @@ def main(args: Args) -> None:
     eos_override = generation.pop("eos_token_id", None)  # replaces the stop tokens when given
 
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     frozen_dtype = torch.bfloat16 if bf16 else torch.float32  # reference and reward models need no fp32 master copy
@@ -635,12 +688,36 @@ def main(args: Args) -> None:
             for i in range(steps_per_epoch * GA):
                 yield dataset[order[i * B : (i + 1) * B]]
 
+    max_prompt_len = args.max_length - args.max_new_tokens
+
+    def rollout(model, prompts: list, columns: dict, generator: torch.Generator):
+        """Stages 2-4 for one completion per prompt: encode, sample, score. Training passes each prompt twice."""
+        # 2. Prompts -> left-padded ids (N, P), cut from the left so that sampling and scoring see the same context.
+        prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts, max_prompt_len))
+        # 3. Sample from the model as it is now.
+        was_training, t0 = model.training, time.perf_counter()
+        model.eval()
+        with autocast:
+            completion_ids, completion_mask = sample(model, prompt_ids, prompt_mask, args.max_new_tokens, stop_ids,
+                                                     tokenizer.pad_token_id, generator=generator, **generation)
+        model.train(was_training)
+        window["sampling"] += time.perf_counter() - t0  # the metrics window open when rollout is called
+        has_eos = (torch.isin(completion_ids, stop_tensor) & (completion_mask == 1)).any(1)
+        # 4. Score: reward models and functions, weighted NaN-sum, minus the penalty for a missing EOS.
+        rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids, completion_mask)]
+        texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversational(prompts[0]) else texts
+        with autocast:
+            scores, _ = score_completions(prompts, completions, rows, columns, reward_models, reward_funcs, weights)
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * (~has_eos).float()
+        return prompt_ids, prompt_mask, completion_ids, completion_mask, has_eos, texts, scores
+
     data = micro_batches()
     def new_window():  # what the metrics since the last log are averaged over
         return {}, {}, {"start": time.perf_counter(), "sampling": 0.0, "tokens": 0, "steps": 0}
 
     sums, counts, window = new_window()
-    max_prompt_len = args.max_length - args.max_new_tokens
     bar = tqdm(total=total_steps, desc="online-dpo", dynamic_ncols=True)
     for step in range(1, total_steps + 1):
         epoch = (step - 1) // steps_per_epoch
@@ -649,30 +726,11 @@ def main(args: Args) -> None:
             batch = next(data)
             prompts = batch.pop(args.dataset_prompt_column)
 
-            # 2. Prompts -> left-padded ids, cut from the left so that sampling and scoring see the same context.
-            prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_len)
-            prompt_ids, prompt_mask = prompt_ids.repeat(2, 1).to(device), prompt_mask.repeat(2, 1).to(device)  # (2B, P)
-
-            # 3. Two completions per prompt from the current policy.
-            t0 = time.perf_counter()
-            policy.eval()
-            with autocast:
-                completion_ids, completion_mask = sample(policy, prompt_ids, prompt_mask, args.max_new_tokens, stop_ids,
-                                                         tokenizer.pad_token_id, generator=generator, **generation)
-            policy.train()
-            window["sampling"] += time.perf_counter() - t0
-            window["tokens"] += int(completion_mask.sum())
-            has_eos = (torch.isin(completion_ids, stop_tensor) & (completion_mask == 1)).any(1)
-
-            # 4. Score: reward models and functions, weighted NaN-sum, minus the penalty for a missing EOS.
-            rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids, completion_mask)]
-            texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
-            completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversational(prompts[0]) else texts
+            # 2-4. Two completions per prompt from the current policy, scored; rows laid out [all firsts, all seconds].
             extra = {k: v * 2 for k, v in batch.items()}  # every other dataset column, aligned with the 2B completions
-            with autocast:
-                scores, _ = score_completions(prompts * 2, completions, rows, extra, reward_models, reward_funcs, weights)
-            if args.missing_eos_penalty is not None:
-                scores = scores - args.missing_eos_penalty * (~has_eos).float()
+            prompt_ids, prompt_mask, completion_ids, completion_mask, has_eos, _, scores = rollout(
+                policy, prompts * 2, extra, generator)
+            window["tokens"] += int(completion_mask.sum())
 
             # 5. Pair: per prompt, the higher score is chosen.
             chosen, rejected = pair(scores)
@@ -718,9 +776,34 @@ def main(args: Args) -> None:
 
     # 9. Save the policy where from_pretrained(output_dir) finds it.
     bar.close()
-    metrics_file.close()
     save_model(policy, tokenizer, args, args.output_dir)
     print(f"saved the trained model to {args.output_dir}")
+
+    # 10. Before / after: the reference and the trained policy answer the same held-out prompts from the same random
+    # stream, scored as in training.
+    if args.eval_prompts and test_set is None:
+        print(f"no before/after comparison: {args.dataset_name!r} has no {args.dataset_test_split!r} split")
+    if args.eval_prompts and test_set is not None:
+        held_out = test_set[: args.eval_prompts]
+        prompts = held_out.pop(args.dataset_prompt_column)
+        results = {}
+        for name, model in (("reference", ref), ("trained", policy)):
+            texts, scores, eval_generator = [], [], torch.Generator(device).manual_seed(args.seed + 1)
+            for i in range(0, len(prompts), 2 * B):
+                chunk = slice(i, i + 2 * B)
+                *_, chunk_texts, chunk_scores = rollout(model, prompts[chunk], {k: v[chunk] for k, v in held_out.items()},
+                                                        eval_generator)
+                texts, scores = texts + chunk_texts, scores + chunk_scores.tolist()
+            results[name] = texts, torch.tensor(scores, dtype=torch.float64)
+        print(before_after(prompts, *results["reference"], *results["trained"]))
+        logs = {f"eval/reward_{name}": float(scores.nanmean()) for name, (_, scores) in results.items()}
+        metrics_file.write(json.dumps({"step": total_steps, **logs}) + "\n")
+        if args.report_to == "wandb":
+            table = wandb.Table(columns=["prompt", "reference", "reference_reward", "trained", "trained_reward"],
+                                data=[[str(p), rt, float(rs), t, float(s)] for p, rt, rs, t, s in
+                                      zip(prompts, *results["reference"], *results["trained"])])
+            wandb.log(logs | {"eval/completions": table}, step=total_steps)
+    metrics_file.close()
     if args.push_to_hub:
         from huggingface_hub import HfApi
 
@@ -734,7 +817,16 @@ def main(args: Args) -> None:
 
 
 def cli(argv: list[str] | None = None) -> Args:
-    return tyro.cli(Args, args=argv, use_underscores=True, config=(tyro.conf.FlagConversionOff,),
+    """Parse flags; a --preset supplies the defaults that the other flags override (and that --help shows)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset = None
+    for i, word in enumerate(argv):
+        if word == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+        elif word.startswith("--preset="):
+            preset = word.split("=", 1)[1]
+    default = Args(preset=preset, **PRESETS[preset]) if preset in PRESETS else Args()  # tyro reports a bad name
+    return tyro.cli(Args, args=argv, default=default, use_underscores=True, config=(tyro.conf.FlagConversionOff,),
                     description=__doc__.split("\n\n")[0])
 
 

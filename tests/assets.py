@@ -11,13 +11,11 @@ import os
 import random
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from tiny_world import train_tokenizer  # noqa: E402
+
 WORDS = ("the a cat dog bird sun moon tree river stone house road light dark small big old new red blue green "
          "runs sits sings falls grows shines sleeps looks finds keeps near under over with and but so very").split()
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 def corpus(n: int = 400, seed: int = 0) -> list[str]:
@@ -25,23 +23,10 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "." for _ in range(n)]
 
 
-def make_tokenizer(path: str, vocab_size: int = 400, seed: int = 0, chat: bool = True):
-    """A byte-level BPE tokenizer trained on the local corpus, saved as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus(seed=seed), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    if chat:
-        fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-    return fast
+def make_tokenizer(path: str, vocab_size: int = 400, seed: int = 0):
+    """A byte-level BPE tokenizer trained on the local corpus, with a chat template; EOS is <eos>, so that <|end|>
+    is a stop token only through the generation config (as in chat models)."""
+    return train_tokenizer(corpus(seed=seed), vocab_size, path, eos="<eos>")
 
 
 def tiny_config(arch: str, tokenizer, hidden: int = 64, layers: int = 2, **kw):

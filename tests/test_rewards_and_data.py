@@ -90,11 +90,17 @@ def _rows(chat):
 
 
 @pytest.mark.parametrize("chat", [False, True])
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "save_to_disk", "save_to_disk_dict"])
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "save_to_disk", "save_to_disk_dict", "split_files"])
 def test_load_prompts_from_local_files_and_directories(tmp_path, fmt, chat):
+    """Train prompts from every local form; the held-out split exists only where the source has a `test` split."""
     rows = _rows(chat)
     ds = datasets.Dataset.from_list(rows)
-    if fmt == "jsonl":
+    if fmt == "split_files":  # a directory of data files named by split, as benchmarks/tiny/prompts
+        path = tmp_path / "prompts"
+        path.mkdir()
+        (path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (path / "test.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    elif fmt == "jsonl":
         path = tmp_path / "p.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     elif fmt == "parquet":
@@ -106,8 +112,13 @@ def test_load_prompts_from_local_files_and_directories(tmp_path, fmt, chat):
     else:
         path = tmp_path / "dsd"
         datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(path))
-    loaded = load_prompts(Args(dataset_name=str(path)))
+    loaded, held_out = load_prompts(Args(dataset_name=str(path)))
     assert loaded["prompt"] == [r["prompt"] for r in rows] and loaded["n"] == list(range(5))
+    if fmt in ("save_to_disk_dict", "split_files"):
+        assert held_out["prompt"] == [rows[0]["prompt"]]
+        assert load_prompts(Args(dataset_name=str(path), dataset_test_split="validation"))[1] is None
+    else:
+        assert held_out is None
 
 
 def test_load_prompts_errors_name_the_argument(tmp_path):
@@ -115,7 +126,7 @@ def test_load_prompts_errors_name_the_argument(tmp_path):
     path.write_text(json.dumps({"question": "hi"}) + "\n")
     with pytest.raises(UsageError, match="--dataset_prompt_column 'prompt'.*columns: \\['question'\\]"):
         load_prompts(Args(dataset_name=str(path)))
-    assert load_prompts(Args(dataset_name=str(path), dataset_prompt_column="question"))["question"] == ["hi"]
+    assert load_prompts(Args(dataset_name=str(path), dataset_prompt_column="question"))[0]["question"] == ["hi"]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(_rows(False))}).save_to_disk(str(tmp_path / "d"))
     with pytest.raises(UsageError, match="--dataset_train_split 'validation'"):
         load_prompts(Args(dataset_name=str(tmp_path / "d"), dataset_train_split="validation"))

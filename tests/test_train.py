@@ -120,6 +120,7 @@ def test_saves_a_model_transformers_loads(tiny, tmp_path):
     (dict(temperature=0.0), "--temperature must be > 0"),
     (dict(generation_kwargs='{"num_beams": 4}'), "unsupported keys \\['num_beams'\\]"),
     (dict(model_init_kwargs="{bad json"), "--model_init_kwargs must be a JSON object"),
+    (dict(eval_prompts=-1), "--eval_prompts must be >= 0"),
 ])
 def test_bad_arguments_fail_with_a_message_naming_them(tiny, tmp_path, changes, message):
     with pytest.raises(UsageError, match=message):
@@ -149,13 +150,13 @@ def test_inputs_that_need_a_look_fail_before_any_model_loads(tiny, tmp_path, mon
         main(_args(tiny, tmp_path))
 
 
-def test_unreachable_hub_ids_are_named(tiny, tmp_path):
+def test_unreachable_hub_ids_are_named_and_point_to_the_tiny_preset(tiny, tmp_path):
     # conftest sets HF_HUB_OFFLINE=1: these go through the real Hub loading code and fail as they would offline.
-    with pytest.raises(UsageError, match="--dataset_name 'trl-lib/ultrafeedback-prompt': could not load it"):
+    with pytest.raises(UsageError, match="(?s)--dataset_name 'trl-lib/ultrafeedback-prompt': could not load it.*--preset tiny"):
         main(Args(**vars(_args(tiny, tmp_path)) | dict(dataset_name="trl-lib/ultrafeedback-prompt")))
-    with pytest.raises(UsageError, match="'Qwen/Qwen2-0.5B-Instruct'.*Hub id you can reach or a local directory"):
+    with pytest.raises(UsageError, match="(?s)'Qwen/Qwen2-0.5B-Instruct'.*Hub id you can reach or a local directory.*--preset tiny"):
         main(Args(**vars(_args(tiny, tmp_path)) | dict(model_name_or_path="Qwen/Qwen2-0.5B-Instruct")))
-    with pytest.raises(UsageError, match="'trl-lib/Qwen2-0.5B-Reward'"):
+    with pytest.raises(UsageError, match="(?s)'trl-lib/Qwen2-0.5B-Reward'.*--preset tiny"):
         main(Args(**vars(_args(tiny, tmp_path)) | dict(reward_model_path=("trl-lib/Qwen2-0.5B-Reward",))))
 
 
