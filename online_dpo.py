@@ -572,7 +572,8 @@ def before_after(prompts: list, ref_texts: list[str], ref_scores: torch.Tensor, 
         prompt = prompts[i][-1]["content"] if is_conversational(prompts[i]) else prompts[i]
         lines += [f"[{i + 1}] {cut(prompt)}", f"    reference ({ref_scores[i]:+.2f})  {cut(ref_texts[i])}",
                   f"    trained   ({scores[i]:+.2f})  {cut(texts[i])}"]
-    diff = (scores - ref_scores)[~(scores - ref_scores).isnan()]
+    diff = scores - ref_scores
+    diff = diff[~diff.isnan()]
     stderr = diff.std() / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
     lines.append(f"mean reward over {len(prompts)} held-out prompts: reference {ref_scores.nanmean():+.3f}, trained "
                  f"{scores.nanmean():+.3f} (difference {diff.mean():+.3f} +- {stderr:.3f} standard error)")
@@ -690,8 +691,9 @@ def main(args: Args) -> None:
 
     max_prompt_len = args.max_length - args.max_new_tokens
 
-    def rollout(model, prompts: list, columns: dict, generator: torch.Generator):
-        """Stages 2-4 for one completion per prompt: encode, sample, score. Training passes each prompt twice."""
+    def rollout(model, prompts: list, columns: dict, generator: torch.Generator, timing: dict | None = None):
+        """Stages 2-4 for one completion per prompt: encode, sample, score. Training passes each prompt twice and
+        adds the sampling seconds to timing["sampling"]."""
         # 2. Prompts -> left-padded ids (N, P), cut from the left so that sampling and scoring see the same context.
         prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts, max_prompt_len))
         # 3. Sample from the model as it is now.
@@ -701,7 +703,8 @@ def main(args: Args) -> None:
             completion_ids, completion_mask = sample(model, prompt_ids, prompt_mask, args.max_new_tokens, stop_ids,
                                                      tokenizer.pad_token_id, generator=generator, **generation)
         model.train(was_training)
-        window["sampling"] += time.perf_counter() - t0  # the metrics window open when rollout is called
+        if timing is not None:
+            timing["sampling"] += time.perf_counter() - t0
         has_eos = (torch.isin(completion_ids, stop_tensor) & (completion_mask == 1)).any(1)
         # 4. Score: reward models and functions, weighted NaN-sum, minus the penalty for a missing EOS.
         rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids, completion_mask)]
@@ -729,7 +732,7 @@ def main(args: Args) -> None:
             # 2-4. Two completions per prompt from the current policy, scored; rows laid out [all firsts, all seconds].
             extra = {k: v * 2 for k, v in batch.items()}  # every other dataset column, aligned with the 2B completions
             prompt_ids, prompt_mask, completion_ids, completion_mask, has_eos, _, scores = rollout(
-                policy, prompts * 2, extra, generator)
+                policy, prompts * 2, extra, generator, timing=window)
             window["tokens"] += int(completion_mask.sum())
 
             # 5. Pair: per prompt, the higher score is chosen.
