@@ -7,10 +7,12 @@ Each optimizer step, for every prompt of the batch:
     python online_dpo.py --preset tiny                 # the embedded offline world: a few minutes on 2 CPU cores
     python online_dpo.py --preset qwen2-0.5b           # the quick start: Qwen2-0.5B-Instruct, its reward model, UltraFeedback
     python online_dpo.py --preset tiny --beta 0.2      # flags after a preset override it; --help shows every flag
+    torchrun --nproc_per_node 8 online_dpo.py --beta 0.1    # one process per GPU: DDP, or --distributed fsdp to shard
 
 Flags are spelled as in TRL's OnlineDPOConfig and transformers' TrainingArguments.
 """
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -24,8 +26,13 @@ from typing import Annotated, Callable, Literal
 
 import datasets
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, StaticCache
 from tyro.constructors import PrimitiveConstructorSpec
@@ -151,7 +158,11 @@ class Args:
     seed: int = 42
     """seed for the data order, sampling and initialisation"""
     use_cpu: Bool = False
-    """train on the CPU even when a GPU is present"""
+    """train on the CPU even when a GPU is present (several processes then talk over gloo)"""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: ddp keeps a whole policy on every rank; fsdp shards it (FSDP2, ZeRO-3) for models that do not fit"""
+    shard_frozen_models: Bool = False
+    """with --distributed fsdp: shard the reference and reward models too (they are whole on every rank otherwise)"""
     bf16: Bool | None = None
     """bf16 mixed precision (fp32 master weights); None: on where the GPU supports it, off on CPU"""
     gradient_checkpointing: Bool = True
@@ -238,6 +249,8 @@ def check_args(args: Args) -> None:
         (args.save_steps < 0, f"--save_steps must be >= 0, got {args.save_steps}"),
         (args.eval_prompts < 0, f"--eval_prompts must be >= 0 (0 skips the before/after comparison), got {args.eval_prompts}"),
         (os.path.isfile(args.output_dir), f"--output_dir {args.output_dir!r} is a file; give a directory"),
+        (args.shard_frozen_models and args.distributed != "fsdp",
+         "--shard_frozen_models shards with FSDP2: add --distributed fsdp, or drop the flag"),
     ]
     for bad, message in problems:
         if bad:
@@ -349,6 +362,85 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     return sorted(i for i in ids if i is not None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes: torchrun, DDP, FSDP2. With one process (no torchrun) every helper here does nothing.
+
+
+def init_distributed(args: Args) -> tuple[int, int, torch.device]:
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one device per rank. -> rank, world size, device."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    cuda = torch.cuda.is_available() and not args.use_cpu
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise UsageError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPUs: "
+                         "lower torchrun --nproc_per_node to the number of GPUs")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return rank, world, device
+
+
+def place(model, device: torch.device, shard: bool, mixed_precision: MixedPrecisionPolicy | None = None):
+    """Move a model to this rank's device, or shard it over all ranks with FSDP2: each decoder layer is one unit that
+    is all-gathered just before it runs and freed after; the root unit holds the rest (embeddings, final norm, head).
+    Sharding starts from the copy in CPU memory, so a model larger than one device never lands whole on one."""
+    if not shard:
+        return model.to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = mixed_precision or MixedPrecisionPolicy()
+    for module in model.modules():
+        if type(module).__name__ in (getattr(model, "_no_split_modules", None) or ()):  # e.g. Qwen2DecoderLayer
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP2: all-gather every unit once for a pass of many forwards (decoding) and free them after. Decoding then
+    runs no collectives, so a rank whose completions all end early never leaves the others waiting."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:  # back to fully_shard's defaults: layers free their weights after forward, the root keeps them
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
+            unit.reshard()
+
+
+def sync_gradients(model, sync: bool) -> None:
+    """Gradient accumulation: all-reduce (DDP) or reduce-scatter (FSDP2) only in the last micro-step's backward;
+    the earlier ones accumulate locally. (This flag is what DDP's no_sync() context sets.)"""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = sync
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+
+
+def reduce_metrics(sums: dict, counts: dict) -> tuple[dict, dict]:
+    """Every metric's mean over all samples of all ranks since the last log, and its sum: one all_reduce of a
+    (2, metrics) tensor of sums and counts, so the mean is the one a single process would log for the global batch."""
+    keys = list(sums)
+    packed = torch.stack([torch.stack([sums[k].double() for k in keys]),
+                          torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64, device=sums[keys[0]].device)])
+    if dist.is_initialized():
+        dist.all_reduce(packed)
+    total, count = packed.tolist()
+    return {k: s / c for k, s, c in zip(keys, total, count)}, dict(zip(keys, total))
+
+
+def gather_lists(items: list) -> list:
+    """Each rank's list, concatenated in rank order (on every rank)."""
+    if not dist.is_initialized():
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -555,7 +647,7 @@ def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, ha
         "logps/rejected": logp[rejected],
         "val/contain_eos_token": has_eos.float(),
         "completions/mean_length": completion_mask.sum(1).float(),
-        "beta": torch.full((1,), float(beta), dtype=torch.float64),
+        "beta": torch.full((1,), float(beta), dtype=torch.float64, device=scores.device),
     }
 
 
@@ -603,10 +695,17 @@ def steps_of(value: float, total: int) -> int:
 
 def save_model(model, tokenizer, args: Args, path: str) -> None:
     """save_pretrained into a temporary sibling, then move the files in: a crash mid-save never leaves a
-    half-written model at `path`, and the files of an earlier save stay until each is replaced whole."""
+    half-written model at `path`, and the files of an earlier save stay until each is replaced whole.
+
+    Every rank calls it: FSDP2 shards are gathered into one full CPU state dict on rank 0, which alone writes."""
+    state_dict = None
+    if isinstance(model, FSDPModule):
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "online_dpo_args.json"), "w") as f:
         json.dump(asdict(args), f, indent=2)
@@ -620,18 +719,19 @@ def save_model(model, tokenizer, args: Args, path: str) -> None:
 # Main loop
 
 
-def main(args: Args) -> None:
+def main(args: Args):
+    """Train; returns the policy (sharded under FSDP2). Under torchrun every rank runs this; the process group
+    stays up for the caller (the command line closes it)."""
     # 0. Check the arguments and the data before anything heavy is loaded.
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the place where torch.distributed setup goes
-        raise UsageError("several processes (torchrun --nproc_per_node > 1) are not supported yet: run one process")
     check_args(args)
     reward_funcs = [load_reward_func(spec) for spec in args.reward_funcs]
     dataset, test_set = load_prompts(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     B, GA = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    steps_per_epoch = len(dataset) // (B * GA)
+    steps_per_epoch = len(dataset) // (B * GA * world)
     if steps_per_epoch == 0:
-        raise UsageError(f"the dataset has {len(dataset)} prompts but one optimizer step needs "
-                         f"per_device_train_batch_size x gradient_accumulation_steps = {B * GA}; lower them")
+        raise UsageError(f"the dataset has {len(dataset)} prompts but one optimizer step needs per_device_train_batch_size"
+                         f" x gradient_accumulation_steps x processes = {B} x {GA} x {world} = {B * GA * world}; lower them")
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup, log_every = steps_of(args.warmup_steps, total_steps), max(1, steps_of(args.logging_steps, total_steps))
     save_every = steps_of(args.save_steps, total_steps)
@@ -640,35 +740,47 @@ def main(args: Args) -> None:
     generation |= json_dict(args.generation_kwargs, "generation_kwargs")
     eos_override = generation.pop("eos_token_id", None)  # replaces the stop tokens when given
 
+    # One process per device. Only rank 0 prints, writes files and talks to wandb.
+    rank, world, device = init_distributed(args)
+    main_rank = rank == 0
+    use_wandb = main_rank and args.report_to == "wandb"
+    say = print if main_rank else lambda *_, **__: None
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    frozen_dtype = torch.bfloat16 if bf16 else torch.float32  # reference and reward models need no fp32 master copy
+    fsdp = world > 1 and args.distributed == "fsdp"
+    shard_frozen = fsdp and args.shard_frozen_models
 
     # 1. Policy (fp32 master weights), frozen reference, reward models with their own tokenizers.
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     init_kwargs = {"dtype": torch.float32} | json_dict(args.model_init_kwargs, "model_init_kwargs")
-    policy = load_model(AutoModelForCausalLM, args.model_name_or_path, args, **init_kwargs).to(device)
+    policy = load_model(AutoModelForCausalLM, args.model_name_or_path, args, **init_kwargs)
     ref_path = args.ref_model_path or args.model_name_or_path  # loaded again: a copy without the fp32 detour
-    ref = freeze(load_model(AutoModelForCausalLM, ref_path, args, **init_kwargs | {"dtype": frozen_dtype}).to(device))
+    bf16_frozen = {"dtype": torch.bfloat16} if bf16 else {}  # reference and reward models need no fp32 master copy
+    ref = freeze(load_model(AutoModelForCausalLM, ref_path, args, **init_kwargs | bf16_frozen))
     if args.disable_dropout:
         disable_dropout(policy), disable_dropout(ref)
     if args.gradient_checkpointing:  # active only in train mode: sampling (eval mode) keeps its KV cache
         policy.activation_checkpointing_enable()
+    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    policy = place(policy, device, fsdp, mixed_precision)
+    ref = place(ref, device, shard_frozen)
+    # Every forward that carries gradient goes through train_model: calling the module inside DDP would skip the
+    # gradient all-reduce without a word. Sampling and saving use the policy itself.
+    train_model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 and not fsdp else policy
     reward_models = []
     for path in args.reward_model_path:
         rm_tokenizer = load_tokenizer(path, args.trust_remote_code)
-        rm = load_model(AutoModelForSequenceClassification, path, args, num_labels=1, dtype=frozen_dtype)
+        rm = load_model(AutoModelForSequenceClassification, path, args, num_labels=1, **{"dtype": torch.float32} | bf16_frozen)
         rm.config.pad_token_id = rm_tokenizer.pad_token_id  # it finds each row's last token through the pad id
-        reward_models.append((freeze(rm.to(device)), rm_tokenizer))
+        reward_models.append((place(freeze(rm), device, shard_frozen), rm_tokenizer))
     n_rewards = len(reward_models) + len(reward_funcs)
     weights = torch.tensor(args.reward_weights or [1.0] * n_rewards, device=device)
     stop_ids = stop_token_ids(tokenizer, policy)
     if eos_override is not None:
         stop_ids = [eos_override] if isinstance(eos_override, int) else list(eos_override)
     stop_tensor = torch.tensor(stop_ids, device=device)
-    generator = torch.Generator(device).manual_seed(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed + rank)  # each rank samples its own completions
 
     decay = [p for p in policy.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in policy.parameters() if p.requires_grad and p.ndim < 2]
@@ -676,18 +788,23 @@ def main(args: Args) -> None:
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, args.lr_scheduler_type))
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
-    if args.report_to == "wandb":
+    if main_rank:
+        os.makedirs(args.output_dir, exist_ok=True)
+        metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
+    if use_wandb:
         import wandb
 
         wandb.init(project=os.environ.get("WANDB_PROJECT", "online-dpo"), name=args.run_name, config=asdict(args))
 
-    def micro_batches():  # reshuffled every epoch; the last incomplete optimizer step of an epoch is dropped
+    def micro_batches():
+        """Reshuffled every epoch with the same seed on every rank; micro-batch i of rank r is the r-th slice of B
+        prompts of the i-th global micro-batch, so the ranks never share a prompt and world x B prompts on several
+        ranks are the same prompts as one process with world x B. The last incomplete step of an epoch is dropped."""
         for epoch in range(math.ceil(total_steps / steps_per_epoch)):
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
             for i in range(steps_per_epoch * GA):
-                yield dataset[order[i * B : (i + 1) * B]]
+                start = (i * world + rank) * B
+                yield dataset[order[start : start + B]]
 
     max_prompt_len = args.max_length - args.max_new_tokens
 
@@ -696,10 +813,10 @@ def main(args: Args) -> None:
         adds the sampling seconds to timing["sampling"]."""
         # 2. Prompts -> left-padded ids (N, P), cut from the left so that sampling and scoring see the same context.
         prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts, max_prompt_len))
-        # 3. Sample from the model as it is now.
+        # 3. Sample from the model as it is now (FSDP2: its shards gathered once for the whole decode).
         was_training, t0 = model.training, time.perf_counter()
         model.eval()
-        with autocast:
+        with gathered(model), autocast:
             completion_ids, completion_mask = sample(model, prompt_ids, prompt_mask, args.max_new_tokens, stop_ids,
                                                      tokenizer.pad_token_id, generator=generator, **generation)
         model.train(was_training)
@@ -718,14 +835,14 @@ def main(args: Args) -> None:
 
     data = micro_batches()
     def new_window():  # what the metrics since the last log are averaged over
-        return {}, {}, {"start": time.perf_counter(), "sampling": 0.0, "tokens": 0, "steps": 0}
+        return {}, {}, {"start": time.perf_counter(), "sampling": 0.0, "steps": 0}
 
     sums, counts, window = new_window()
-    bar = tqdm(total=total_steps, desc="online-dpo", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc="online-dpo", dynamic_ncols=True, disable=not main_rank)
     for step in range(1, total_steps + 1):
         epoch = (step - 1) // steps_per_epoch
         beta = args.beta[min(epoch, len(args.beta) - 1)]
-        for _ in range(GA):
+        for micro_step in range(GA):
             batch = next(data)
             prompts = batch.pop(args.dataset_prompt_column)
 
@@ -733,14 +850,15 @@ def main(args: Args) -> None:
             extra = {k: v * 2 for k, v in batch.items()}  # every other dataset column, aligned with the 2B completions
             prompt_ids, prompt_mask, completion_ids, completion_mask, has_eos, _, scores = rollout(
                 policy, prompts * 2, extra, generator, timing=window)
-            window["tokens"] += int(completion_mask.sum())
 
             # 5. Pair: per prompt, the higher score is chosen.
             chosen, rejected = pair(scores)
 
-            # 6. Log-probs of the completions under the policy (with grad) and the reference, then the loss.
+            # 6. Log-probs of the completions under the policy (with grad) and the reference, then the loss. Gradients
+            # are averaged over ranks in the last micro-step's backward.
+            sync_gradients(train_model, micro_step == GA - 1)
             with autocast:
-                logps = completion_logprobs(policy, prompt_ids, prompt_mask, completion_ids, completion_mask)
+                logps = completion_logprobs(train_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
                 with torch.no_grad():
                     ref_logps = completion_logprobs(ref, prompt_ids, prompt_mask, completion_ids, completion_mask)
             logp, ref_logp = logps.sum(1), ref_logps.sum(1)
@@ -760,17 +878,19 @@ def main(args: Args) -> None:
         window["steps"] += 1
         bar.update(1)
 
-        # 8. Metrics: means since the last log, one line on stdout, metrics.jsonl, wandb.
+        # 8. Metrics: means over all ranks since the last log, one line on stdout, metrics.jsonl, wandb.
         if step % log_every == 0 or step == total_steps:
             elapsed = time.perf_counter() - window["start"]
-            logs = {k: float(sums[k]) / counts[k] for k in sums}
+            logs, totals = reduce_metrics(sums, counts)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
             logs |= {"learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "epoch": step / steps_per_epoch,
                      "time/step": elapsed / window["steps"], "time/sampling": window["sampling"] / window["steps"],
-                     "time/tokens_per_s": window["tokens"] / elapsed}
-            bar.write(f"step {step}/{total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
-            metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
-            metrics_file.flush()
-            if args.report_to == "wandb":
+                     "time/tokens_per_s": totals["completions/mean_length"] / elapsed}  # all ranks' completion tokens
+            if main_rank:
+                bar.write(f"step {step}/{total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+                metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
+                metrics_file.flush()
+            if use_wandb:
                 wandb.log(logs, step=step)
             sums, counts, window = new_window()
 
@@ -780,34 +900,39 @@ def main(args: Args) -> None:
     # 9. Save the policy where from_pretrained(output_dir) finds it.
     bar.close()
     save_model(policy, tokenizer, args, args.output_dir)
-    print(f"saved the trained model to {args.output_dir}")
+    say(f"saved the trained model to {args.output_dir}")
 
     # 10. Before / after: the reference and the trained policy answer the same held-out prompts from the same random
-    # stream, scored as in training.
-    if args.eval_prompts and test_set is None:
-        print(f"no before/after comparison: {args.dataset_name!r} has no {args.dataset_test_split!r} split")
-    if args.eval_prompts and test_set is not None:
-        held_out = test_set[: args.eval_prompts]
-        prompts = held_out.pop(args.dataset_prompt_column)
+    # stream, scored as in training. Each rank takes an equal slice of the prompts.
+    n_eval = min(args.eval_prompts, len(test_set) if test_set is not None else 0) // world * world
+    if args.eval_prompts and n_eval == 0:
+        say(f"no before/after comparison: {args.dataset_name!r} has no {args.dataset_test_split!r} split with at least "
+            f"{world} prompts")
+    if n_eval:
+        mine = test_set[rank * n_eval // world : (rank + 1) * n_eval // world]
+        prompts = mine.pop(args.dataset_prompt_column)
         results = {}
         for name, model in (("reference", ref), ("trained", policy)):
-            texts, scores, eval_generator = [], [], torch.Generator(device).manual_seed(args.seed + 1)
+            texts, scores, eval_generator = [], [], torch.Generator(device).manual_seed(args.seed + 1 + rank)
             for i in range(0, len(prompts), 2 * B):
                 chunk = slice(i, i + 2 * B)
-                *_, chunk_texts, chunk_scores = rollout(model, prompts[chunk], {k: v[chunk] for k, v in held_out.items()},
+                *_, chunk_texts, chunk_scores = rollout(model, prompts[chunk], {k: v[chunk] for k, v in mine.items()},
                                                         eval_generator)
                 texts, scores = texts + chunk_texts, scores + chunk_scores.tolist()
-            results[name] = texts, torch.tensor(scores, dtype=torch.float64)
-        print(before_after(prompts, *results["reference"], *results["trained"]))
+            results[name] = gather_lists(texts), torch.tensor(gather_lists(scores), dtype=torch.float64)
+        prompts = test_set[:n_eval][args.dataset_prompt_column]
         logs = {f"eval/reward_{name}": float(scores.nanmean()) for name, (_, scores) in results.items()}
-        metrics_file.write(json.dumps({"step": total_steps, **logs}) + "\n")
-        if args.report_to == "wandb":
+        if main_rank:
+            print(before_after(prompts, *results["reference"], *results["trained"]))
+            metrics_file.write(json.dumps({"step": total_steps, **logs}) + "\n")
+        if use_wandb:
             table = wandb.Table(columns=["prompt", "reference", "reference_reward", "trained", "trained_reward"],
                                 data=[[str(p), rt, float(rs), t, float(s)] for p, rt, rs, t, s in
                                       zip(prompts, *results["reference"], *results["trained"])])
             wandb.log(logs | {"eval/completions": table}, step=total_steps)
-    metrics_file.close()
-    if args.push_to_hub:
+    if main_rank:
+        metrics_file.close()
+    if main_rank and args.push_to_hub:
         from huggingface_hub import HfApi
 
         repo = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
@@ -815,8 +940,9 @@ def main(args: Args) -> None:
         api.create_repo(repo, exist_ok=True)
         api.upload_folder(folder_path=args.output_dir, repo_id=repo, ignore_patterns=["checkpoint-*"])
         print(f"pushed to https://huggingface.co/{repo}")
-    if args.report_to == "wandb":
+    if use_wandb:
         wandb.finish()
+    return policy
 
 
 def cli(argv: list[str] | None = None) -> Args:
@@ -836,5 +962,8 @@ def cli(argv: list[str] | None = None) -> Args:
 if __name__ == "__main__":
     try:
         main(cli())
-    except UsageError as e:
-        sys.exit(f"online_dpo.py: error: {e}")
+    except UsageError as e:  # under torchrun every rank says it: the first to exit gets the others stopped
+        sys.exit(f"online_dpo.py: error{' (rank ' + os.environ['RANK'] + ')' if 'RANK' in os.environ else ''}: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

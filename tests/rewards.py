@@ -16,3 +16,8 @@ def with_topic(prompts, completions, completion_ids, topic, id, **kwargs):
 def zero(prompts, completions, **kwargs):
     """No preference at all: 0.0 for every completion."""
     return [0.0] * len(prompts)
+
+
+def one_value(prompts, completions, **kwargs):
+    """Broken on purpose: one number for the whole batch instead of one per completion."""
+    return [0.0]

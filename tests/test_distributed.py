@@ -1,0 +1,199 @@
+"""Several processes: torchrun, 2 CPU ranks over gloo, DDP and FSDP2, against one process with the global batch.
+
+Each run goes through tests/dist_worker.py, which records on every rank what the policy trained on and its
+parameters after training. In its `fixed` mode (completions a function of the prompt, not sampled), 2 ranks x batch
+b and 1 process x batch 2b see the same prompts and completions, so their updates must agree. Everything runs in
+float64 so that the one difference left, the order of floating-point sums, stays far below the tolerances.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "dist_worker.py")
+TIMEOUT = 120  # a rank waiting for another that never comes would hang: fail instead
+
+
+def _flags(tiny, out, **kw):
+    flags = dict(model_name_or_path=tiny["policy"], dataset_name=tiny["prompts.jsonl"], reward_funcs="tests/rewards.py:low_token_ids",
+                 model_init_kwargs='{"dtype": "float64"}', output_dir=out, max_new_tokens=8, max_length=48,
+                 learning_rate=1e-3, gradient_accumulation_steps=2, max_steps=2, logging_steps=1, save_steps=0,
+                 eval_prompts=0, seed=3) | kw
+    return [word for k, v in flags.items() for word in (f"--{k}", str(v))]
+
+
+def _run(out, mode, flags, nproc):
+    os.makedirs(out, exist_ok=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.run([*launcher, WORKER, out, mode, *flags], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        logs = [json.loads(line) for line in f]
+    return logs, [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(nproc)], proc
+
+
+def _full(ranks, name):
+    """A parameter as one tensor: FSDP2 shards every parameter in equal row blocks along dim 0, so the shards of the
+    ranks, in rank order, concatenate back to it (an independent reading of what get_model_state_dict gathers)."""
+    parts = [r["params"][name] for r in ranks]
+    return parts[0] if len(ranks) == 1 or all(p.shape == parts[0].shape and torch.equal(p, parts[0]) for p in parts) \
+        else torch.cat(parts, 0)
+
+
+def _assert_pairs_from_one_prompt(ranks):
+    """Per rank and micro-step: the chosen and the rejected completion answer the same prompt, chosen scores at least
+    as high, every prompt gives exactly one pair."""
+    for r in ranks:
+        for rec in r["records"]:
+            B = len(rec["chosen"])
+            assert rec["prompt_ids"].shape[0] == 2 * B
+            assert torch.equal(rec["prompt_ids"][rec["chosen"]], rec["prompt_ids"][rec["rejected"]])
+            assert torch.equal(rec["chosen"] % B, torch.arange(B)) and torch.equal(rec["rejected"] % B, torch.arange(B))
+            assert (rec["chosen"] != rec["rejected"]).all()
+            assert (rec["scores"][rec["chosen"]] >= rec["scores"][rec["rejected"]]).all()
+
+
+def _summed(rec, key, rows=slice(None)):
+    """Per completion: its log-probs summed over its real tokens."""
+    return (rec[key][rows] * rec["completion_mask"][rows]).sum(1).double()
+
+
+def _prompts(rec):
+    return [tuple(ids[m.bool()].tolist()) for ids, m in zip(rec["prompt_ids"], rec["prompt_mask"])]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny, tmp_path_factory):
+    """The reference: one process, batch 4 (the global batch of 2 ranks x 2), gradient accumulation 2, 2 steps."""
+    out = str(tmp_path_factory.mktemp("one"))
+    return _run(out, "fixed", _flags(tiny, out, per_device_train_batch_size=4), nproc=1)
+
+
+def _compare_with_one_process(one_process, logs, ranks):
+    one_logs, (one,), _ = one_process
+    # The same prompts: rank r's micro-step i holds the r-th half of the one process's micro-step i.
+    for i, rec in enumerate(one["records"]):
+        B = len(rec["chosen"])
+        halves = [_prompts(r["records"][i])[: B // 2] for r in ranks]
+        assert halves[0] + halves[1] == _prompts(rec)[:B]
+        assert not set(halves[0]) & set(halves[1])  # disjoint shards
+    # The same update.
+    for name, value in one["params"].items():
+        full = _full(ranks, name)
+        assert full.dtype == torch.float64
+        torch.testing.assert_close(full, value, rtol=0, atol=1e-10, msg=name)
+    # The same logged metrics (times aside).
+    assert len(logs) == len(one_logs) == 2
+    for a, b in zip(logs, one_logs):
+        for k, v in b.items():
+            if not k.startswith("time/"):
+                assert a[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k  # scores are float32 sums
+
+
+def test_ddp_two_ranks_train_like_one_process_with_the_global_batch(tiny, tmp_path, one_process):
+    out = str(tmp_path / "ddp")
+    logs, ranks, _ = _run(out, "fixed", _flags(tiny, out, per_device_train_batch_size=2, distributed="ddp"), nproc=2)
+    # DDP keeps the replicas identical, bit for bit, through two steps of two accumulated micro-steps each.
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    _compare_with_one_process(one_process, logs, ranks)
+    _assert_pairs_from_one_prompt(ranks)
+    # The training moved the weights well beyond the tolerance of the comparison.
+    initial = AutoModelForCausalLM.from_pretrained(tiny["policy"], dtype=torch.float64).state_dict()
+    assert max((ranks[0]["params"][k] - initial[k]).abs().max() for k in ranks[0]["params"]) > 1e-4
+
+
+def test_fsdp2_two_ranks_train_like_one_process_and_save_the_gathered_weights(tiny, tmp_path, one_process):
+    out = str(tmp_path / "fsdp")
+    flags = _flags(tiny, out, per_device_train_batch_size=2, distributed="fsdp", shard_frozen_models=True)
+    logs, ranks, _ = _run(out, "fixed", flags, nproc=2)
+    shapes = {name: p.shape for name, p in ranks[0]["params"].items()}
+    assert any(ranks[1]["params"][n].shape != s or not torch.equal(ranks[1]["params"][n], p)
+               for (n, s), p in zip(shapes.items(), ranks[0]["params"].values())), "the weights were not sharded"
+    _compare_with_one_process(one_process, logs, ranks)
+    _assert_pairs_from_one_prompt(ranks)
+    # The saved model is the gathered one, under save_pretrained's names, and loads with from_pretrained.
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64)
+    assert type(saved).__name__ == "Qwen2ForCausalLM"
+    for name, value in saved.named_parameters():
+        assert torch.equal(value.detach(), _full(ranks, name)), name
+
+
+def test_metrics_of_two_ranks_are_the_formulas_over_the_global_batch(tiny, tmp_path):
+    """Sampled completions (each rank its own random stream), logged values recomputed here from both ranks' records."""
+    out = str(tmp_path / "ddp_sampled")
+    logs, ranks, _ = _run(out, "sampled", _flags(tiny, out, per_device_train_batch_size=2, max_new_tokens=12), nproc=2)
+    _assert_pairs_from_one_prompt(ranks)
+    for name, value in ranks[0]["params"].items():  # different completions on each rank, identical replicas after
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    for step, log in enumerate(logs):
+        recs = [rec for r in ranks for rec in r["records"][2 * step : 2 * step + 2]]  # both micro-steps, both ranks
+        logp = torch.cat([_summed(r, "logps") for r in recs])
+        ref = torch.cat([_summed(r, "ref_logps") for r in recs])
+        chosen = torch.cat([_summed(r, "logps", r["chosen"]) - _summed(r, "ref_logps", r["chosen"]) for r in recs])
+        rejected = torch.cat([_summed(r, "logps", r["rejected"]) - _summed(r, "ref_logps", r["rejected"]) for r in recs])
+        beta = 0.1
+        expected = {
+            "objective/scores": torch.cat([r["scores"] for r in recs]).double().mean(),
+            "objective/kl": (logp - ref).mean(),
+            "objective/entropy": -logp.mean(),
+            "rewards/margins": (beta * (chosen - rejected)).mean(),
+            "rewards/accuracies": (chosen > rejected).double().mean(),
+            "loss": torch.nn.functional.logsigmoid(beta * (chosen - rejected)).neg().mean(),
+            "val/contain_eos_token": torch.cat([r["has_eos"] for r in recs]).double().mean(),
+            "completions/mean_length": torch.cat([r["completion_mask"].sum(1) for r in recs]).double().mean(),
+        }
+        assert len(recs) == 4 and len(logp) == 4 * 2 * 2  # 2 ranks x 2 micro-steps x 2 prompts x 2 samples
+        for k, v in expected.items():
+            assert log[k] == pytest.approx(float(v), rel=1e-6, abs=1e-9), k
+
+
+def test_fsdp2_sampling_with_ranks_that_finish_early_and_sharded_frozen_models(tiny, tmp_path):
+    """Real sampling with a reward model, bf16 mixed precision, sharded reference and reward model, and the
+    before/after comparison, which samples the sharded reference: ranks whose completions end at different steps
+    must not wait on each other."""
+    data = tmp_path / "prompts"
+    data.mkdir()
+    shutil.copy(tiny["prompts.jsonl"], data / "train.jsonl")
+    shutil.copy(tiny["prompts.jsonl"], data / "test.jsonl")
+    out = str(tmp_path / "fsdp_sampled")
+    flags = _flags(tiny, out, dataset_name=str(data), per_device_train_batch_size=4, distributed="fsdp", shard_frozen_models=True,
+                   reward_model_path=tiny["reward"], model_init_kwargs="{}", bf16=True, max_new_tokens=24,
+                   eval_prompts=9, max_steps=3, save_steps=2,
+                   generation_kwargs=json.dumps({"eos_token_id": list(range(60))}))  # frequent stops: uneven lengths
+    logs, ranks, proc = _run(out, "sampled", flags, nproc=2)
+    widths = [[rec["completion_ids"].shape[1] for rec in r["records"]] for r in ranks]
+    assert widths[0] != widths[1], "no micro-step where one rank stopped decoding before the other: nothing was tested"
+    _assert_pairs_from_one_prompt(ranks)
+    assert [m["step"] for m in logs[:-1]] == [1, 2, 3] and set(logs[-1]) == {"step", "eval/reward_reference", "eval/reward_trained"}
+    assert "mean reward over 8 held-out prompts" in proc.stdout  # 9 rounded down to a multiple of the 2 ranks
+    assert proc.stdout.count("saved the trained model") == 1  # rank 0 alone prints
+    for path in (out, os.path.join(out, "checkpoint-2")):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert model.dtype == torch.float32 and type(model).__name__ == "Qwen2ForCausalLM"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_new_tokens", "300"], "--max_new_tokens (300) must be smaller than --max_length (48)"),  # before init
+    (["--reward_funcs", "tests/rewards.py:one_value"], "must return a list of 16 numbers"),  # found in step 1, on every rank
+])
+def test_a_bad_input_stops_every_rank_with_a_message(tiny, tmp_path, flags, message):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "online_dpo.py",
+           "--model_name_or_path", tiny["policy"], "--dataset_name", tiny["prompts.jsonl"], "--max_new_tokens", "4",
+           "--max_length", "48", "--output_dir", str(tmp_path / "out"), "--reward_funcs", "tests/rewards.py:zero", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT, env=os.environ | {"PYTHONPATH": REPO})
+    assert proc.returncode != 0
+    # Each rank says it, but the first rank to exit gets the others stopped by torchrun, maybe before they could.
+    assert re.search(r"online_dpo.py: error \(rank [01]\): .*" + re.escape(message), proc.stderr), proc.stderr[-3000:]
+    assert 'online_dpo.py", line' not in proc.stderr  # no traceback of ours (torchrun prints its own summary)
