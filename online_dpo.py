@@ -762,6 +762,7 @@ def main(args: Args):
         disable_dropout(policy), disable_dropout(ref)
     if args.gradient_checkpointing:  # active only in train mode: sampling (eval mode) keeps its KV cache
         policy.activation_checkpointing_enable()
+    policy.train()  # from_pretrained returns eval mode, in which checkpointing (and any kept dropout) is off
     mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     policy = place(policy, device, fsdp, mixed_precision)
     ref = place(ref, device, shard_frozen)

@@ -258,3 +258,25 @@ def test_push_to_hub_uploads_the_output_dir(tiny, tmp_path, monkeypatch):
     assert calls[0] == ("create", "me/tiny-online-dpo")
     _, repo, files, ignored = calls[1]
     assert repo == "me/tiny-online-dpo" and "model.safetensors" in files and "config.json" in files and ignored == ["checkpoint-*"]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_gradient_checkpointing_recomputes_the_training_forward_only(tiny, tmp_path, monkeypatch, checkpointing):
+    """With checkpointing each decoder layer's MLP runs twice with grad per micro-step (forward, then again in backward);
+    without it once. Sampling runs without grad either way, so it keeps its KV cache."""
+    calls = {"grad": 0, "no_grad": 0}
+    load_model = online_dpo.load_model
+
+    def spying_load_model(auto_class, path, args, **kw):
+        model = load_model(auto_class, path, args, **kw)
+        if calls.get("policy") is None:  # the first model loaded is the policy
+            calls["policy"] = model
+            model.model.layers[0].mlp.register_forward_pre_hook(  # inside the checkpointed forward
+                lambda *_: calls.__setitem__("grad" if torch.is_grad_enabled() else "no_grad",
+                                             calls["grad" if torch.is_grad_enabled() else "no_grad"] + 1))
+        return model
+
+    monkeypatch.setattr(online_dpo, "load_model", spying_load_model)
+    main(_args(tiny, tmp_path, gradient_checkpointing=checkpointing, max_steps=1, gradient_accumulation_steps=2, eval_prompts=0))
+    assert calls["grad"] == (4 if checkpointing else 2)  # 2 micro-steps
+    assert calls["no_grad"] >= 2  # sampling: a prefill and decode steps per micro-step
