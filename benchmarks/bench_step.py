@@ -1,0 +1,195 @@
+"""Seconds per online DPO step: TRL's OnlineDPOTrainer against online_dpo.py, same workload, side by side.
+
+    pip install -e ".[bench]"                     # TRL (and matplotlib), for benchmarks only
+    python benchmarks/bench_step.py               # 2 model sizes x {TRL, ours} x gradient checkpointing {on, off}
+
+Workload, identical for both: a random-init Qwen2 policy (hidden x layers as given) with a 4,096-token vocabulary
+(the tiny world's BPE tokenizer padded with filler tokens), the tiny world's conversational prompts, 8 prompts per
+step, 2 completions each, up to 64 new tokens at temperature 0.9, max_length 256, fp32 on the CPU, AdamW at lr 1e-4,
+and one reward function (`low_ids`: the fraction of completion tokens in the lowest quarter of the vocabulary, which
+a random policy gets right a quarter of the time and training can raise).
+
+Each run is its own process (peak RSS is that process's), the four configurations alternate in order, and the
+figures are: median seconds per step over the steps after the first, sampling seconds per step, peak RSS, and the
+mean reward (objective/scores) of the last 3 steps.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+VOCAB = 4096
+
+
+def low_ids(prompts, completions, completion_ids, **kwargs):
+    """Fraction of completion tokens whose id is in the lowest quarter of the vocabulary."""
+    return [sum(t < VOCAB // 4 for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+
+def build_assets(root: str, sizes: list[tuple[int, int]]) -> dict:
+    """Tokenizer (tiny world BPE + filler tokens up to VOCAB) and one random-init Qwen2 per size, saved under root."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    paths = {}
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO, "benchmarks", "tiny", "policy"))
+    tokenizer.add_tokens([f"<filler{i}>" for i in range(VOCAB - len(tokenizer))])
+    for hidden, layers in sizes:
+        path = os.path.join(root, f"qwen2-{hidden}x{layers}")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            torch.manual_seed(0)
+            config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+                                 num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                                 num_key_value_heads=max(1, hidden // 128), max_position_embeddings=512,
+                                 tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+            AutoModelForCausalLM.from_config(config).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        paths[(hidden, layers)] = path
+    return paths
+
+
+def run_ours(a) -> dict:
+    import online_dpo
+
+    args = online_dpo.Args(
+        model_name_or_path=a.model, dataset_name=os.path.join(REPO, "benchmarks", "tiny", "prompts"), eval_prompts=0,
+        reward_funcs=(os.path.abspath(__file__) + ":low_ids",), output_dir=a.out, use_cpu=True, bf16=bool(a.bf16),
+        gradient_checkpointing=a.gc, per_device_train_batch_size=a.batch, max_new_tokens=a.max_new_tokens,
+        max_length=256, learning_rate=a.lr, lr_scheduler_type="constant", max_steps=a.steps, logging_steps=1,
+        save_steps=0, seed=a.seed)
+    online_dpo.main(args)
+    with open(os.path.join(a.out, "metrics.jsonl")) as f:
+        logs = [json.loads(line) for line in f]
+    return {"step": [m["time/step"] for m in logs], "sampling": [m["time/sampling"] for m in logs],
+            "scores": [m["objective/scores"] for m in logs]}
+
+
+def run_trl(a) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    data = datasets.load_dataset("json", data_files=os.path.join(REPO, "benchmarks", "tiny", "prompts", "train.jsonl"),
+                                 split="train")
+    config = OnlineDPOConfig(
+        output_dir=a.out, use_cpu=True, bf16=False, gradient_checkpointing=a.gc, per_device_train_batch_size=a.batch,
+        max_new_tokens=a.max_new_tokens, max_length=256, learning_rate=a.lr, lr_scheduler_type="constant",
+        max_steps=a.steps, logging_steps=1, save_strategy="no", report_to="none", seed=a.seed, temperature=0.9)
+    times, sampling = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.t0 = time.perf_counter()
+            sampling.append(0.0)
+
+        def on_step_end(self, *_, **__):
+            times.append(time.perf_counter() - self.t0)
+
+    trainer = OnlineDPOTrainer(model=model, reward_funcs=[low_ids], args=config, train_dataset=data,
+                               processing_class=tokenizer, callbacks=[Clock()])
+    generate = trainer._generate
+
+    def timed_generate(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = generate(*args, **kwargs)
+        sampling[-1] += time.perf_counter() - t0
+        return out
+
+    trainer._generate = timed_generate
+    trainer.train()
+    scores = [m["objective/scores"] for m in trainer.state.log_history if "objective/scores" in m]
+    return {"step": times, "sampling": sampling, "scores": scores}
+
+
+def child(a) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    result = (run_ours if a.impl == "ours" else run_trl)(a)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def summary(result: dict) -> dict:
+    scores = result["scores"]
+    return {"s/step": statistics.median(result["step"][1:]), "sampling s/step": statistics.median(result["sampling"][1:]),
+            "peak RSS MB": result["peak_rss_mb"], "reward (last 3)": statistics.mean(scores[-3:]),
+            "reward gain": statistics.mean(scores[-3:]) - statistics.mean(scores[:3])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["256x4", "512x8"], help="policy sizes as HIDDENxLAYERS")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one run per seed and configuration")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--configs", nargs="+", default=["trl-gc", "ours-gc", "trl", "ours"],
+                        help="trl-gc, ours-gc, trl, ours (-gc: gradient checkpointing on), and ours-bf16 (bf16 autocast, "
+                             "not the same workload: for information)")
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "online-dpo-bench-step"))
+    parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--gc", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", type=int, default=0, help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.child:
+        a.impl = a.child
+        return child(a)
+
+    sizes = [tuple(int(x) for x in s.split("x")) for s in a.sizes]
+    paths = build_assets(a.cache, sizes)
+    env = os.environ | {"TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    rows = []
+    for size in sizes:
+        results = {c: [] for c in a.configs}
+        for r, seed in enumerate(a.seeds):
+            for config in a.configs if r % 2 == 0 else a.configs[::-1]:
+                impl, gc, bf16 = config.split("-")[0], int("-gc" in config), int("-bf16" in config)
+                with tempfile.TemporaryDirectory() as out:
+                    cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--model", paths[size], "--gc", str(gc),
+                           "--out", out, "--steps", str(a.steps), "--batch", str(a.batch), "--max_new_tokens",
+                           str(a.max_new_tokens), "--threads", str(a.threads), "--seed", str(seed), "--lr", str(a.lr),
+                           "--bf16", str(bf16)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+                if proc.returncode != 0:
+                    sys.exit(f"{config} failed:\n{proc.stderr[-3000:]}")
+                line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+                results[config].append(summary(json.loads(line[len("RESULT "):])))
+                print(f"{size[0]}x{size[1]} {config} seed {seed}: {results[config][-1]}", file=sys.stderr)
+        for config in a.configs:
+            runs = results[config]
+            v = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+            gains = [x["reward gain"] for x in runs]
+            v["gain sd"] = statistics.stdev(gains) if len(gains) > 1 else float("nan")
+            rows.append((f"{size[0]}x{size[1]}", config, v))
+    print(f"\n{a.batch} prompts x 2 completions, {a.max_new_tokens} new tokens, fp32, {a.threads} threads, {a.steps} steps, "
+          f"lr {a.lr}, seeds {a.seeds}; medians over seeds, and the reward gain's standard deviation over seeds\n")
+    print("| policy | config | s/step | sampling s/step | peak RSS MB | reward gain (sd) | s/step ours / TRL |")
+    print("|---|---|---|---|---|---|---|")
+    table = {(size, config): v for size, config, v in rows}
+    for size, config, v in rows:
+        peer = table.get((size, config.replace("ours", "trl").replace("-bf16", ""))) if config.startswith("ours") else None
+        ratio = f"{v['s/step'] / peer['s/step']:.2f}" if peer else ""
+        print(f"| {size} | {config} | {v['s/step']:.2f} | {v['sampling s/step']:.2f} | {v['peak RSS MB']:.0f} | "
+              f"{v['reward gain']:+.3f} ({v['gain sd']:.3f}) | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
