@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, StaticCache
 from tyro.constructors import PrimitiveConstructorSpec
 
-from kernels import token_logprobs
+from kernels import linear_logprobs, naive_token_logprobs
 
 QUICK_START_REWARD_MODEL = "trl-lib/Qwen2-0.5B-Reward"
 TINY_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "tiny")  # built by benchmarks/tiny_world.py
@@ -129,6 +129,8 @@ class Args:
     """subtracted from the score of a completion that ends without an EOS token (>= 0)"""
     disable_dropout: Bool = True
     """turn dropout off in the policy and the reference"""
+    logprob_impl: Literal["fused", "naive"] = "fused"
+    """fused: log-probs from the last hidden states and the lm_head tile by tile (no [N, V] logits); naive: for A/B runs"""
 
     # --- training (TrainingArguments)
     output_dir: str = "Qwen2-0.5B-OnlineDPO"
@@ -599,17 +601,31 @@ def pair(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Log-probs, loss, metrics
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, impl: str = "fused") -> torch.Tensor:
     """Per-token log p(completion token | prompt, earlier tokens), (N, T), 0 at padding.
 
-    Only the T+1 last positions go through the lm_head: position P-1+t predicts completion token t."""
+    fused: the model returns its last hidden states and no logits at all; kernels.linear_logprobs folds the real
+    completion positions with the lm_head weight, vocabulary tile by tile. naive: float32 logits of the T+1 last
+    positions, log_softmax, gather (the oracle, for A/B runs). Position P-1+t predicts completion token t."""
     ids = torch.cat([prompt_ids, completion_ids], 1)
     mask = torch.cat([prompt_mask, completion_mask], 1)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     T = completion_ids.size(1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False, logits_to_keep=T + 1).logits
-    logps = token_logprobs(logits[:, :-1], completion_ids)  # (N, T) float32
-    return logps.masked_fill(completion_mask == 0, 0.0)
+    inner = getattr(model, "module", model)  # DDP wraps the model; FSDP2 shards it in place
+    head, config = inner.get_output_embeddings(), inner.config
+    plain_head = head.bias is None and getattr(config, "final_logit_softcapping", None) is None \
+        and getattr(config, "logit_scale", None) in (None, 1.0)  # Gemma 2 and Cohere transform their logits
+    if impl == "naive" or not plain_head:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False, logits_to_keep=T + 1).logits
+        return naive_token_logprobs(logits[:, :-1], completion_ids).masked_fill(completion_mask == 0, 0.0)
+    no_logits = torch.empty(0, dtype=torch.long, device=ids.device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False, logits_to_keep=no_logits,
+                output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, -T - 1 : -1]  # (N, T, H), after the final norm: the lm_head's input
+    real = completion_mask.bool()
+    # The head's weight is read after the forward: under FSDP2 the root keeps it gathered until backward.
+    logps = linear_logprobs(hidden[real], head.weight, completion_ids[real])  # (real tokens,)
+    return logps.new_zeros(completion_ids.shape).index_put((real,), logps)
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float, loss_type: str):
@@ -859,9 +875,9 @@ def main(args: Args):
             # are averaged over ranks in the last micro-step's backward.
             sync_gradients(train_model, micro_step == GA - 1)
             with autocast:
-                logps = completion_logprobs(train_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+                logps = completion_logprobs(train_model, prompt_ids, prompt_mask, completion_ids, completion_mask, args.logprob_impl)
                 with torch.no_grad():
-                    ref_logps = completion_logprobs(ref, prompt_ids, prompt_mask, completion_ids, completion_mask)
+                    ref_logps = completion_logprobs(ref, prompt_ids, prompt_mask, completion_ids, completion_mask, args.logprob_impl)
             logp, ref_logp = logps.sum(1), ref_logps.sum(1)
             losses = dpo_loss(logp[chosen], logp[rejected], ref_logp[chosen], ref_logp[rejected], beta, args.loss_type)
             (losses.mean() / GA).backward()

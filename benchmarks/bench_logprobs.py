@@ -1,9 +1,14 @@
-"""Per-token log-probs, forward + backward: naive log_softmax + gather vs kernels.token_logprobs (chunked).
+"""Per-token log-probs from the last hidden states, forward + backward: naive (float32 logits, log_softmax, gather)
+against kernels.linear_logprobs (lm_head fused, tile by tile).
 
-    python benchmarks/bench_logprobs.py            # CPU: each case in a fresh subprocess, peak RSS above baseline
+    python benchmarks/bench_logprobs.py                     # CPU cases; each in a fresh process, peak RSS growth
+    python benchmarks/bench_logprobs.py --full --device cuda   # N in {2k, 8k} x H in {896, 2048} x V in {32k, 152k}
 
-Prints a table with time (median of 3) and peak memory for both, and their ratios."""
+Both get the same hidden (N, H), weight (V, H) and targets, and a sign-changing upstream gradient; time is the median
+of --repeats runs after a warm-up, memory the peak above what the inputs already hold, gradients included (CPU: ru_maxrss;
+CUDA: max_memory_allocated)."""
 
+import argparse
 import os
 import resource
 import statistics
@@ -12,49 +17,74 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CASES = [(1024, 32_000), (1024, 151_936), (4096, 32_000)]  # (N tokens, V vocabulary)
+CPU_CASES = [(2048, 896, 32_000), (2048, 896, 151_936), (8192, 896, 32_000), (2048, 2048, 151_936)]  # (N, H, V)
+FULL_CASES = [(n, h, v) for n in (2048, 8192) for h in (896, 2048) for v in (32_000, 151_936)]
 
 
-def one(impl: str, n: int, v: int, dtype: str) -> tuple[float, float]:
-    """Runs in its own process: (median seconds, peak RSS growth in MB) of forward + backward."""
+def one(impl: str, n: int, h: int, v: int, dtype: str, device: str, repeats: int) -> tuple[float, float]:
+    """In its own process: (median seconds, peak memory growth in MB) of forward + backward."""
     import torch
 
-    from kernels import naive_token_logprobs, token_logprobs
+    from kernels import linear_logprobs, naive_linear_logprobs
 
-    fn = naive_token_logprobs if impl == "naive" else token_logprobs
+    fn = naive_linear_logprobs if impl == "naive" else linear_logprobs
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(n, v, generator=g, dtype=getattr(torch, dtype)).requires_grad_()
-    targets = torch.randint(0, v, (n,), generator=g)
-    upstream = torch.randn(n, generator=g)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    dt = getattr(torch, dtype)
+    # Made in their own dtype, scaled in place: no temporary copy raises the baseline of ru_maxrss.
+    hidden = torch.randn(n, h, generator=g, dtype=dt).to(device).requires_grad_()
+    weight = torch.randn(v, h, generator=g, dtype=dt).div_(h**0.5).to(device).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    upstream = torch.randn(n, generator=g).to(device)
+
+    def run():
+        (fn(hidden, weight, targets) * upstream).sum().backward()
+        hidden.grad = weight.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    run()  # warm-up; the gradients' own memory counts in both
     times = []
-    for _ in range(3):
+    for _ in range(repeats):
         t = time.perf_counter()
-        (fn(logits, targets) * upstream).sum().backward()
+        run()
         times.append(time.perf_counter() - t)
-        logits.grad = None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return statistics.median(times), peak - base
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return statistics.median(times), (peak - base) / 2**20
 
 
 def main() -> None:
-    if len(sys.argv) == 5:  # child process
-        seconds, mb = one(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
-        print(seconds, mb)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="the full grid (slow on a CPU)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.child:
+        impl, n, h, v, dtype = a.child
+        print(*one(impl, int(n), int(h), int(v), dtype, a.device, a.repeats))
         return
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
-    print("| N x V | dtype | naive s | ours s | time ratio | naive MB | ours MB | memory ratio |")
+    print(f"torch {torch.__version__}, {a.device}, {torch.get_num_threads()} threads; median of {a.repeats}; memory: peak above "
+          "the inputs, gradients included\n")
+    print("| N x H x V | dtype | naive s | fused s | time ratio | naive MB | fused MB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|")
-    for n, v in CASES:
-        for dtype in ("float32", "bfloat16"):
+    for n, h, v in FULL_CASES if a.full else CPU_CASES:
+        for dtype in a.dtypes:
             r = {}
-            for impl in ("naive", "ours"):
-                out = subprocess.run([sys.executable, __file__, impl, str(n), str(v), dtype], capture_output=True, text=True, check=True)
-                r[impl] = [float(x) for x in out.stdout.split()]
-            (tn, mn), (to, mo) = r["naive"], r["ours"]
-            print(f"| {n} x {v} | {dtype} | {tn:.3f} | {to:.3f} | {to / tn:.2f} | {mn:.0f} | {mo:.0f} | {mo / mn:.2f} |")
+            for impl in ("naive", "fused"):
+                cmd = [sys.executable, __file__, "--device", a.device, "--repeats", str(a.repeats), "--child", impl,
+                       str(n), str(h), str(v), dtype]
+                r[impl] = [float(x) for x in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()]
+            (tn, mn), (tf, mf) = r["naive"], r["fused"]
+            print(f"| {n} x {h} x {v} | {dtype} | {tn:.3f} | {tf:.3f} | {tf / tn:.2f} | {mn:.0f} | {mf:.0f} | "
+                  f"{mf / max(mn, 1):.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Fused log-prob gathering: per-token log p(target) without a [B, T, V] log_softmax.
+"""Per-token log-probs without [N, V] float32 log-softmax tensors.
 
-Only a PyTorch path for now; the Triton kernel (CUDA) and the fusion with the lm_head come later and keep this
-signature's meaning.
+- linear_logprobs(hidden, weight, targets): fused with the lm_head, what online_dpo.py uses; never materialises
+  the logits. PyTorch path (CPU and CUDA).
+- naive_linear_logprobs, naive_token_logprobs: the oracles (float32 logits, log_softmax, gather), kept for the tests
+  and for `--logprob_impl naive`.
 """
 
-from kernels.logprobs import naive_token_logprobs, token_logprobs
+from kernels.logprobs import linear_logprobs, naive_linear_logprobs, naive_token_logprobs
 
-__all__ = ["token_logprobs", "naive_token_logprobs"]
+__all__ = ["linear_logprobs", "naive_linear_logprobs", "naive_token_logprobs"]

@@ -1,8 +1,15 @@
-"""log p(target) = logit[target] - logsumexp(logits), chunked over rows so that the float32 working set is one
-(chunk_rows, V) tile, never the whole [N, V] log_softmax (for Qwen2, V = 151,936: 16 x 320 tokens would be 3.1 GB).
+"""log p(target) straight from the last hidden states and the lm_head weight, never holding [N, V] logits.
 
-Backward needs softmax(logits) - onehot(target); it is recomputed tile by tile from the saved row max and
-log-sum-exp, so besides the logits themselves the only [N, V] tensor is the gradient, in the logits' dtype."""
+    logits = hidden @ weight.T / temperature          # (N, V): only ever one (token tile, vocab tile) of it
+    logp   = logits[target] - logsumexp(logits)
+
+Forward folds the vocabulary tile by tile into a running max, a running sum of exp and the target's logit, all in
+float32 (bf16 inputs are multiplied into float32 tiles, so logits are never rounded to bf16 before the
+log-sum-exp: that rounding, not the log-sum-exp, is what costs precision with bf16 weights). Only the log-sum-exp
+(N,) is kept for backward, which recomputes each tile and turns it into softmax - onehot.
+
+This is the PyTorch path, the one the CPU runs; the naive functions are the oracles for the tests and the
+`--logprob_impl naive` A/B path."""
 
 import torch
 
@@ -12,43 +19,84 @@ def naive_token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-class _TokenLogprobs(torch.autograd.Function):
+def naive_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                          entropy: bool = False):
+    """The oracle: full float32 logits, log_softmax, gather. -> logp (N,) [, entropy (N,)]."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    logp_all = (hidden.to(acc) @ weight.to(acc).T / temperature).log_softmax(-1)
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    if not entropy:
+        return logp
+    return logp, -(logp_all.exp() * logp_all).sum(-1).detach()
+
+
+def _tiles(n: int, size: int):
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, chunk_rows):  # logits (N, V), targets (N,)
-        # log-sum-exp kept as max + log(sum(exp(x - max))): a single float32 lse of a row of large logits would
-        # lose the low bits that p(target) close to 1 needs.
-        acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for gradcheck
-        row_max = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
-        log_sum = torch.empty_like(row_max)
-        for i in range(0, logits.shape[0], chunk_rows):
-            chunk = logits[i : i + chunk_rows].to(acc)
-            row_max[i : i + chunk_rows] = chunk.max(-1).values
-            log_sum[i : i + chunk_rows] = (chunk - row_max[i : i + chunk_rows, None]).exp_().sum(-1).log_()
-        target_logits = logits.gather(1, targets[:, None]).squeeze(1).to(acc)
-        ctx.save_for_backward(logits, targets, row_max, log_sum)
-        ctx.chunk_rows = chunk_rows
-        return (target_logits - row_max) - log_sum
+    def forward(ctx, hidden, weight, targets, temperature, token_tile, vocab_tile, want_entropy):
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for gradcheck
+        h = hidden.to(acc)  # (N, H): small next to the logits
+        run_max = torch.full(targets.shape, -torch.inf, dtype=acc, device=hidden.device)
+        run_sum, run_zsum, target_logit = torch.zeros_like(run_max), torch.zeros_like(run_max), torch.zeros_like(run_max)
+        for v0, v1 in _tiles(weight.shape[0], vocab_tile):  # vocabulary outside: each weight tile is read (cast) once
+            w = weight[v0:v1].to(acc)
+            for t0, t1 in _tiles(h.shape[0], token_tile):
+                z = (h[t0:t1] @ w.T).div_(temperature)  # (token tile, vocab tile), float32
+                m = torch.maximum(run_max[t0:t1], z.max(-1).values)
+                scale, e = (run_max[t0:t1] - m).exp(), (z - m[:, None]).exp_()
+                run_sum[t0:t1] = run_sum[t0:t1] * scale + e.sum(-1)
+                if want_entropy:  # sum of exp(z - max) * z, rescaled like the sum
+                    run_zsum[t0:t1] = run_zsum[t0:t1] * scale + (e * z).sum(-1)
+                run_max[t0:t1] = m
+                tgt = targets[t0:t1]
+                here = (tgt >= v0) & (tgt < v1)
+                picked = z.gather(1, (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+                target_logit[t0:t1] = torch.where(here, picked, target_logit[t0:t1])
+        lse = run_max + run_sum.log()
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.token_tile, ctx.vocab_tile = temperature, token_tile, vocab_tile
+        logp = target_logit - lse
+        if not want_entropy:
+            return logp
+        entropy = lse - run_zsum / run_sum  # H = lse - E_p[z]
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_out):  # grad_out (N,)
-        logits, targets, row_max, log_sum = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        for i in range(0, logits.shape[0], ctx.chunk_rows):
-            j = slice(i, i + ctx.chunk_rows)
-            g = grad_out[j].to(row_max.dtype)[:, None]
-            chunk = (logits[j].to(row_max.dtype) - row_max[j, None]).sub_(log_sum[j, None]).exp_().mul_(-g)  # -g * softmax
-            chunk[rows[j] - i, targets[j]] += g[:, 0]  # + g * onehot(target)
-            grad[j] = chunk
-        return grad, None, None
+    def backward(ctx, grad_logp, *_):  # d logp / d z = onehot(target) - softmax(z), z = hidden @ weight.T / T
+        hidden, weight, targets, lse = ctx.saved_tensors
+        acc, T = lse.dtype, ctx.temperature
+        h, g = hidden.to(acc), grad_logp.to(acc)
+        grad_h = torch.zeros_like(h)
+        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        for v0, v1 in _tiles(weight.shape[0], ctx.vocab_tile):
+            w = weight[v0:v1].to(acc)
+            grad_w_tile = torch.zeros_like(w)
+            for t0, t1 in _tiles(h.shape[0], ctx.token_tile):
+                d = (h[t0:t1] @ w.T).div_(T).sub_(lse[t0:t1, None]).exp_().mul_(-g[t0:t1, None])  # -g * softmax
+                tgt = targets[t0:t1]
+                rows = ((tgt >= v0) & (tgt < v1)).nonzero().squeeze(1)
+                d[rows, tgt[rows] - v0] += g[t0:t1][rows]  # + g * onehot
+                d /= T
+                grad_h[t0:t1].addmm_(d, w)
+                grad_w_tile.addmm_(d.T, h[t0:t1])
+            grad_w[v0:v1] = grad_w_tile
+        return grad_h.to(hidden.dtype), grad_w, None, None, None, None, None
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
-    """log p(targets) under softmax(logits), float32 (float64 for float64 logits), differentiable w.r.t. logits.
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    entropy: bool = False, token_tile: int = 1024, vocab_tile: int = 4096):
+    """log p(targets) under softmax(hidden @ weight.T / temperature), without [N, V] logits.
 
-    logits (..., V) of any float dtype, targets (...) int64 -> (...) float32. Accumulates in float32 whatever the
-    logits' dtype; peak extra memory is one (chunk_rows, V) float32 tile, by default about 64 MB."""
-    shape = targets.shape
-    chunk_rows = chunk_rows or max(1, (1 << 24) // logits.shape[-1])
-    out = _TokenLogprobs.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), chunk_rows)
-    return out.view(shape)
+    hidden (N, H) and weight (V, H) of any float dtype (the lm_head's; tied to the embeddings is fine), targets (N,)
+    int64 -> float32 (N,) (float64 for float64 inputs), differentiable w.r.t. hidden and weight. With entropy=True
+    also returns the per-token entropy (N,), without gradient. Memory besides the gradients: one (token_tile,
+    vocab_tile) float32 tile (16 MB by default) and a float32 copy of a (vocab_tile, H) slice of the weight."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"expected hidden (N, H), weight (V, H), targets (N,); got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(targets.shape)}")
+    with torch.autocast(hidden.device.type, enabled=False):  # the tiles stay float32 inside a bf16 autocast region
+        return _LinearLogprobs.apply(hidden, weight, targets, temperature, token_tile, vocab_tile, entropy)

@@ -55,10 +55,10 @@ def main() -> None:
         records.append({k: v.detach().cpu() for k, v in zip(names, values)} | {"beta": beta} | trained_on.pop())
         return step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta)
 
-    def recording_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    def recording_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest):
         if torch.is_grad_enabled():  # the policy's call, the one that trains
             trained_on.append({"prompt_ids": prompt_ids.cpu(), "prompt_mask": prompt_mask.cpu(), "completion_ids": completion_ids.cpu()})
-        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest)
 
     online_dpo.step_metrics, online_dpo.completion_logprobs = recording_step_metrics, recording_logprobs
     if mode == "fixed":

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
+import online_dpo
 from online_dpo import dpo_loss, lr_factor, pair, step_metrics, steps_of
 
 
@@ -101,3 +102,36 @@ def test_fractions_of_all_steps():
     assert steps_of(0.1, 95) == 10  # as TrainingArguments: ceil(0.1 * 95)
     assert steps_of(3, 95) == 3
     assert steps_of(0, 95) == 0
+
+
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_completion_logprobs_match_each_row_run_alone(tiny, impl):
+    """Left-padded prompts, right-padded completions, one batch: each real completion token's log-prob equals the
+    one from running that row alone without any padding (float64); padding positions are 0. The fused path's
+    parameter gradients equal the naive path's."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["policy"], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 300, (n,), generator=g) for n in (3, 7, 5)]
+    completions = [torch.randint(5, 300, (n,), generator=g) for n in (4, 1, 6)]
+    P, T = max(map(len, prompts)), max(map(len, completions))
+    prompt_ids, prompt_mask = torch.zeros(3, P, dtype=torch.long), torch.zeros(3, P, dtype=torch.long)
+    completion_ids, completion_mask = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        prompt_ids[i, P - len(p):], prompt_mask[i, P - len(p):] = p, 1
+        completion_ids[i, : len(c)], completion_mask[i, : len(c)] = c, 1
+    logps = online_dpo.completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, impl)
+    assert logps.dtype == torch.float64 and logps.shape == (3, T)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        with torch.no_grad():
+            alone = model(input_ids=torch.cat([p, c])[None]).logits[0].log_softmax(-1)
+        expected = alone[len(p) - 1 : len(p) - 1 + len(c)].gather(1, c[:, None]).squeeze(1)
+        torch.testing.assert_close(logps[i, : len(c)].detach(), expected, atol=1e-10, rtol=0)
+        assert (logps[i, len(c):] == 0).all()
+    weights = (torch.arange(3 * T, dtype=torch.float64).view(3, T) % 5) - 2  # sign-changing upstream gradient
+    grads = torch.autograd.grad((logps * weights).sum(), list(model.parameters()))
+    other = online_dpo.completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                           "naive" if impl == "fused" else "fused")
+    for a, b in zip(grads, torch.autograd.grad((other * weights).sum(), list(model.parameters()))):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
