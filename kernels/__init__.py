@@ -1,7 +1,7 @@
 """Per-token log-probs without [N, V] float32 log-softmax tensors.
 
 - linear_logprobs(hidden, weight, targets): fused with the lm_head, what online_dpo.py uses; never materialises
-  the logits. PyTorch path (CPU and CUDA).
+  the logits. The element-wise work on each logits tile runs in PyTorch, or in Triton on CUDA (triton_tiles.py).
 - naive_linear_logprobs, naive_token_logprobs: the oracles (float32 logits, log_softmax, gather), kept for the tests
   and for `--logprob_impl naive`.
 """

@@ -34,30 +34,53 @@ def _tiles(n: int, size: int):
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def _fold_torch(z, targets, v0, temperature, run_max, run_sum, run_zsum, target_logit) -> None:
+    """Fold a logits tile z (rows, width), pre-temperature, into the running states of its rows, in place."""
+    z = z.div_(temperature)
+    new_max = torch.maximum(run_max, z.max(-1).values)
+    scale, e = (run_max - new_max).exp(), (z - new_max[:, None]).exp_()
+    if run_zsum is not None:  # sum of exp(z - max) * z, for the entropy, rescaled like the sum
+        run_zsum.mul_(scale).add_((e * z).sum(-1))
+    run_sum.mul_(scale).add_(e.sum(-1))
+    run_max.copy_(new_max)
+    here = (targets >= v0) & (targets < v0 + z.shape[1])  # each target is in exactly one tile
+    picked = z.gather(1, (targets - v0).clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+    target_logit.add_(torch.where(here, picked, 0.0))
+
+
+def _grad_torch(z, targets, v0, temperature, lse, g) -> None:
+    """A logits tile z (rows, width), pre-temperature, into g * (onehot(target) - softmax) / temperature, in place."""
+    d = z.div_(temperature).sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    rows = ((targets >= v0) & (targets < v0 + z.shape[1])).nonzero().squeeze(1)
+    d[rows, targets[rows] - v0] += g[rows]
+    d.div_(temperature)
+
+
+def _tile_ops(use_triton: bool):
+    if not use_triton:
+        return _fold_torch, _grad_torch
+    from kernels import triton_tiles
+
+    return triton_tiles.fold, triton_tiles.grad
+
+
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, token_tile, vocab_tile, want_entropy):
+    def forward(ctx, hidden, weight, targets, temperature, token_tile, vocab_tile, want_entropy, use_triton):
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for gradcheck
+        fold, _ = _tile_ops(use_triton)
         h = hidden.to(acc)  # (N, H): small next to the logits
         run_max = torch.full(targets.shape, -torch.inf, dtype=acc, device=hidden.device)
-        run_sum, run_zsum, target_logit = torch.zeros_like(run_max), torch.zeros_like(run_max), torch.zeros_like(run_max)
+        run_sum, target_logit = torch.zeros_like(run_max), torch.zeros_like(run_max)
+        run_zsum = torch.zeros_like(run_max) if want_entropy or use_triton else None
         for v0, v1 in _tiles(weight.shape[0], vocab_tile):  # vocabulary outside: each weight tile is read (cast) once
             w = weight[v0:v1].to(acc)
             for t0, t1 in _tiles(h.shape[0], token_tile):
-                z = (h[t0:t1] @ w.T).div_(temperature)  # (token tile, vocab tile), float32
-                m = torch.maximum(run_max[t0:t1], z.max(-1).values)
-                scale, e = (run_max[t0:t1] - m).exp(), (z - m[:, None]).exp_()
-                run_sum[t0:t1] = run_sum[t0:t1] * scale + e.sum(-1)
-                if want_entropy:  # sum of exp(z - max) * z, rescaled like the sum
-                    run_zsum[t0:t1] = run_zsum[t0:t1] * scale + (e * z).sum(-1)
-                run_max[t0:t1] = m
-                tgt = targets[t0:t1]
-                here = (tgt >= v0) & (tgt < v1)
-                picked = z.gather(1, (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
-                target_logit[t0:t1] = torch.where(here, picked, target_logit[t0:t1])
+                fold(h[t0:t1] @ w.T, targets[t0:t1], v0, temperature, run_max[t0:t1], run_sum[t0:t1],
+                     None if run_zsum is None else run_zsum[t0:t1], target_logit[t0:t1])
         lse = run_max + run_sum.log()
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.temperature, ctx.token_tile, ctx.vocab_tile = temperature, token_tile, vocab_tile
+        ctx.temperature, ctx.token_tile, ctx.vocab_tile, ctx.use_triton = temperature, token_tile, vocab_tile, use_triton
         logp = target_logit - lse
         if not want_entropy:
             return logp
@@ -68,35 +91,47 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, *_):  # d logp / d z = onehot(target) - softmax(z), z = hidden @ weight.T / T
         hidden, weight, targets, lse = ctx.saved_tensors
-        acc, T = lse.dtype, ctx.temperature
-        h, g = hidden.to(acc), grad_logp.to(acc)
+        _, grad_tile = _tile_ops(ctx.use_triton)
+        acc = lse.dtype
+        h, g = hidden.to(acc), grad_logp.to(acc).contiguous()
         grad_h = torch.zeros_like(h)
         grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         for v0, v1 in _tiles(weight.shape[0], ctx.vocab_tile):
             w = weight[v0:v1].to(acc)
             grad_w_tile = torch.zeros_like(w)
             for t0, t1 in _tiles(h.shape[0], ctx.token_tile):
-                d = (h[t0:t1] @ w.T).div_(T).sub_(lse[t0:t1, None]).exp_().mul_(-g[t0:t1, None])  # -g * softmax
-                tgt = targets[t0:t1]
-                rows = ((tgt >= v0) & (tgt < v1)).nonzero().squeeze(1)
-                d[rows, tgt[rows] - v0] += g[t0:t1][rows]  # + g * onehot
-                d /= T
+                d = h[t0:t1] @ w.T
+                grad_tile(d, targets[t0:t1], v0, ctx.temperature, lse[t0:t1], g[t0:t1])
                 grad_h[t0:t1].addmm_(d, w)
                 grad_w_tile.addmm_(d.T, h[t0:t1])
             grad_w[v0:v1] = grad_w_tile
-        return grad_h.to(hidden.dtype), grad_w, None, None, None, None, None
+        return grad_h.to(hidden.dtype), grad_w, None, None, None, None, None, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                    entropy: bool = False, token_tile: int = 1024, vocab_tile: int = 4096):
+                    entropy: bool = False, token_tile: int = 1024, vocab_tile: int = 4096, tiles: str = "auto"):
     """log p(targets) under softmax(hidden @ weight.T / temperature), without [N, V] logits.
 
     hidden (N, H) and weight (V, H) of any float dtype (the lm_head's; tied to the embeddings is fine), targets (N,)
     int64 -> float32 (N,) (float64 for float64 inputs), differentiable w.r.t. hidden and weight. With entropy=True
-    also returns the per-token entropy (N,), without gradient. Memory besides the gradients: one (token_tile,
+    also returns the per-token entropy (N,), without gradient. tiles: the element-wise work on each logits tile in
+    PyTorch or in Triton (kernels/triton_tiles.py); auto picks Triton on CUDA when it is installed. Memory besides the gradients: one (token_tile,
     vocab_tile) float32 tile (16 MB by default) and a float32 copy of a (vocab_tile, H) slice of the weight."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected hidden (N, H), weight (V, H), targets (N,); got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")
+    if tiles not in ("auto", "torch", "triton"):
+        raise ValueError(f"tiles must be auto, torch or triton, got {tiles!r}")
+    use_triton = tiles == "triton" or (tiles == "auto" and hidden.is_cuda and _triton_available())
+    use_triton = use_triton and torch.promote_types(hidden.dtype, torch.float32) == torch.float32  # not for float64
     with torch.autocast(hidden.device.type, enabled=False):  # the tiles stay float32 inside a bf16 autocast region
-        return _LinearLogprobs.apply(hidden, weight, targets, temperature, token_tile, vocab_tile, entropy)
+        return _LinearLogprobs.apply(hidden, weight, targets.contiguous(), temperature, token_tile, vocab_tile, entropy,
+                                     use_triton)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,5 +1,10 @@
 """kernels.linear_logprobs (lm_head fused with the log-softmax) against float64 ground truth and the naive oracle."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -103,3 +108,49 @@ def test_gradients_reach_a_weight_tied_to_the_embeddings():
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match=r"expected hidden \(N, H\), weight \(V, H\)"):
         linear_logprobs(torch.zeros(4, 8), torch.zeros(10, 9), torch.zeros(4, dtype=torch.long))
+
+
+TRITON_CHECK = r"""
+import sys, torch
+from kernels import linear_logprobs
+device, N, H, V, dtype, scale = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], float(sys.argv[6])
+g = torch.Generator().manual_seed(0)
+hidden = (torch.randn(N, H, generator=g) * scale).to(device, getattr(torch, dtype))
+weight = (torch.randn(V, H, generator=g) / H**0.5).to(device, getattr(torch, dtype))
+targets = torch.randint(0, V, (N,), generator=g).to(device)
+targets[0], targets[1] = V - 1, 0  # the partial last tile and the first
+targets[2:6] = (hidden.float() @ weight.float().T).argmax(-1)[2:6]  # peaked rows when scale is large
+upstream = torch.randn(N, generator=g).to(device)  # sign-changing
+out = {}
+for tiles in ("torch", "triton"):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, entropy = linear_logprobs(h, w, targets, 0.8, entropy=True, token_tile=16, vocab_tile=V // 3 + 5, tiles=tiles)
+    out[tiles] = (logp, entropy, *torch.autograd.grad((logp * upstream).sum(), (h, w)))
+zmax = (hidden.float() @ weight.float().T).abs().max().item()  # float32 rounding of lse - E[z] scales with the logits
+for name, a, b in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out["torch"], out["triton"]):
+    err = (a.double() - b.double()).abs().max().item()
+    tol = 1e-5 * max(1.0, a.double().abs().max().item(), zmax if name == "entropy" else 0.0)
+    print(name, err, tol)
+    assert err <= tol, (name, err, tol)
+print("OK")
+"""
+
+
+def _triton_check(env, *args):
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK, *map(str, args)], capture_output=True, text=True,
+                          env=os.environ | env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("dtype, scale", [("float32", 1.0), ("bfloat16", 30.0)])
+def test_triton_tiles_match_the_pytorch_tiles_in_the_interpreter(dtype, scale):
+    """The Triton fold and gradient kernels, run by Triton's CPU interpreter at a small shape with partial tiles,
+    temperature 0.8, entropy, targets at both ends of the vocabulary and (bf16, scale 30) peaked rows."""
+    _triton_check({"TRITON_INTERPRET": "1"}, "cpu", 40, 32, 700, dtype, scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_triton_tiles_at_full_size_on_cuda(dtype):
+    _triton_check({}, "cuda", 2048, 896, 151936, dtype, 1.0)
