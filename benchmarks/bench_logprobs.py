@@ -60,6 +60,7 @@ def one(impl: str, n: int, h: int, v: int, dtype: str, device: str, repeats: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="the full grid (slow on a CPU)")
+    parser.add_argument("--cases", nargs="+", help="N,H,V triples instead of the default cases, e.g. 8192,896,151936")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=2)
@@ -75,7 +76,8 @@ def main() -> None:
           "the inputs, gradients included\n")
     print("| N x H x V | dtype | naive s | fused s | time ratio | naive MB | fused MB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|")
-    for n, h, v in FULL_CASES if a.full else CPU_CASES:
+    cases = [tuple(map(int, c.split(","))) for c in a.cases] if a.cases else FULL_CASES if a.full else CPU_CASES
+    for n, h, v in cases:
         for dtype in a.dtypes:
             r = {}
             for impl in ("naive", "fused"):
