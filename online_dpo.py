@@ -8,33 +8,41 @@ Each optimizer step, for every prompt of the batch:
     python online_dpo.py --preset qwen2-0.5b           # the quick start: Qwen2-0.5B-Instruct, its reward model, UltraFeedback
     python online_dpo.py --preset tiny --beta 0.2      # flags after a preset override it; --help shows every flag
     torchrun --nproc_per_node 8 online_dpo.py --beta 0.1    # one process per GPU: DDP, or --distributed fsdp to shard
+    python online_dpo.py --beta 0.1 --resume_from_checkpoint latest   # after a stop: the same flags, plus this
 
 Flags are spelled as in TRL's OnlineDPOConfig and transformers' TrainingArguments.
 """
 
 import contextlib
+import difflib
 import importlib
 import importlib.util
 import json
 import math
 import os
+import random
+import re
 import shutil
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Annotated, Callable, Literal
 
 import datasets
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, StaticCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, StaticCache
 from tyro.constructors import PrimitiveConstructorSpec
 
 from kernels import linear_logprobs, naive_token_logprobs
@@ -157,6 +165,14 @@ class Args:
     """log every N steps, or a fraction of all steps when < 1"""
     save_steps: float = 500
     """save output_dir/checkpoint-N every N steps, or a fraction of all steps when < 1 (0: only the final save)"""
+    save_total_limit: int | None = None
+    """keep only the newest N checkpoints (None: keep all)"""
+    resume_from_checkpoint: str | None = None
+    """continue a stopped run exactly: a checkpoint directory, or `latest` for output_dir's newest complete one"""
+    overwrite_output_dir: Bool = False
+    """start afresh in an output_dir that holds an earlier run's checkpoints (deletes them; refused without this flag)"""
+    max_nonfinite_steps: int = 10
+    """a step with a NaN/inf loss or gradient is skipped; stop with an error after this many in a row"""
     seed: int = 42
     """seed for the data order, sampling and initialisation"""
     use_cpu: Bool = False
@@ -199,6 +215,10 @@ PRESETS = {
 
 class UsageError(ValueError):
     """Bad input: the message names the argument and says what to do."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN/inf steps in a row, weights that must not be saved); the message says what to do."""
 
 
 GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "do_sample", "suppress_tokens", "eos_token_id")
@@ -249,6 +269,11 @@ def check_args(args: Args) -> None:
         (args.warmup_steps < 0, f"--warmup_steps must be >= 0, got {args.warmup_steps}"),
         (args.logging_steps <= 0, f"--logging_steps must be > 0, got {args.logging_steps}"),
         (args.save_steps < 0, f"--save_steps must be >= 0, got {args.save_steps}"),
+        (args.save_total_limit is not None and args.save_total_limit < 1,
+         f"--save_total_limit must be >= 1 (or None to keep every checkpoint), got {args.save_total_limit}"),
+        (args.max_nonfinite_steps < 1, f"--max_nonfinite_steps must be >= 1, got {args.max_nonfinite_steps}"),
+        (args.resume_from_checkpoint is not None and args.overwrite_output_dir,
+         "--resume_from_checkpoint continues a run and --overwrite_output_dir starts afresh: give one of them"),
         (args.eval_prompts < 0, f"--eval_prompts must be >= 0 (0 skips the before/after comparison), got {args.eval_prompts}"),
         (os.path.isfile(args.output_dir), f"--output_dir {args.output_dir!r} is a file; give a directory"),
         (args.shard_frozen_models and args.distributed != "fsdp",
@@ -303,9 +328,15 @@ def load_prompts(args: Args):
     ext = os.path.splitext(name)[1].lower()
     builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
     if os.path.isfile(name) and ext in builders:
+        if os.path.getsize(name) == 0:  # datasets fails on it with a bare StopIteration
+            raise UsageError(f"--dataset_name {name!r} is an empty file; give a file with one prompt per row")
         splits = {train_split: datasets.load_dataset(builders[ext], data_files=name, split="train")}
     elif os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
-        splits = datasets.load_from_disk(name)
+        try:
+            splits = datasets.load_from_disk(name)
+        except (IndexError, OSError, ValueError) as e:  # a dataset saved with no rows at all fails with IndexError
+            raise UsageError(f"--dataset_name {name!r}: datasets could not read this saved dataset ({type(e).__name__}: "
+                             f"{e}); check that it holds prompts") from None
         splits = splits if isinstance(splits, datasets.DatasetDict) else {train_split: splits}
     else:
         try:
@@ -318,8 +349,9 @@ def load_prompts(args: Args):
     train, test = splits[train_split], splits.get(test_split) if test_split != train_split else None
     for ds in (train, test) if test is not None else (train,):
         if args.dataset_prompt_column not in ds.column_names:
+            close = difflib.get_close_matches(args.dataset_prompt_column, ds.column_names, n=1)
             raise UsageError(f"--dataset_prompt_column {args.dataset_prompt_column!r} is not a column of {name!r}; "
-                             f"columns: {ds.column_names}")
+                             f"columns: {ds.column_names}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     if len(train) == 0:
         raise UsageError(f"--dataset_name {name!r}: the {train_split!r} split is empty")
     return train, test
@@ -332,9 +364,11 @@ def is_conversational(prompt) -> bool:
 def load_tokenizer(path: str, trust_remote_code: bool):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UsageError(f"could not load the tokenizer of {path!r} ({e}). Give a Hub id you can reach or a local "
-                         f"directory; {OFFLINE_HINT}") from None
+    except (OSError, ValueError) as e:  # ValueError: a directory without tokenizer files
+        raise unreachable("the tokenizer of", path, e) from None
+    if not tokenizer("Hello world.", add_special_tokens=False)["input_ids"]:  # what a directory without its files gives
+        raise UsageError(f"could not load the tokenizer of {path!r}: it has no vocabulary (no tokenizer.json or "
+                         "vocabulary files there?); save the tokenizer next to the model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -344,8 +378,62 @@ def load_model(auto_class, path: str, args: Args, **kwargs):
     try:
         return auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
     except OSError as e:
-        raise UsageError(f"could not load model {path!r} ({e}). Give a Hub id you can reach or a local directory; "
-                         f"{OFFLINE_HINT}") from None
+        raise unreachable("model", path, e) from None
+
+
+def unreachable(what: str, path: str, error: OSError) -> UsageError:
+    return UsageError(f"could not load {what} {path!r} ({error}). Give a Hub id you can reach or a local directory; "
+                      f"{OFFLINE_HINT}")
+
+
+def check_reward_model(path: str, args: Args) -> None:
+    """From its config alone: a reward model is a sequence classifier with one output. A causal LM loaded as one would
+    get a randomly initialised score head, and say nothing."""
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:  # ValueError: a directory without a model config
+        raise unreachable("model", path, e) from None
+    kinds = config.architectures or []
+    if kinds and not any(k.endswith("ForSequenceClassification") for k in kinds):
+        raise UsageError(f"--reward_model_path {path!r} is a {kinds[0]}, not a reward model: loaded as one it would score "
+                         "with a randomly initialised head. Give a sequence-classification model with one output")
+    if config.num_labels != 1:
+        raise UsageError(f"--reward_model_path {path!r} has a head with {config.num_labels} outputs; a reward model gives "
+                         "one score per text (num_labels = 1)")
+
+
+def check_prompts(args: Args, dataset, tokenizer, reward_tokenizers: list, reward_funcs: list, n: int = 512) -> None:
+    """Stage 0 on the first n prompts, so that none of this surfaces after the models load: chat templates for
+    conversations, prompt lengths, and one trial call of every reward function on placeholder completions."""
+    rows = dataset[: min(n, len(dataset))]
+    prompts = rows.pop(args.dataset_prompt_column)
+    chat = is_conversational(prompts[0])
+    for path, reward_tokenizer in zip(args.reward_model_path, reward_tokenizers):
+        if chat and reward_tokenizer.chat_template is None:
+            raise UsageError(f"the prompts are conversations but the tokenizer of reward model {path!r} has no chat "
+                             "template to lay them out with; use a reward model trained on chat data, or text prompts")
+    try:
+        lengths = [len(ids) for ids in prompt_token_ids(tokenizer, prompts)]
+    except UsageError as e:
+        raise UsageError(f"--dataset_name {args.dataset_name!r} with the tokenizer of {args.model_name_or_path!r}: {e}") from None
+    limit = args.max_length - args.max_new_tokens
+    if min(lengths) > limit:
+        raise UsageError(f"all {len(lengths)} prompts checked are longer than --max_length - --max_new_tokens = {limit} "
+                         f"tokens (the shortest has {min(lengths)}), so every one would lose its beginning: raise --max_length")
+    cut = sum(length > limit for length in lengths)
+    if cut and os.environ.get("RANK", "0") == "0":
+        print(f"note: {cut} of the first {len(lengths)} prompts are longer than {limit} tokens and lose their beginning")
+    texts = ["A placeholder answer."] * min(2, len(prompts))
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for func in reward_funcs:
+        try:
+            score_completions(prompts[:2], completions, ids, {k: v[:2] for k, v in rows.items()}, [], [func], torch.ones(1))
+        except UsageError:
+            raise
+        except Exception as e:
+            raise UsageError(f"reward function {getattr(func, '__name__', func)} fails on a trial call (2 dataset prompts, "
+                             f"placeholder completions): {type(e).__name__}: {e}") from None
 
 
 def freeze(model):
@@ -428,6 +516,8 @@ def reduce_metrics(sums: dict, counts: dict) -> tuple[dict, dict]:
     """Every metric's mean over all samples of all ranks since the last log, and its sum: one all_reduce of a
     (2, metrics) tensor of sums and counts, so the mean is the one a single process would log for the global batch."""
     keys = list(sums)
+    if not keys:  # every step since the last log was skipped (NaN/inf); the same on every rank
+        return {}, {}
     packed = torch.stack([torch.stack([sums[k].double() for k in keys]),
                           torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64, device=sums[keys[0]].device)])
     if dist.is_initialized():
@@ -449,8 +539,8 @@ def gather_lists(items: list) -> list:
 # Prompts -> left-padded token ids
 
 
-def encode_prompts(tokenizer, prompts: list, max_prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat template for conversational prompts, then keep the last max_prompt_len tokens. -> ids, mask (N, P)."""
+def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:
+    """Each prompt's token ids, whole: conversations through the chat template with the assistant turn opened."""
     texts = []
     for p in prompts:
         if is_conversational(p):
@@ -459,9 +549,15 @@ def encode_prompts(tokenizer, prompts: list, max_prompt_len: int) -> tuple[torch
                                  "(use standard text prompts or a chat model's tokenizer)")
             p = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         texts.append(p)
-    rows = [ids[-max_prompt_len:] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
     if min(map(len, rows)) == 0:
         raise UsageError("a prompt is empty after tokenization; remove empty prompts from the dataset")
+    return rows
+
+
+def encode_prompts(tokenizer, prompts: list, max_prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat template for conversational prompts, then keep the last max_prompt_len tokens. -> ids, mask (N, P)."""
+    rows = [ids[-max_prompt_len:] for ids in prompt_token_ids(tokenizer, prompts)]
     P = max(map(len, rows))
     ids = torch.full((len(rows), P), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), P), dtype=torch.long)
@@ -706,29 +802,182 @@ def steps_of(value: float, total: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Saving
+# Saving and resuming
+
+
+def write_model(model, state_dict: dict | None, tokenizer, args: Args, directory: str) -> None:
+    """save_pretrained layout (safetensors) plus the tokenizer and the Args. Refuses NaN/inf weights."""
+    tensors = state_dict if state_dict is not None else model.state_dict()
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise TrainingError(f"refusing to save weights with NaN/inf ({', '.join(bad[:3])}...); the last checkpoint "
+                            "is untouched: resume from it with a lower --learning_rate")
+    model.save_pretrained(directory, state_dict=state_dict)
+    tokenizer.save_pretrained(directory)
+    with open(os.path.join(directory, "online_dpo_args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+
+
+def full_state_dict(model) -> dict | None:
+    """FSDP2: every rank sends its shards, rank 0 gets the whole state dict in CPU memory. None without FSDP2."""
+    if isinstance(model, FSDPModule):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return None
 
 
 def save_model(model, tokenizer, args: Args, path: str) -> None:
-    """save_pretrained into a temporary sibling, then move the files in: a crash mid-save never leaves a
-    half-written model at `path`, and the files of an earlier save stay until each is replaced whole.
-
-    Every rank calls it: FSDP2 shards are gathered into one full CPU state dict on rank 0, which alone writes."""
-    state_dict = None
-    if isinstance(model, FSDPModule):
-        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """The final model: written to a temporary sibling, then its files moved in one by one (output_dir also holds
+    checkpoints and metrics.jsonl), so a crash never leaves a half-written file at `path`. Every rank calls it."""
+    state_dict = full_state_dict(model)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "online_dpo_args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
+    write_model(model, state_dict, tokenizer, args, tmp)
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(tmp):
         os.replace(os.path.join(tmp, name), os.path.join(path, name))
     os.rmdir(tmp)
+
+
+def replace_file(path: str, text: str) -> None:
+    """Write-then-rename: a reader sees the old text or the new one, never a part."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def fsync_tree(path: str) -> None:
+    """On disk before the rename that publishes it: a machine that loses power keeps a whole checkpoint or none."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def rank_state(generator: torch.Generator, sums: dict, counts: dict, window: dict) -> dict:
+    """What this rank alone knows: its random streams and its metric sums since the last log (CPU tensors)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+            "sampling": generator.get_state(), "sums": {k: v.cpu() for k, v in sums.items()}, "counts": dict(counts),
+            "window": {"steps": window["steps"], "sampling": window["sampling"]}}
+
+
+def restore_rank_state(state: dict, generator: torch.Generator, device: torch.device) -> tuple[dict, dict, dict]:
+    """Undo rank_state: the random streams are set in place; -> the metric sums, counts and window to carry on."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"])
+    generator.set_state(state["sampling"])
+    window = {"start": time.perf_counter(), **state["window"]}
+    return {k: v.to(device) for k, v in state["sums"].items()}, state["counts"], window
+
+
+def save_checkpoint(policy, optimizer, scheduler, tokenizer, args: Args, trainer_state: dict, mine: dict) -> str:
+    """output_dir/checkpoint-{step}: the policy (save_pretrained layout), tokenizer, Args, optimizer.pt (optimizer
+    and scheduler state, whole tensors keyed by parameter name, whatever the sharding), rank_states.pt (every rank's
+    rank_state) and trainer_state.json. Written to checkpoint-{step}.tmp and renamed when complete; then the
+    `latest` file is replaced; then checkpoints beyond save_total_limit go. A crash at any point leaves `latest`
+    naming a complete checkpoint. Every rank calls it; rank 0 writes."""
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    state_dict = full_state_dict(policy)
+    if writer or isinstance(policy, FSDPModule):  # FSDP2: a collective; DDP: the other ranks' copies are the same
+        optimizer_state = get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                               cpu_offload=True))
+    ranks = gather_lists([mine])
+    step = trainer_state["step"]
+    name = f"checkpoint-{step}"
+    if not writer:
+        return name
+    path = os.path.join(args.output_dir, name)
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+    write_model(policy, state_dict, tokenizer, args, tmp)
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
+    torch.save(ranks, os.path.join(tmp, "rank_states.pt"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(trainer_state, f, indent=2)
+    fsync_tree(tmp)
+    if os.path.exists(path):  # a step saved again after resuming from an earlier one; `latest` names another
+        shutil.rmtree(path)
+    os.rename(tmp, path)
+    replace_file(os.path.join(args.output_dir, "latest"), name)
+    if args.save_total_limit:
+        steps = sorted(int(d[11:]) for d in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+", d))
+        for old in steps[: -args.save_total_limit]:
+            if old != step:
+                shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old}"))
+    return name
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Yields a list that SIGTERM (what preemption sends) or Ctrl-C appends its number to; the loop checks it after
+    each optimizer step, saves a checkpoint and exits. A second signal kills at once. The old handlers come back after."""
+    got = []
+
+    def on_signal(signum, frame):
+        if got:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        got.append(signum)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield got
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+# Args that change neither which completions are drawn nor which update is made: a resumed run may change them.
+RESUMABLE_CHANGES = {"preset", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "save_steps",
+                     "save_total_limit", "max_nonfinite_steps", "eval_prompts", "report_to", "run_name", "push_to_hub",
+                     "hub_model_id", "bf16", "gradient_checkpointing", "distributed", "shard_frozen_models", "logprob_impl"}
+
+
+def resume_point(args: Args, world: int) -> str | None:
+    """The checkpoint to continue from (None: a fresh run), checked against this run before anything loads."""
+    latest = os.path.join(args.output_dir, "latest")
+    path = args.resume_from_checkpoint
+    if path is None:
+        if os.path.isfile(latest) and not args.overwrite_output_dir:
+            with open(latest) as f:
+                raise UsageError(f"--output_dir {args.output_dir!r} holds checkpoints of an earlier run (latest: "
+                                 f"{f.read().strip()}): add --resume_from_checkpoint latest to continue it, or "
+                                 "--overwrite_output_dir to delete them and start afresh")
+        return None
+    if path == "latest":
+        if not os.path.isfile(latest):
+            raise UsageError(f"--resume_from_checkpoint latest: {args.output_dir!r} has no checkpoint yet (no `latest` "
+                             "file); give a checkpoint directory, or start without the flag")
+        with open(latest) as f:
+            path = os.path.join(args.output_dir, f.read().strip())
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        what = "no such directory" if not os.path.isdir(path) else "not a checkpoint of online_dpo.py (no trainer_state.json)"
+        raise UsageError(f"--resume_from_checkpoint {path!r}: {what}; give output_dir/checkpoint-N, or `latest`")
+    with open(os.path.join(path, "online_dpo_args.json")) as f:
+        saved = json.load(f)
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        saved_world = json.load(f)["world_size"]
+    now = json.loads(json.dumps(asdict(args)))
+    differ = [f"--{k} is {saved.get(k)!r} there and {v!r} here" for k, v in now.items()
+              if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if saved_world != world:  # the data order and the random streams are per rank
+        differ.append(f"it ran on {saved_world} processes and this run has {world}")
+    if differ:
+        raise UsageError(f"--resume_from_checkpoint {path!r} belongs to another run: {'; '.join(differ)}. Resume with "
+                         "the same values, or start a new run without --resume_from_checkpoint")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -740,9 +989,20 @@ def main(args: Args):
     stays up for the caller (the command line closes it)."""
     # 0. Check the arguments and the data before anything heavy is loaded.
     check_args(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    resume = resume_point(args, world)
+    try:  # every rank: on several nodes each has its own disk
+        os.makedirs(args.output_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.output_dir).close()
+    except OSError as e:
+        raise UsageError(f"--output_dir {args.output_dir!r} is not writable ({e.strerror}); give a directory you can write to") from None
     reward_funcs = [load_reward_func(spec) for spec in args.reward_funcs]
     dataset, test_set = load_prompts(args)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokenizer = load_tokenizer(resume or args.model_name_or_path, args.trust_remote_code)
+    for path in args.reward_model_path:
+        check_reward_model(path, args)
+    reward_tokenizers = [load_tokenizer(path, args.trust_remote_code) for path in args.reward_model_path]
+    check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs)
     B, GA = args.per_device_train_batch_size, args.gradient_accumulation_steps
     steps_per_epoch = len(dataset) // (B * GA * world)
     if steps_per_epoch == 0:
@@ -761,16 +1021,15 @@ def main(args: Args):
     main_rank = rank == 0
     use_wandb = main_rank and args.report_to == "wandb"
     say = print if main_rank else lambda *_, **__: None
-    torch.manual_seed(args.seed)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)  # reward functions may draw too
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     fsdp = world > 1 and args.distributed == "fsdp"
     shard_frozen = fsdp and args.shard_frozen_models
 
-    # 1. Policy (fp32 master weights), frozen reference, reward models with their own tokenizers.
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    # 1. Policy (fp32 master weights; a resumed run's from its checkpoint), frozen reference, reward models.
     init_kwargs = {"dtype": torch.float32} | json_dict(args.model_init_kwargs, "model_init_kwargs")
-    policy = load_model(AutoModelForCausalLM, args.model_name_or_path, args, **init_kwargs)
+    policy = load_model(AutoModelForCausalLM, resume or args.model_name_or_path, args, **init_kwargs)
     ref_path = args.ref_model_path or args.model_name_or_path  # loaded again: a copy without the fp32 detour
     bf16_frozen = {"dtype": torch.bfloat16} if bf16 else {}  # reference and reward models need no fp32 master copy
     ref = freeze(load_model(AutoModelForCausalLM, ref_path, args, **init_kwargs | bf16_frozen))
@@ -786,8 +1045,7 @@ def main(args: Args):
     # gradient all-reduce without a word. Sampling and saving use the policy itself.
     train_model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 and not fsdp else policy
     reward_models = []
-    for path in args.reward_model_path:
-        rm_tokenizer = load_tokenizer(path, args.trust_remote_code)
+    for path, rm_tokenizer in zip(args.reward_model_path, reward_tokenizers):
         rm = load_model(AutoModelForSequenceClassification, path, args, num_labels=1, **{"dtype": torch.float32} | bf16_frozen)
         rm.config.pad_token_id = rm_tokenizer.pad_token_id  # it finds each row's last token through the pad id
         reward_models.append((place(freeze(rm), device, shard_frozen), rm_tokenizer))
@@ -805,23 +1063,58 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, args.lr_scheduler_type))
 
-    if main_rank:
-        os.makedirs(args.output_dir, exist_ok=True)
-        metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
+    def new_window():  # what the metrics since the last log are averaged over
+        return {}, {}, {"start": time.perf_counter(), "sampling": 0.0, "steps": 0}
+
+    sums, counts, window = new_window()
+    state = {"step": 0, "epoch": 0.0, "micro_batches_done": 0, "world_size": world, "nonfinite_steps": 0,
+             "nonfinite_in_a_row": 0, "wandb_id": None}  # trainer_state.json
+    if resume:  # exactly where the checkpoint left: optimizer, schedule, data position, random streams, metric sums
+        with open(os.path.join(resume, "trainer_state.json")) as f:
+            state = json.load(f)
+        saved = torch.load(os.path.join(resume, "optimizer.pt"), weights_only=True, mmap=True)
+        set_optimizer_state_dict(policy, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(saved["scheduler"])
+        mine = torch.load(os.path.join(resume, "rank_states.pt"), weights_only=True)[rank]
+        sums, counts, window = restore_rank_state(mine, generator, device)
+        say(f"resuming from {resume} at step {state['step']}")
+    if main_rank:  # metrics.jsonl keeps the lines up to the resumed step; a fresh run starts it empty
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        kept = []
+        if resume and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                for line in f:
+                    with contextlib.suppress(ValueError):  # a line torn by a crash is dropped
+                        if json.loads(line)["step"] <= state["step"]:
+                            kept.append(line)
+        replace_file(metrics_path, "".join(kept))
+        metrics_file = open(metrics_path, "a")
+        if resume:  # from here on `latest` names no checkpoint this run may write again
+            replace_file(os.path.join(args.output_dir, "latest"), os.path.basename(os.path.normpath(resume)))
+        elif args.overwrite_output_dir:  # `latest` first: a crash in between leaves no pointer to a deleted checkpoint
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(args.output_dir, "latest"))
+            for name in os.listdir(args.output_dir):
+                if re.fullmatch(r"checkpoint-\d+(\.tmp)?", name):
+                    shutil.rmtree(os.path.join(args.output_dir, name))
     if use_wandb:
         import wandb
 
-        wandb.init(project=os.environ.get("WANDB_PROJECT", "online-dpo"), name=args.run_name, config=asdict(args))
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "online-dpo"), name=args.run_name, config=asdict(args),
+                         id=state["wandb_id"], resume="allow" if state["wandb_id"] else None)
+        state["wandb_id"] = run.id
 
-    def micro_batches():
-        """Reshuffled every epoch with the same seed on every rank; micro-batch i of rank r is the r-th slice of B
-        prompts of the i-th global micro-batch, so the ranks never share a prompt and world x B prompts on several
-        ranks are the same prompts as one process with world x B. The last incomplete step of an epoch is dropped."""
-        for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+    def micro_batches(start: int):
+        """From global micro-batch `start` on. Reshuffled every epoch with the same seed on every rank; micro-batch i
+        of rank r is the r-th slice of B prompts of the i-th global micro-batch, so the ranks never share a prompt and
+        world x B prompts on several ranks are the same prompts as one process with world x B. The last incomplete
+        step of an epoch is dropped."""
+        per_epoch = steps_per_epoch * GA
+        for epoch in range(start // per_epoch, math.ceil(total_steps / steps_per_epoch)):
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-            for i in range(steps_per_epoch * GA):
-                start = (i * world + rank) * B
-                yield dataset[order[start : start + B]]
+            for i in range(start % per_epoch if epoch == start // per_epoch else 0, per_epoch):
+                first = (i * world + rank) * B
+                yield dataset[order[first : first + B]]
 
     max_prompt_len = args.max_length - args.max_new_tokens
 
@@ -850,69 +1143,97 @@ def main(args: Args):
             scores = scores - args.missing_eos_penalty * (~has_eos).float()
         return prompt_ids, prompt_mask, completion_ids, completion_mask, has_eos, texts, scores
 
-    data = micro_batches()
-    def new_window():  # what the metrics since the last log are averaged over
-        return {}, {}, {"start": time.perf_counter(), "sampling": 0.0, "steps": 0}
+    data = micro_batches(state["micro_batches_done"])  # per rank, of B prompts each
+    bar = tqdm(total=total_steps, initial=state["step"], desc="online-dpo", dynamic_ncols=True, disable=not main_rank)
+    with stop_signals() as signals:  # SIGTERM (preemption), Ctrl-C: finish the step, save a checkpoint, exit
+        for step in range(state["step"] + 1, total_steps + 1):
+            epoch = (step - 1) // steps_per_epoch
+            beta = args.beta[min(epoch, len(args.beta) - 1)]
+            step_sums, step_counts = {}, {}
+            for micro_step in range(GA):
+                batch = next(data)
+                prompts = batch.pop(args.dataset_prompt_column)
 
-    sums, counts, window = new_window()
-    bar = tqdm(total=total_steps, desc="online-dpo", dynamic_ncols=True, disable=not main_rank)
-    for step in range(1, total_steps + 1):
-        epoch = (step - 1) // steps_per_epoch
-        beta = args.beta[min(epoch, len(args.beta) - 1)]
-        for micro_step in range(GA):
-            batch = next(data)
-            prompts = batch.pop(args.dataset_prompt_column)
+                # 2-4. Two completions per prompt from the current policy, scored; rows [all firsts, all seconds].
+                extra = {k: v * 2 for k, v in batch.items()}  # every other dataset column, aligned with the 2B rows
+                prompt_ids, prompt_mask, completion_ids, completion_mask, has_eos, _, scores = rollout(
+                    policy, prompts * 2, extra, generator, timing=window)
 
-            # 2-4. Two completions per prompt from the current policy, scored; rows laid out [all firsts, all seconds].
-            extra = {k: v * 2 for k, v in batch.items()}  # every other dataset column, aligned with the 2B completions
-            prompt_ids, prompt_mask, completion_ids, completion_mask, has_eos, _, scores = rollout(
-                policy, prompts * 2, extra, generator, timing=window)
+                # 5. Pair: per prompt, the higher score is chosen.
+                chosen, rejected = pair(scores)
 
-            # 5. Pair: per prompt, the higher score is chosen.
-            chosen, rejected = pair(scores)
+                # 6. Log-probs of the completions under the policy (with grad) and the reference, then the loss.
+                # Gradients are averaged over ranks in the last micro-step's backward.
+                sync_gradients(train_model, micro_step == GA - 1)
+                sampled = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+                with autocast:
+                    logps = completion_logprobs(train_model, *sampled, args.logprob_impl)
+                    with torch.no_grad():
+                        ref_logps = completion_logprobs(ref, *sampled, args.logprob_impl)
+                logp, ref_logp = logps.sum(1), ref_logps.sum(1)
+                losses = dpo_loss(logp[chosen], logp[rejected], ref_logp[chosen], ref_logp[rejected], beta, args.loss_type)
+                (losses.mean() / GA).backward()
 
-            # 6. Log-probs of the completions under the policy (with grad) and the reference, then the loss. Gradients
-            # are averaged over ranks in the last micro-step's backward.
-            sync_gradients(train_model, micro_step == GA - 1)
-            with autocast:
-                logps = completion_logprobs(train_model, prompt_ids, prompt_mask, completion_ids, completion_mask, args.logprob_impl)
-                with torch.no_grad():
-                    ref_logps = completion_logprobs(ref, prompt_ids, prompt_mask, completion_ids, completion_mask, args.logprob_impl)
-            logp, ref_logp = logps.sum(1), ref_logps.sum(1)
-            losses = dpo_loss(logp[chosen], logp[rejected], ref_logp[chosen], ref_logp[rejected], beta, args.loss_type)
-            (losses.mean() / GA).backward()
+                per_sample = step_metrics(logps.detach(), ref_logps, completion_mask, scores, chosen, rejected, has_eos,
+                                          losses, beta)
+                for k, v in per_sample.items():
+                    step_sums[k] = step_sums.get(k, 0.0) + v.sum()
+                    step_counts[k] = step_counts.get(k, 0) + v.numel()
 
-            per_sample = step_metrics(logps.detach(), ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta)
-            for k, v in per_sample.items():
-                sums[k] = sums.get(k, 0.0) + v.sum()
-                counts[k] = counts.get(k, 0) + v.numel()
-
-        # 7. Optimizer step: clip, AdamW, schedule.
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window["steps"] += 1
-        bar.update(1)
-
-        # 8. Metrics: means over all ranks since the last log, one line on stdout, metrics.jsonl, wandb.
-        if step % log_every == 0 or step == total_steps:
-            elapsed = time.perf_counter() - window["start"]
-            logs, totals = reduce_metrics(sums, counts)
+            # 7. Optimizer step: clip, AdamW, schedule. A NaN/inf loss or gradient on any rank skips the step (and its
+            # metrics) everywhere, so a bad batch never reaches the weights. The same all_reduce spreads a signal.
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-            logs |= {"learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "epoch": step / steps_per_epoch,
-                     "time/step": elapsed / window["steps"], "time/sampling": window["sampling"] / window["steps"],
-                     "time/tokens_per_s": totals["completions/mean_length"] / elapsed}  # all ranks' completion tokens
-            if main_rank:
-                bar.write(f"step {step}/{total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
-                metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
-                metrics_file.flush()
-            if use_wandb:
-                wandb.log(logs, step=step)
-            sums, counts, window = new_window()
+            flags = torch.stack([~torch.isfinite(step_sums["loss"]) | ~torch.isfinite(grad_norm),
+                                 torch.tensor(bool(signals), device=device)]).float()
+            if dist.is_initialized():
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            nonfinite, stopping = flags.tolist()
+            if nonfinite:
+                state["nonfinite_steps"] += 1
+                state["nonfinite_in_a_row"] += 1
+                if state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
+                    raise TrainingError(f"the loss or gradient was NaN/inf in {state['nonfinite_in_a_row']} steps in a "
+                                        f"row (up to step {step}); each was skipped, so no weights changed. Lower "
+                                        "--learning_rate or check the rewards and data, then resume from the last checkpoint")
+            else:
+                optimizer.step()
+                state["nonfinite_in_a_row"] = 0
+                for k, v in step_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + step_counts[k]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            window["steps"] += 1
+            bar.update(1)
 
-        if save_every and step % save_every == 0 and step < total_steps:
-            save_model(policy, tokenizer, args, os.path.join(args.output_dir, f"checkpoint-{step}"))
+            # 8. Metrics: means over all ranks since the last log, one line on stdout, metrics.jsonl, wandb.
+            if step % log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window["start"]
+                logs, totals = reduce_metrics(sums, counts)
+                logs |= {"learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                         "epoch": step / steps_per_epoch, "nonfinite_steps": state["nonfinite_steps"],
+                         "time/step": elapsed / window["steps"], "time/sampling": window["sampling"] / window["steps"],
+                         "time/tokens_per_s": totals.get("completions/mean_length", 0) / elapsed}  # all ranks' tokens
+                if main_rank:
+                    bar.write(f"step {step}/{total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+                    metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
+                    metrics_file.flush()
+                if use_wandb:
+                    wandb.log(logs, step=step)
+                sums, counts, window = new_window()
+
+            if (save_every and step % save_every == 0 and step < total_steps) or stopping:
+                state |= {"step": step, "epoch": step / steps_per_epoch, "micro_batches_done": step * GA}
+                name = save_checkpoint(policy, optimizer, scheduler, tokenizer, args, state,
+                                       rank_state(generator, sums, counts, window))
+            if stopping:
+                say(f"stopped by a signal after step {step}; saved {name}: continue with --resume_from_checkpoint latest")
+                if main_rank:
+                    metrics_file.close()
+                if use_wandb:
+                    wandb.finish()
+                raise SystemExit(128 + signal.SIGINT if signal.SIGINT in signals else 0)
 
     # 9. Save the policy where from_pretrained(output_dir) finds it.
     bar.close()
@@ -955,7 +1276,7 @@ def main(args: Args):
         repo = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
         api = HfApi()
         api.create_repo(repo, exist_ok=True)
-        api.upload_folder(folder_path=args.output_dir, repo_id=repo, ignore_patterns=["checkpoint-*"])
+        api.upload_folder(folder_path=args.output_dir, repo_id=repo, ignore_patterns=["checkpoint-*", "latest"])
         print(f"pushed to https://huggingface.co/{repo}")
     if use_wandb:
         wandb.finish()
@@ -979,7 +1300,7 @@ def cli(argv: list[str] | None = None) -> Args:
 if __name__ == "__main__":
     try:
         main(cli())
-    except UsageError as e:  # under torchrun every rank says it: the first to exit gets the others stopped
+    except (UsageError, TrainingError) as e:  # under torchrun every rank says it: the first to exit gets the others stopped
         sys.exit(f"online_dpo.py: error{' (rank ' + os.environ['RANK'] + ')' if 'RANK' in os.environ else ''}: {e}")
     finally:
         if dist.is_initialized():

@@ -21,3 +21,28 @@ def zero(prompts, completions, **kwargs):
 def one_value(prompts, completions, **kwargs):
     """Broken on purpose: one number for the whole batch instead of one per completion."""
     return [0.0]
+
+
+def noisy_low_token_ids(prompts, completions, completion_ids, **kwargs):
+    """low_token_ids plus noise from Python's and NumPy's global random streams, which a resumed run must restore."""
+    import random
+
+    import numpy as np
+
+    return [r + 0.01 * random.random() + 0.01 * float(np.random.rand()) for r in low_token_ids(prompts, completions, completion_ids)]
+
+
+def words(prompts, completions, **kwargs):
+    """Broken on purpose: words instead of numbers."""
+    return ["good"] * len(prompts)
+
+
+def one_value_on_batches(prompts, completions, **kwargs):
+    """Broken on purpose, but only for more than 2 completions: it passes the trial call that online_dpo.py makes
+    before loading the models (2 completions) and fails in step 1."""
+    return [0.0] * len(prompts) if len(prompts) <= 2 else [0.0]
+
+
+def raises(prompts, completions, **kwargs):
+    """Broken on purpose: looks up a column the dataset does not have."""
+    return [row["answer"] for row in kwargs["solution"]]

@@ -10,8 +10,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -186,7 +188,7 @@ def test_fsdp2_sampling_with_ranks_that_finish_early_and_sharded_frozen_models(t
 
 @pytest.mark.parametrize("flags, message", [
     (["--max_new_tokens", "300"], "--max_new_tokens (300) must be smaller than --max_length (48)"),  # before init
-    (["--reward_funcs", "tests/rewards.py:one_value"], "must return a list of 16 numbers"),  # found in step 1, on every rank
+    (["--reward_funcs", "tests/rewards.py:one_value_on_batches"], "must return a list of 16 numbers"),  # in step 1
 ])
 def test_a_bad_input_stops_every_rank_with_a_message(tiny, tmp_path, flags, message):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "online_dpo.py",
@@ -197,3 +199,66 @@ def test_a_bad_input_stops_every_rank_with_a_message(tiny, tmp_path, flags, mess
     # Each rank says it, but the first rank to exit gets the others stopped by torchrun, maybe before they could.
     assert re.search(r"online_dpo.py: error \(rank [01]\): .*" + re.escape(message), proc.stderr), proc.stderr[-3000:]
     assert 'online_dpo.py", line' not in proc.stderr  # no traceback of ours (torchrun prints its own summary)
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_ranks_resume_where_they_stopped(tiny, tmp_path, distributed):
+    """Sampled completions (each rank its own random stream), 4 steps with a checkpoint at 2; a second run resumes from
+    it. Steps 3 and 4 must be the same: metrics, and every rank's weights (FSDP2: its shard)."""
+    extra = dict(per_device_train_batch_size=2, max_steps=4, save_steps=2, distributed=distributed)
+    if distributed == "fsdp":
+        extra["shard_frozen_models"] = True
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    logs, ranks, _ = _run(whole, "sampled", _flags(tiny, whole, **extra), nproc=2)
+    shutil.copytree(os.path.join(whole, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    flags = _flags(tiny, resumed, resume_from_checkpoint=os.path.join(resumed, "checkpoint-2"), **extra)
+    again, ranks_again, proc = _run(resumed, "sampled", flags, nproc=2)
+    assert "resuming from" in proc.stdout and [m["step"] for m in again] == [3, 4]
+    for a, b in zip(again, logs[2:], strict=True):
+        for k, v in b.items():
+            if not k.startswith("time/"):
+                assert a[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    for r, r_again in zip(ranks, ranks_again):
+        for name, value in r["params"].items():
+            torch.testing.assert_close(r_again["params"][name], value, rtol=0, atol=1e-10, msg=name)
+    assert [len(r["records"]) for r in ranks_again] == [4, 4]  # 2 steps x 2 micro-steps: nothing replayed
+
+
+def _workers(launcher_pid):
+    """{RANK: pid} of the processes that torchrun started."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if parent == launcher_pid and b"RANK" in env:
+            found[int(env[b"RANK"])] = int(pid)
+    return found
+
+
+def test_sigterm_to_one_rank_checkpoints_all_of_them_and_exits_0(tiny, tmp_path):
+    """Preemption may reach one process only: the step ends on every rank, they save together and all exit 0."""
+    out = str(tmp_path / "out")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.Popen([*launcher, WORKER, out, "sampled", *_flags(tiny, out, per_device_train_batch_size=2, max_steps=500)],
+                            cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + TIMEOUT
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):  # past step 1: the handlers are in place
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    os.kill(_workers(proc.pid)[1], signal.SIGTERM)
+    log, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, log[-3000:]
+    with open(os.path.join(out, "latest")) as f:
+        checkpoint = os.path.join(out, f.read().strip())
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        step = json.load(f)["step"]
+    assert 1 <= step < 500 and "stopped by a signal after step" in log
+    assert len(torch.load(os.path.join(checkpoint, "rank_states.pt"), weights_only=True)) == 2
+    AutoModelForCausalLM.from_pretrained(checkpoint)

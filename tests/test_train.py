@@ -3,10 +3,12 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 
+import datasets
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -128,16 +130,60 @@ def test_bad_arguments_fail_with_a_message_naming_them(tiny, tmp_path, changes, 
         check_args(Args(**vars(_args(tiny, tmp_path)) | changes))
 
 
+def _without_chat_template(source, path, with_model=False):
+    """A copy of a model directory (or of its tokenizer alone) whose tokenizer has no chat template."""
+    from transformers import AutoTokenizer
+
+    os.makedirs(path)
+    if with_model:
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(os.path.join(source, name), path)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def test_inputs_that_need_a_look_fail_before_any_model_loads(tiny, tmp_path, monkeypatch):
+    """Every input that can be checked without the models is, with a message naming the argument and the fix."""
+    from transformers import AutoModelForSequenceClassification
+
     def no_loading(*a, **kw):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(online_dpo, "load_model", no_loading)
     (tmp_path / "file").write_text("x")
+    (tmp_path / "empty.jsonl").write_text("")
+    datasets.Dataset.from_dict({"prompt": []}).save_to_disk(str(tmp_path / "no_rows"))
+    datasets.Dataset.from_dict({"prompt": ["a"]}).filter(lambda row: False).save_to_disk(str(tmp_path / "filtered"))
+    two_labels = AutoModelForSequenceClassification.from_pretrained(tiny["reward"], num_labels=2, ignore_mismatched_sizes=True)
+    two_labels.save_pretrained(tmp_path / "two_labels")
+    shutil.copy(os.path.join(tiny["reward"], "tokenizer.json"), tmp_path / "two_labels")
+    os.makedirs(tmp_path / "bare")
+    shutil.copy(os.path.join(tiny["policy"], "config.json"), tmp_path / "bare")
+    monkeypatch.setattr(online_dpo, "load_model", no_loading)
+    chat = dict(dataset_name=tiny["prompts_chat.jsonl"])
     cases = [
         (dict(output_dir=str(tmp_path / "file")), "is a file"),
+        (dict(output_dir=str(tmp_path / "file" / "out")), "--output_dir .* is not writable \\(Not a directory\\)"),
         (dict(reward_funcs=("tests.rewards:missing",)), "has no function 'missing'"),
+        (dict(reward_funcs=("tests.nowhere:f",)), "cannot import .tests.nowhere."),
+        (dict(reward_funcs=("tests.rewards:one_value",)), "one_value must return a list of 2 numbers"),
+        (dict(reward_funcs=("tests.rewards:words",)), "words returned something that is not a number"),
+        (dict(reward_funcs=("tests.rewards:raises",)), "raises fails on a trial call .*KeyError: 'solution'"),
         (dict(dataset_prompt_column="question"), "--dataset_prompt_column 'question'"),
+        (dict(dataset_prompt_column="promt"), "did you mean 'prompt'"),
+        (dict(dataset_name=str(tmp_path / "empty.jsonl")), "is an empty file"),
+        (dict(dataset_name=str(tmp_path / "filtered")), "the 'train' split is empty"),
+        (dict(dataset_name=str(tmp_path / "no_rows")), "could not read this saved dataset .*check that it holds prompts"),
+        (dict(max_length=9, max_new_tokens=8), "all 32 prompts checked are longer than --max_length - --max_new_tokens = 1"),
+        (dict(chat, model_name_or_path=_without_chat_template(tiny["policy"], tmp_path / "plain_policy")),
+         "tokenizer of .*plain_policy.*: conversational prompts need a tokenizer with a chat template"),
+        (dict(chat, reward_model_path=(_without_chat_template(tiny["reward"], tmp_path / "plain_rm", with_model=True),)),
+         "tokenizer of reward model .*plain_rm' has no chat template"),
+        (dict(reward_model_path=(str(tmp_path / "two_labels"),)), "has a head with 2 outputs"),
+        (dict(reward_model_path=(tiny["policy"],)), "is a Qwen2ForCausalLM, not a reward model"),
+        (dict(reward_model_path=(str(tmp_path / "plain_policy"),)), "could not load model .*plain_policy"),  # no config.json
+        (dict(model_name_or_path=str(tmp_path / "bare")), "could not load the tokenizer of .*bare"),  # config.json alone
         (dict(per_device_train_batch_size=16, gradient_accumulation_steps=4), "the dataset has 32 prompts but one optimizer step needs"),
         (dict(push_to_hub=True), "--push_to_hub needs a Hub token"),
     ]
@@ -149,6 +195,14 @@ def test_inputs_that_need_a_look_fail_before_any_model_loads(tiny, tmp_path, mon
     monkeypatch.setenv("WORLD_SIZE", "8")  # the global batch counts every process, checked before any process group
     with pytest.raises(UsageError, match=r"x processes = 4 x 2 x 8 = 64"):
         main(Args(**vars(_args(tiny, tmp_path)) | dict(gradient_accumulation_steps=2)))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_output_dir_without_write_permission_is_refused(tiny, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(UsageError, match="is not writable \\(Permission denied\\)"):
+        main(Args(**vars(_args(tiny, tmp_path)) | dict(output_dir=str(locked))))
 
 
 def test_unreachable_hub_ids_are_named_and_point_to_the_tiny_preset(tiny, tmp_path):
@@ -257,7 +311,7 @@ def test_push_to_hub_uploads_the_output_dir(tiny, tmp_path, monkeypatch):
     main(args)
     assert calls[0] == ("create", "me/tiny-online-dpo")
     _, repo, files, ignored = calls[1]
-    assert repo == "me/tiny-online-dpo" and "model.safetensors" in files and "config.json" in files and ignored == ["checkpoint-*"]
+    assert repo == "me/tiny-online-dpo" and "model.safetensors" in files and "config.json" in files and ignored == ["checkpoint-*", "latest"]
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])

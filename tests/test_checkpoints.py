@@ -1,0 +1,246 @@
+"""Checkpoints: exact resume, crashes at any point of a save, SIGTERM / Ctrl-C, NaN/inf steps.
+
+The reference for every resume is the same run left alone: its metrics.jsonl lines (times aside) and its final
+weights, bit for bit (one process, CPU)."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import online_dpo
+from online_dpo import Args, TrainingError, UsageError, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FILES = {"model.safetensors", "config.json", "tokenizer.json", "online_dpo_args.json", "optimizer.pt", "rank_states.pt",
+         "trainer_state.json"}
+
+
+def _args(tiny, out, **kw):
+    # 32 prompts, 4 per micro-batch x 2 accumulation: 4 steps per epoch, so 6 steps cross an epoch (and a beta) boundary.
+    base = dict(model_name_or_path=tiny["policy"], dataset_name=tiny["prompts.jsonl"], output_dir=str(out),
+                reward_funcs=("tests.rewards:noisy_low_token_ids",), max_new_tokens=8, max_length=48,
+                per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=6, logging_steps=2, save_steps=3,
+                learning_rate=1e-3, beta=(0.1, 0.2), warmup_steps=1, eval_prompts=0)
+    return Args(**base | kw)
+
+
+def _flags(args: Args) -> list[str]:
+    words = []
+    for k, v in vars(args).items():
+        if v is not None and v != getattr(Args(), k) and k != "preset":
+            words += [f"--{k}", *(map(str, v) if isinstance(v, tuple) else [str(v)])]
+    return words
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in f]
+
+
+def _weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def _assert_same_run(out, reference):
+    assert _metrics(out) == _metrics(reference)
+    mine, theirs = _weights(out), _weights(reference)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def _latest(out):
+    with open(os.path.join(out, "latest")) as f:
+        return os.path.join(out, f.read().strip())
+
+
+def _assert_complete(path):
+    """Everything a resume reads is there and loads."""
+    assert FILES <= set(os.listdir(path)), sorted(os.listdir(path))
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        assert f"checkpoint-{json.load(f)['step']}" == os.path.basename(path)
+    torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+    torch.load(os.path.join(path, "rank_states.pt"), weights_only=True)
+    AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    main(_args(tiny, out))
+    return str(out)
+
+
+def test_resume_continues_exactly(tiny, tmp_path, uninterrupted):
+    """checkpoint-3 sits inside an accumulation window (logs at 2, 4, 6) and before the epoch boundary; the reward
+    function draws from Python's and NumPy's random streams. A run killed after step 5 left lines up to 5 behind."""
+    out = tmp_path / "out"
+    shutil.copytree(os.path.join(uninterrupted, "checkpoint-3"), out / "checkpoint-3")
+    shutil.copy(os.path.join(uninterrupted, "metrics.jsonl"), out / "metrics.jsonl")
+    main(_args(tiny, out, resume_from_checkpoint=str(out / "checkpoint-3")))
+    _assert_same_run(str(out), uninterrupted)
+    assert _latest(str(out)) == str(out / "checkpoint-3")  # steps 4 and 5 are not saved; 6 is the final save
+
+
+def test_checkpoints_are_complete_kept_to_the_limit_and_not_overwritten(tiny, tmp_path):
+    out = tmp_path / "out"
+    main(_args(tiny, out, save_steps=1, save_total_limit=2))
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-5"]
+    assert _latest(str(out)) == str(out / "checkpoint-5")
+    for name in ("checkpoint-4", "checkpoint-5"):
+        _assert_complete(str(out / name))
+    with open(out / "checkpoint-5" / "trainer_state.json") as f:
+        assert json.load(f)["world_size"] == 1
+    # A new run in the same output_dir would delete them: refused unless asked.
+    with pytest.raises(UsageError, match="holds checkpoints of an earlier run \\(latest: checkpoint-5\\).*--resume_from_checkpoint latest"):
+        main(_args(tiny, out, max_steps=2))
+    main(_args(tiny, out, max_steps=2, save_steps=1, overwrite_output_dir=True))
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-1"]
+    assert [m["step"] for m in _metrics(str(out))] == [2]
+
+
+def test_a_checkpoint_of_another_run_is_refused_before_anything_loads(tiny, tmp_path, uninterrupted, monkeypatch):
+    def no_loading(*a, **kw):
+        raise AssertionError("a model was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(online_dpo, "load_model", no_loading)
+    checkpoint = os.path.join(uninterrupted, "checkpoint-3")
+    cases = [
+        (dict(learning_rate=2e-3), "belongs to another run: --learning_rate is 0.001 there and 0.002 here"),
+        (dict(model_name_or_path=tiny["tokenizer2_reward"]), "--model_name_or_path is '.*policy' there and '.*tokenizer2_reward' here"),
+        (dict(beta=(0.1,)), r"--beta is \[0.1, 0.2\] there and \[0.1\] here"),
+        (dict(resume_from_checkpoint=str(tmp_path / "nowhere")), "nowhere': no such directory"),
+        (dict(resume_from_checkpoint=uninterrupted), "not a checkpoint of online_dpo.py"),
+        (dict(resume_from_checkpoint="latest", output_dir=str(tmp_path / "new")), "has no checkpoint yet"),
+        (dict(overwrite_output_dir=True), "give one of them"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(UsageError, match=message):
+            main(replace(_args(tiny, tmp_path / "out", resume_from_checkpoint=checkpoint), **changes))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="it ran on 1 processes and this run has 2"):
+        main(_args(tiny, tmp_path / "out", resume_from_checkpoint=checkpoint, per_device_train_batch_size=2))
+
+
+def _start(args: Args, before: str = ""):
+    """online_dpo.py as a process of its own; `before` runs first in it (to plant a crash)."""
+    code = f"import sys, online_dpo\n{before}\ntry:\n    online_dpo.main(online_dpo.cli(sys.argv[1:]))\n" \
+           "except online_dpo.UsageError as e:\n    sys.exit(str(e))\n"
+    return subprocess.Popen([sys.executable, "-c", code, *_flags(args)], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=os.environ | {"PYTHONPATH": REPO})
+
+
+def _finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+@pytest.mark.parametrize("where", ["before the rename", "before `latest` moves"])
+def test_a_crash_inside_a_save_leaves_the_previous_checkpoint_in_charge(tiny, tmp_path, uninterrupted, where):
+    """kill -9 of the process at the two moments that matter: the new checkpoint written but not renamed into place,
+    and renamed but not yet named by `latest`. Then resume from `latest`: the run ends as if nothing happened."""
+    out = tmp_path / "out"
+    args = _args(tiny, out, save_steps=1)
+    if where == "before the rename":  # the checkpoint directory's rename
+        target, moment = "os.rename", "str(src).endswith('checkpoint-2.tmp')"
+    else:  # the rename of latest.tmp over latest
+        target, moment = "os.replace", "str(dst).endswith('latest') and open(src).read() == 'checkpoint-2'"
+    plant = (f"import os, signal\nreal = {target}\n"
+             f"def crash(src, dst, *a, **kw):\n    if {moment}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+             f"    return real(src, dst, *a, **kw)\n{target} = crash\n")
+    code, log = _finish(_start(args, plant))
+    assert code == -signal.SIGKILL, log
+    assert _latest(str(out)) == str(out / "checkpoint-1")
+    _assert_complete(str(out / "checkpoint-1"))
+    assert os.path.isdir(out / ("checkpoint-2.tmp" if where == "before the rename" else "checkpoint-2"))
+    code, log = _finish(_start(replace(args, resume_from_checkpoint="latest")))
+    assert code == 0, log
+    assert "resuming from" in log and "checkpoint-1 at step 1" in log
+    assert not any(d.endswith(".tmp") for d in os.listdir(out))
+    _assert_same_run(str(out), uninterrupted)
+
+
+def test_kill_9_at_random_moments_then_sigterm_and_ctrl_c(tiny, tmp_path):
+    """A run with a checkpoint every step, killed with SIGKILL at random moments (many of them inside a save), resumed
+    from `latest` each time; then stopped by SIGTERM (exit 0, a checkpoint of the step it was in) and by SIGINT
+    (exit 130); then left to finish. `latest` always names a complete checkpoint, and the end is the uninterrupted run."""
+    out, total = tmp_path / "out", 40
+    args = _args(tiny, out, save_steps=1, max_steps=total, logging_steps=3)
+    main(replace(args, output_dir=str(tmp_path / "reference"), save_steps=0))  # checkpoints change nothing else
+    rng = random.Random(0)
+
+    def last_step():
+        return int(_latest(str(out)).rsplit("-", 1)[1]) if os.path.exists(out / "latest") else 0
+
+    def resume_and_wait(step):
+        proc = _start(replace(args, resume_from_checkpoint="latest") if step > 1 else args)
+        while last_step() < step:
+            assert proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.02)
+        return proc
+
+    proc = resume_and_wait(1)
+    for _ in range(3):
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.kill()
+        proc.wait()
+        _assert_complete(_latest(str(out)))
+        proc = resume_and_wait(last_step() + 1)
+    for sig, expected in ((signal.SIGTERM, 0), (signal.SIGINT, 130)):
+        before = last_step()
+        assert before < total - 2, "too few steps left to test the signals: make the run longer"
+        proc.send_signal(sig)
+        code, log = _finish(proc)
+        assert code == expected, log
+        assert "stopped by a signal" in log and last_step() > before
+        _assert_complete(_latest(str(out)))
+        proc = resume_and_wait(last_step() + 1)
+    code, log = _finish(proc)
+    assert code == 0, log
+    _assert_same_run(str(out), str(tmp_path / "reference"))
+
+
+def test_nan_steps_are_skipped_counted_and_stop_the_run_when_they_persist(tiny, tmp_path, monkeypatch):
+    """Steps 2 and 3 get a NaN loss. With a constant learning rate the weights after 3 steps must be those after 1
+    step, bit for bit; the metrics count both, and no metric takes the NaN in. Three in a row at the limit of 3: stop."""
+    loss, calls = online_dpo.dpo_loss, []
+
+    def sometimes_nan(*a, nan_calls=(), **kw):
+        calls.append(1)
+        out = loss(*a, **kw)
+        return out * float("nan") if len(calls) in nan_calls else out
+
+    common = dict(gradient_accumulation_steps=1, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_steps=0)
+    main(_args(tiny, tmp_path / "one", max_steps=1, **common))
+    monkeypatch.setattr(online_dpo, "dpo_loss", lambda *a, **kw: sometimes_nan(*a, nan_calls=(2, 3), **kw))
+    main(_args(tiny, tmp_path / "three", max_steps=3, **common))
+    one, three = _weights(str(tmp_path / "one")), _weights(str(tmp_path / "three"))
+    assert all(torch.equal(one[k], three[k]) for k in one)
+    logs = _metrics(str(tmp_path / "three"))
+    assert [m["nonfinite_steps"] for m in logs] == [0, 1, 2]
+    assert "loss" in logs[0] and "loss" not in logs[1] and "loss" not in logs[2]
+    calls.clear()
+    monkeypatch.setattr(online_dpo, "dpo_loss", lambda *a, **kw: sometimes_nan(*a, nan_calls=(2, 3, 4), **kw))
+    with pytest.raises(TrainingError, match="NaN/inf in 3 steps in a row \\(up to step 4\\)"):
+        main(_args(tiny, tmp_path / "stop", max_steps=6, max_nonfinite_steps=3, **common))
+
+
+def test_weights_with_nan_are_never_saved(tiny, tmp_path):
+    args = _args(tiny, tmp_path / "out", max_steps=1)
+    policy = main(args)
+    before = _weights(args.output_dir)
+    with torch.no_grad():
+        next(policy.parameters())[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match="refusing to save weights with NaN/inf"):
+        online_dpo.save_model(policy, online_dpo.load_tokenizer(args.output_dir, False), args, args.output_dir)
+    after = _weights(args.output_dir)
+    assert all(torch.equal(before[k], after[k]) for k in before)
