@@ -13,6 +13,7 @@ Each optimizer step, for every prompt of the batch:
 Flags are spelled as in TRL's OnlineDPOConfig and transformers' TrainingArguments.
 """
 
+import concurrent.futures
 import contextlib
 import difflib
 import importlib
@@ -27,6 +28,8 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Annotated, Callable, Literal
 
@@ -137,6 +140,30 @@ class Args:
     """subtracted from the score of a completion that ends without an EOS token (>= 0)"""
     disable_dropout: Bool = True
     """turn dropout off in the policy and the reference"""
+    num_samples: int = 2
+    """completions sampled per prompt; the pair is the best and the worst by reward (a judge compares exactly 2)"""
+    drop_ties: Bool = False
+    """leave out of the loss the prompts whose best and worst rewards differ by at most --tie_threshold (counted)"""
+    tie_threshold: float = 0.0
+    """reward difference at or below which the best and the worst completion tie"""
+    judge_model_path: str | None = None
+    """AI feedback instead of rewards: a causal LM judge (Hub id or local) reads the prompt and both completions"""
+    judge_prompt: str | None = None
+    """the judge's instruction, with {prompt}, {response_a} and {response_b}; None: online_dpo.JUDGE_PROMPT"""
+    judge_api_base: str | None = None
+    """the same judge over an OpenAI-compatible API, e.g. http://localhost:8000/v1 (a vLLM server) or a hosted one"""
+    judge_api_model: str | None = None
+    """model name sent to --judge_api_base"""
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    """environment variable that holds the API key (unset: no Authorization header)"""
+    judge_api_concurrency: int = 16
+    """judge requests in flight at once"""
+    judge_api_timeout: float = 60.0
+    """seconds before a judge request is abandoned (then retried)"""
+    judge_api_retries: int = 3
+    """retries of a judge request after a timeout, a connection error, 429 or 5xx, with exponential backoff"""
+    judge_undecided: float = 0.05
+    """a pair with |P(first is better) - 0.5| at or below this is undecided: left out of the loss, counted"""
     logprob_impl: Literal["fused", "naive"] = "fused"
     """fused: log-probs from the last hidden states and the lm_head tile by tile (no [N, V] logits); naive: for A/B runs"""
 
@@ -165,6 +192,10 @@ class Args:
     """log every N steps, or a fraction of all steps when < 1"""
     save_steps: float = 500
     """save output_dir/checkpoint-N every N steps, or a fraction of all steps when < 1 (0: only the final save)"""
+    eval_steps: float = 0
+    """compare policy and reference on --eval_prompts held-out prompts every N steps or fraction (0: only at the end)"""
+    log_completions_steps: float = 0
+    """every N steps (or fraction) write one micro-batch's pairs to output_dir/completions.jsonl and wandb (0: never)"""
     save_total_limit: int | None = None
     """keep only the newest N checkpoints (None: keep all)"""
     resume_from_checkpoint: str | None = None
@@ -238,8 +269,9 @@ def json_dict(text: str | None, flag: str) -> dict:
 
 def check_args(args: Args) -> None:
     """Fail before anything is loaded. Fills in the default reward model."""
+    judge = args.judge_model_path or args.judge_api_base
     if args.reward_model_path is None:
-        args.reward_model_path = () if args.reward_funcs else (QUICK_START_REWARD_MODEL,)
+        args.reward_model_path = () if args.reward_funcs or judge else (QUICK_START_REWARD_MODEL,)
     n_rewards = len(args.reward_model_path) + len(args.reward_funcs)
     problems = [
         (args.loss_type not in ("sigmoid", "ipo"), f"--loss_type must be sigmoid or ipo, got {args.loss_type!r}"),
@@ -256,7 +288,21 @@ def check_args(args: Args) -> None:
         (args.repetition_penalty <= 0, f"--repetition_penalty must be > 0, got {args.repetition_penalty}"),
         (args.missing_eos_penalty is not None and args.missing_eos_penalty < 0,
          f"--missing_eos_penalty must be >= 0 (it is subtracted), got {args.missing_eos_penalty}"),
-        (n_rewards == 0, "no reward: give --reward_model_path and/or --reward_funcs"),
+        (n_rewards == 0 and not judge, "no reward: give --reward_model_path and/or --reward_funcs, or a judge"),
+        (judge and n_rewards > 0, "a judge and rewards both given: preferences come from one or the other; drop "
+                                  "--judge_* or --reward_model_path/--reward_funcs"),
+        (args.judge_model_path and args.judge_api_base, "--judge_model_path and --judge_api_base: give one judge"),
+        (args.judge_api_base is not None and not args.judge_api_model, "--judge_api_base needs --judge_api_model"),
+        (judge and args.num_samples != 2, f"a judge compares two completions: --num_samples must be 2 with it, got "
+                                          f"{args.num_samples} (best-and-worst of K needs rewards)"),
+        (judge and args.missing_eos_penalty is not None, "--missing_eos_penalty lowers reward scores; a judge gives "
+                                                         "none: drop it (the judge sees unfinished answers)"),
+        (args.num_samples < 2, f"--num_samples must be >= 2 (a pair needs two completions), got {args.num_samples}"),
+        (args.tie_threshold < 0, f"--tie_threshold must be >= 0, got {args.tie_threshold}"),
+        (not 0 <= args.judge_undecided < 0.5, f"--judge_undecided must be in [0, 0.5), got {args.judge_undecided}"),
+        (args.judge_api_concurrency < 1 or args.judge_api_retries < 0 or args.judge_api_timeout <= 0,
+         "--judge_api_concurrency must be >= 1, --judge_api_retries >= 0 and --judge_api_timeout > 0"),
+        (args.eval_steps < 0 or args.log_completions_steps < 0, "--eval_steps and --log_completions_steps must be >= 0"),
         (args.reward_weights is not None and len(args.reward_weights) != n_rewards,
          f"--reward_weights has {len(args.reward_weights or ())} values but there are {n_rewards} rewards "
          f"({len(args.reward_model_path)} reward models + {len(args.reward_funcs)} reward functions)"),
@@ -283,6 +329,13 @@ def check_args(args: Args) -> None:
         if bad:
             raise UsageError(message)
     json_dict(args.model_init_kwargs, "model_init_kwargs")
+    try:
+        (args.judge_prompt or JUDGE_PROMPT).format(prompt="", response_a="", response_b="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(f"--judge_prompt may use {{prompt}}, {{response_a}} and {{response_b}} and no other braces "
+                         f"(write {{{{ and }}}} for literal ones): {type(e).__name__}: {e}") from None
+    if args.judge_prompt is not None and not all(f"{{{k}}}" in args.judge_prompt for k in ("prompt", "response_a", "response_b")):
+        raise UsageError("--judge_prompt must contain {prompt}, {response_a} and {response_b}")
     unknown = set(json_dict(args.generation_kwargs, "generation_kwargs")) - set(GENERATION_KEYS)
     if unknown:
         raise UsageError(f"--generation_kwargs: unsupported keys {sorted(unknown)}; supported: {', '.join(GENERATION_KEYS)}")
@@ -523,7 +576,7 @@ def reduce_metrics(sums: dict, counts: dict) -> tuple[dict, dict]:
     if dist.is_initialized():
         dist.all_reduce(packed)
     total, count = packed.tolist()
-    return {k: s / c for k, s, c in zip(keys, total, count)}, dict(zip(keys, total))
+    return {k: s / c if c else math.nan for k, s, c in zip(keys, total, count)}, dict(zip(keys, total))
 
 
 def gather_lists(items: list) -> list:
@@ -684,13 +737,114 @@ def score_completions(prompts: list, completions: list, completion_ids: list[lis
     return (per_reward * weights).nansum(1), per_reward
 
 
-def pair(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores (2B,) laid out [sample 1 of prompts 0..B-1, sample 2 of prompts 0..B-1] -> chosen, rejected (B,)
-    indices: per prompt the higher score is chosen, a tie goes to the first sample."""
-    B = scores.numel() // 2
-    first_wins = scores[:B] >= scores[B:]
-    rows = torch.arange(B, device=scores.device)
-    return rows + B * (~first_wins), rows + B * first_wins
+def pair(scores: torch.Tensor, num_samples: int = 2, tie_threshold: float = 0.0):
+    """scores (K*B,) laid out [sample 1 of prompts 0..B-1, ..., sample K of prompts 0..B-1] -> chosen, rejected (B,)
+    row indices and tie (B,): per prompt the best and the worst sample; among equal scores the earliest is the best
+    and the latest the worst (so K = 2 and a tie: the first is chosen). A completion that no reward scored (NaN)
+    ranks last. tie: best - worst <= tie_threshold."""
+    s = scores.view(num_samples, -1).nan_to_num(nan=-math.inf)  # (K, B)
+    rows = torch.arange(s.size(1), device=scores.device)
+    best, worst = s.argmax(0), num_samples - 1 - s.flip(0).argmin(0)
+    tie = s[best, rows] - s[worst, rows] <= tie_threshold
+    return best * s.size(1) + rows, worst * s.size(1) + rows, tie
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AI feedback: an LLM judge reads the prompt and two completions and says which is better (the paper's annotator)
+
+JUDGE_PROMPT = ("Which of the two responses below answers the request better: more helpful, accurate and harmless?\n\n"
+                "Request:\n{prompt}\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
+                "Answer with one letter, A or B.")
+JUDGE_MIN_MASS = 0.5  # P(A) + P(B) below this in either order: the judge is not answering the question (invalid)
+
+
+def as_text(x) -> str:
+    """A prompt or completion as the judge reads it: text as it is, messages as `role: content` lines."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in x) if is_conversational(x) else x
+
+
+def judge_texts(template: str, prompts: list, first: list, second: list) -> list[str]:
+    """Each pair twice, to cancel the judge's position bias: (first as A, second as B) for every pair, then swapped."""
+    fill = [dict(prompt=as_text(p), response_a=as_text(a), response_b=as_text(b)) for p, a, b in zip(prompts, first, second)]
+    return [template.format(**f) for f in fill] + [template.format(**f | dict(response_a=f["response_b"],
+                                                                            response_b=f["response_a"])) for f in fill]
+
+
+def judge_answer_ids(tokenizer) -> list[int]:
+    """The token of "A" and of "B" as the judge's answer starts: right after the chat template's assistant header,
+    or after "Answer:" (with a space) for a judge without a chat template."""
+    lead = "" if tokenizer.chat_template is not None else " "
+    ids = [tokenizer.encode(lead + letter, add_special_tokens=False)[-1] for letter in "AB"]
+    if ids[0] == ids[1]:
+        raise UsageError("the judge's tokenizer gives the same token for A and B; use another --judge_model_path")
+    return ids
+
+
+@torch.no_grad()
+def judge_locally(model, tokenizer, texts: list[str], answer_ids: list[int], batch_size: int):
+    """One forward per text, no generation: -> q = P(A) / (P(A) + P(B)) and mass = P(A) + P(B), each (M,), from the
+    judge's next-token distribution after the question."""
+    chat = tokenizer.chat_template is not None
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+                 for t in texts]
+    else:
+        texts = [t + "\nAnswer:" for t in texts]
+    q, mass = [], []
+    device = next(model.parameters()).device
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="left",
+                          add_special_tokens=not chat).to(device)
+        position = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        logits = model(**batch, position_ids=position, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        p = logits.softmax(-1)[:, answer_ids]  # (b, 2)
+        q.append(p[:, 0] / p.sum(1).clamp(min=1e-30))
+        mass.append(p.sum(1))
+    return torch.cat(q), torch.cat(mass)
+
+
+def judge_over_http(texts: list[str], args: Args):
+    """The same question to an OpenAI-compatible chat-completions endpoint, temperature 0, many requests in flight.
+    The answer must be exactly A or B (whitespace aside); anything else, or a request that failed after its
+    retries, is invalid, never guessed. -> q, mass (M,) as judge_locally, and failed (M,) bool."""
+    url = args.judge_api_base.rstrip("/") + "/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(args.judge_api_key_env):
+        headers["Authorization"] = f"Bearer {os.environ[args.judge_api_key_env]}"
+
+    def ask(text: str) -> str | None:
+        body = json.dumps({"model": args.judge_api_model, "messages": [{"role": "user", "content": text}],
+                           "temperature": 0, "max_tokens": 4}).encode()
+        for attempt in range(args.judge_api_retries + 1):
+            if attempt:
+                time.sleep(min(0.25 * 2 ** attempt, 8.0) * (0.5 + random.random()))  # backoff with jitter
+            try:
+                request = urllib.request.Request(url, data=body, headers=headers)
+                with urllib.request.urlopen(request, timeout=args.judge_api_timeout) as response:
+                    return str(json.load(response)["choices"][0]["message"]["content"])
+            except urllib.error.HTTPError as e:
+                if e.code not in (408, 429) and e.code < 500:  # the request itself is wrong: retrying will not help
+                    return None
+            except (OSError, ValueError, KeyError, IndexError, TypeError):  # timeout, connection, malformed body
+                pass
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(args.judge_api_concurrency) as pool:
+        answers = list(pool.map(ask, texts))
+    letters = [m.group(1) if a is not None and (m := re.fullmatch(r"\s*([AB])\s*", a)) else None for a in answers]
+    q = torch.tensor([1.0 if x == "A" else 0.0 for x in letters])
+    mass = torch.tensor([0.0 if x is None else 1.0 for x in letters])
+    return q, mass, torch.tensor([a is None for a in answers])
+
+
+def judge_decisions(q: torch.Tensor, mass: torch.Tensor, undecided: float):
+    """q, mass (2N,) from the two orders of N pairs -> p (N,) = P(first is better), the two orders averaged (a judge
+    that always says A gives 0.5); valid: the judge answered A or B in both orders; decided: valid and |p - 0.5| >
+    undecided."""
+    N = q.numel() // 2
+    p = (q[:N] + 1 - q[N:]) / 2
+    valid = (mass[:N] >= JUDGE_MIN_MASS) & (mass[N:] >= JUDGE_MIN_MASS)
+    return p, valid, valid & ((p - 0.5).abs() > undecided)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -737,20 +891,24 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 @torch.no_grad()
 def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta) -> dict:
     """Per-sample values of every logged metric (TRL's names and formulas); the logged value is the mean over all
-    samples since the last log. logps, ref_logps (2B, T); sums run over real tokens only (TRL's include padding)."""
+    samples since the last log. logps, ref_logps (N, T); sums run over real tokens only (TRL's include padding).
+    chosen, rejected: row indices of the pairs in the loss; scores None (a judge decided): no score metrics."""
     logp, ref_logp = (logps * completion_mask).sum(1), (ref_logps * completion_mask).sum(1)  # (2B,)
     kl = logp - ref_logp
     non_score_reward = -beta * kl
     reward_chosen = beta * (logp[chosen] - ref_logp[chosen])
     reward_rejected = beta * (logp[rejected] - ref_logp[rejected])
+    scored = {} if scores is None else {
+        "objective/rlhf_reward": scores + non_score_reward,
+        "objective/scores": scores,
+        "objective/scores_margin": scores[chosen] - scores[rejected],
+    }
     return {
         "loss": losses.detach(),
         "objective/kl": kl,
         "objective/entropy": -logp,
         "objective/non_score_reward": non_score_reward,
-        "objective/rlhf_reward": scores + non_score_reward,
-        "objective/scores": scores,
-        "objective/scores_margin": scores[chosen] - scores[rejected],
+        **scored,
         "rewards/chosen": reward_chosen,
         "rewards/rejected": reward_rejected,
         "rewards/margins": reward_chosen - reward_rejected,
@@ -759,28 +917,35 @@ def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, ha
         "logps/rejected": logp[rejected],
         "val/contain_eos_token": has_eos.float(),
         "completions/mean_length": completion_mask.sum(1).float(),
-        "beta": torch.full((1,), float(beta), dtype=torch.float64, device=scores.device),
+        "beta": torch.full((1,), float(beta), dtype=torch.float64, device=logps.device),
     }
 
 
-def before_after(prompts: list, ref_texts: list[str], ref_scores: torch.Tensor, texts: list[str], scores: torch.Tensor,
-                 rows: int = 4, width: int = 100) -> str:
-    """End-of-run report: a few held-out prompts with the reference's and the trained policy's completions and
-    rewards, then both mean rewards over all prompts and their difference with its paired standard error."""
+def before_after(rows: list, show: int = 4, width: int = 100) -> str:
+    """End-of-run report from evaluate()'s rows [prompt, reference, its reward, trained, its reward, win]: a few
+    held-out prompts with both answers, both mean rewards with the standard error of their difference, the win rate."""
     def cut(text: str) -> str:
         text = " ".join(text.split())
         return text if len(text) <= width else text[: width - 3] + "..."
 
-    lines = ["before (reference) / after (trained) on held-out prompts, reward in brackets:"]
-    for i in range(min(rows, len(prompts))):
-        prompt = prompts[i][-1]["content"] if is_conversational(prompts[i]) else prompts[i]
-        lines += [f"[{i + 1}] {cut(prompt)}", f"    reference ({ref_scores[i]:+.2f})  {cut(ref_texts[i])}",
-                  f"    trained   ({scores[i]:+.2f})  {cut(texts[i])}"]
-    diff = scores - ref_scores
-    diff = diff[~diff.isnan()]
-    stderr = diff.std() / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
-    lines.append(f"mean reward over {len(prompts)} held-out prompts: reference {ref_scores.nanmean():+.3f}, trained "
-                 f"{scores.nanmean():+.3f} (difference {diff.mean():+.3f} +- {stderr:.3f} standard error)")
+    def tag(score: float) -> str:
+        return "" if math.isnan(score) else f"({score:+.2f})  "
+
+    lines = ["before (reference) / after (trained) on held-out prompts" + (", reward in brackets:" if
+                                                                          not math.isnan(rows[0][2]) else ":")]
+    for i, (prompt, ref_text, ref_score, text, score, _) in enumerate(rows[:show]):
+        lines += [f"[{i + 1}] {cut(prompt)}", f"    reference {tag(ref_score)}{cut(ref_text)}",
+                  f"    trained   {tag(score)}{cut(text)}"]
+    ref_scores, scores = (torch.tensor([r[j] for r in rows], dtype=torch.float64) for j in (2, 4))
+    if not ref_scores.isnan().all():  # two independent samples: the variances add
+        a, b = ref_scores[~ref_scores.isnan()], scores[~scores.isnan()]
+        stderr = math.sqrt(a.var() / len(a) + b.var() / len(b)) if min(len(a), len(b)) > 1 else math.nan
+        lines.append(f"mean reward over {len(rows)} held-out prompts: reference {a.mean():+.3f}, trained {b.mean():+.3f} "
+                     f"(difference {b.mean() - a.mean():+.3f} +- {stderr:.3f} standard error)")
+    won = [r[5] for r in rows if not math.isnan(r[5])]
+    if won:
+        lines.append(f"win rate of the trained policy over the reference: {sum(won) / len(won):.3f} on {len(won)} "
+                     f"prompts (a tie counts 1/2)")
     return "\n".join(lines)
 
 
@@ -838,6 +1003,20 @@ def save_model(model, tokenizer, args: Args, path: str) -> None:
     for name in os.listdir(tmp):
         os.replace(os.path.join(tmp, name), os.path.join(path, name))
     os.rmdir(tmp)
+
+
+def open_log(path: str, keep_to_step: int | None):
+    """A .jsonl log opened for appending: a fresh run (None) starts it empty, a resumed one keeps the lines up to the
+    checkpoint's step (a line torn by a crash is dropped)."""
+    kept = []
+    if keep_to_step is not None and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    if json.loads(line)["step"] <= keep_to_step:
+                        kept.append(line)
+    replace_file(path, "".join(kept))
+    return open(path, "a")
 
 
 def replace_file(path: str, text: str) -> None:
@@ -1003,7 +1182,9 @@ def main(args: Args):
         check_reward_model(path, args)
     reward_tokenizers = [load_tokenizer(path, args.trust_remote_code) for path in args.reward_model_path]
     check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs)
-    B, GA = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    judge_tokenizer = load_tokenizer(args.judge_model_path, args.trust_remote_code) if args.judge_model_path else None
+    answer_ids = judge_answer_ids(judge_tokenizer) if judge_tokenizer else None
+    B, GA, K = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_samples
     steps_per_epoch = len(dataset) // (B * GA * world)
     if steps_per_epoch == 0:
         raise UsageError(f"the dataset has {len(dataset)} prompts but one optimizer step needs per_device_train_batch_size"
@@ -1011,6 +1192,7 @@ def main(args: Args):
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup, log_every = steps_of(args.warmup_steps, total_steps), max(1, steps_of(args.logging_steps, total_steps))
     save_every = steps_of(args.save_steps, total_steps)
+    eval_every, completions_every = steps_of(args.eval_steps, total_steps), steps_of(args.log_completions_steps, total_steps)
     generation = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
                   "repetition_penalty": args.repetition_penalty, "do_sample": True, "suppress_tokens": None}
     generation |= json_dict(args.generation_kwargs, "generation_kwargs")
@@ -1051,6 +1233,14 @@ def main(args: Args):
         reward_models.append((place(freeze(rm), device, shard_frozen), rm_tokenizer))
     n_rewards = len(reward_models) + len(reward_funcs)
     weights = torch.tensor(args.reward_weights or [1.0] * n_rewards, device=device)
+    judge_model = None
+    if args.judge_model_path:
+        judge_model = load_model(AutoModelForCausalLM, args.judge_model_path, args, **{"dtype": torch.float32} | bf16_frozen)
+        judge_model = place(freeze(judge_model), device, shard_frozen)
+    say("preferences from: " + (f"the judge {args.judge_model_path} (P(A) against P(B), both orders)" if judge_model else
+                                f"the judge {args.judge_api_model} at {args.judge_api_base} (A or B, both orders)"
+                                if args.judge_api_base else f"the best and the worst of {K} samples by "
+                                + " + ".join([*args.reward_model_path, *args.reward_funcs])))
     stop_ids = stop_token_ids(tokenizer, policy)
     if eos_override is not None:
         stop_ids = [eos_override] if isinstance(eos_override, int) else list(eos_override)
@@ -1078,17 +1268,10 @@ def main(args: Args):
         mine = torch.load(os.path.join(resume, "rank_states.pt"), weights_only=True)[rank]
         sums, counts, window = restore_rank_state(mine, generator, device)
         say(f"resuming from {resume} at step {state['step']}")
-    if main_rank:  # metrics.jsonl keeps the lines up to the resumed step; a fresh run starts it empty
-        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        kept = []
-        if resume and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                for line in f:
-                    with contextlib.suppress(ValueError):  # a line torn by a crash is dropped
-                        if json.loads(line)["step"] <= state["step"]:
-                            kept.append(line)
-        replace_file(metrics_path, "".join(kept))
-        metrics_file = open(metrics_path, "a")
+    if main_rank:
+        metrics_file = open_log(os.path.join(args.output_dir, "metrics.jsonl"), state["step"] if resume else None)
+        if completions_every:
+            completions_file = open_log(os.path.join(args.output_dir, "completions.jsonl"), state["step"] if resume else None)
         if resume:  # from here on `latest` names no checkpoint this run may write again
             replace_file(os.path.join(args.output_dir, "latest"), os.path.basename(os.path.normpath(resume)))
         elif args.overwrite_output_dir:  # `latest` first: a crash in between leaves no pointer to a deleted checkpoint
@@ -1119,7 +1302,7 @@ def main(args: Args):
     max_prompt_len = args.max_length - args.max_new_tokens
 
     def rollout(model, prompts: list, columns: dict, generator: torch.Generator, timing: dict | None = None):
-        """Stages 2-4 for one completion per prompt: encode, sample, score. Training passes each prompt twice and
+        """Stages 2-4 for one completion per prompt: encode, sample, score. Training passes each prompt K times and
         adds the sampling seconds to timing["sampling"]."""
         # 2. Prompts -> left-padded ids (N, P), cut from the left so that sampling and scoring see the same context.
         prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts, max_prompt_len))
@@ -1137,11 +1320,79 @@ def main(args: Args):
         rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids, completion_mask)]
         texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversational(prompts[0]) else texts
-        with autocast:
-            scores, _ = score_completions(prompts, completions, rows, columns, reward_models, reward_funcs, weights)
-        if args.missing_eos_penalty is not None:
-            scores = scores - args.missing_eos_penalty * (~has_eos).float()
+        scores = None  # a judge decides instead
+        if n_rewards:
+            with autocast:
+                scores, _ = score_completions(prompts, completions, rows, columns, reward_models, reward_funcs, weights)
+            if args.missing_eos_penalty is not None:
+                scores = scores - args.missing_eos_penalty * (~has_eos).float()
         return prompt_ids, prompt_mask, completion_ids, completion_mask, has_eos, texts, scores
+
+    def judge(prompts: list, first: list, second: list):
+        """-> p (N,) P(first is better), valid and decided (N,) bool (see judge_decisions), failed requests (2N,)."""
+        texts = judge_texts(args.judge_prompt or JUDGE_PROMPT, prompts, first, second)
+        if args.judge_api_base:
+            q, mass, failed = judge_over_http(texts, args)
+        else:
+            with autocast:
+                q, mass = judge_locally(judge_model, judge_tokenizer, texts, answer_ids, 2 * B)
+            failed = torch.zeros(len(texts), dtype=torch.bool)
+        return *judge_decisions(q.to(device), mass.to(device), args.judge_undecided), failed.to(device)
+
+    # Held-out prompts for the comparisons of policy and reference (every eval_steps, and stage 10); rank r a slice.
+    n_eval = min(args.eval_prompts, len(test_set) if test_set is not None else 0) // world * world
+    if args.eval_prompts and n_eval == 0:
+        say(f"no policy/reference comparison: {args.dataset_name!r} has no {args.dataset_test_split!r} split with at "
+            f"least {world} prompts")
+    eval_columns = test_set[rank * n_eval // world : (rank + 1) * n_eval // world] if n_eval else {}
+    eval_prompts = eval_columns.pop(args.dataset_prompt_column, [])
+    reference_answers = []  # the reference never changes: its answers are sampled once
+
+    def evaluate() -> tuple[dict, list]:
+        """Policy and reference answer the held-out prompts, each from its own random stream, scored as in training.
+        Win rate: a policy answer that beats the reference's counts 1, a tie or an undecided judge 1/2; invalid
+        judgements are left out. Keeps the global random streams as they were. -> logs, rows (rank 0: all ranks')."""
+        streams = random.getstate(), np.random.get_state()
+
+        def answers(model, seed):
+            texts, scores, g = [], [], torch.Generator(device).manual_seed(seed)
+            for i in range(0, len(eval_prompts), 2 * B):
+                chunk = slice(i, i + 2 * B)
+                *_, t, s = rollout(model, eval_prompts[chunk], {k: v[chunk] for k, v in eval_columns.items()}, g)
+                texts, scores = texts + t, scores + (s.tolist() if s is not None else [math.nan] * len(t))
+            return texts, torch.tensor(scores, dtype=torch.float64)
+
+        if not reference_answers:
+            reference_answers.extend(answers(ref, args.seed + 1 + rank))
+        (ref_texts, ref_scores), (texts, scores) = reference_answers, answers(policy, args.seed + 1 + world + rank)
+        if n_rewards:
+            wins = ((scores > ref_scores).double() + 0.5 * (scores == ref_scores).double())
+            counted = ~(scores.isnan() | ref_scores.isnan())
+        else:
+            p, counted, decided, _ = (t.cpu() for t in judge(eval_prompts, texts, ref_texts))
+            wins = torch.where(decided, (p > 0.5).double(), 0.5)
+        random.setstate(streams[0]), np.random.set_state(streams[1])
+        shown = [pr[-1]["content"] if is_conversational(pr) else pr for pr in eval_prompts]  # the question asked
+        rows = gather_lists([[pr, rt, float(rs), t, float(s), float(w) if c else math.nan] for pr, rt, rs, t, s, w, c
+                             in zip(shown, ref_texts, ref_scores, texts, scores, wins, counted)])
+        won = [r[5] for r in rows if not math.isnan(r[5])]
+        logs = {"eval/win_rate": sum(won) / len(won) if won else math.nan, "eval/judged": len(won) / len(rows)}
+        if n_rewards:
+            logs |= {"eval/reward_reference": float(np.nanmean([r[2] for r in rows])),
+                     "eval/reward_trained": float(np.nanmean([r[4] for r in rows]))}
+        return logs, rows
+
+    def log_eval(step: int) -> list:
+        logs, rows = evaluate()
+        if main_rank:
+            metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
+            metrics_file.flush()
+            bar.write(f"step {step}/{total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+        if use_wandb:
+            wandb.log(logs | {"eval/completions": wandb.Table(
+                columns=["prompt", "reference", "reference_reward", "trained", "trained_reward", "win"], data=rows)},
+                step=step)
+        return rows
 
     data = micro_batches(state["micro_batches_done"])  # per rank, of B prompts each
     bar = tqdm(total=total_steps, initial=state["step"], desc="online-dpo", dynamic_ncols=True, disable=not main_rank)
@@ -1154,28 +1405,42 @@ def main(args: Args):
                 batch = next(data)
                 prompts = batch.pop(args.dataset_prompt_column)
 
-                # 2-4. Two completions per prompt from the current policy, scored; rows [all firsts, all seconds].
-                extra = {k: v * 2 for k, v in batch.items()}  # every other dataset column, aligned with the 2B rows
-                prompt_ids, prompt_mask, completion_ids, completion_mask, has_eos, _, scores = rollout(
-                    policy, prompts * 2, extra, generator, timing=window)
+                # 2-4. K completions per prompt from the current policy, scored; rows [all 1st samples, ..., all K-th].
+                extra = {k: v * K for k, v in batch.items()}  # every other dataset column, aligned with the K*B rows
+                prompt_ids, prompt_mask, completion_ids, completion_mask, has_eos, texts, scores = rollout(
+                    policy, prompts * K, extra, generator, timing=window)
 
-                # 5. Pair: per prompt, the higher score is chosen.
-                chosen, rejected = pair(scores)
+                # 5. Pair: per prompt the best and the worst sample by reward, or the one the judge prefers. Pairs out of
+                # the loss: ties (with --drop_ties), undecided and invalid judgements. They are counted.
+                rows = torch.arange(B, device=device)
+                if scores is None:
+                    p, valid, kept, failed = judge(prompts, texts[:B], texts[B:])
+                    first = p >= 0.5
+                    chosen, rejected = torch.where(first, rows, rows + B), torch.where(first, rows + B, rows)
+                    feedback = {"judge/p_chosen": torch.where(first, p, 1 - p)[kept], "judge/invalid": (~valid).float(),
+                                "judge/undecided": (valid & ~kept).float()}
+                    if args.judge_api_base:
+                        feedback["judge/api_failures"] = failed.float()
+                else:
+                    chosen, rejected, tie = pair(scores, K, args.tie_threshold)
+                    kept = ~tie if args.drop_ties else torch.ones_like(tie)
+                    feedback = {"pairs/ties": tie.float()}
+                pick = torch.cat([chosen, rejected])  # (2B,) rows: the chosen completions, then the rejected
 
-                # 6. Log-probs of the completions under the policy (with grad) and the reference, then the loss.
-                # Gradients are averaged over ranks in the last micro-step's backward.
+                # 6. Log-probs of the pairs' completions under the policy (with grad) and the reference, then the loss,
+                # a mean over the pairs kept. Gradients are averaged over ranks in the last micro-step's backward.
                 sync_gradients(train_model, micro_step == GA - 1)
-                sampled = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+                sampled = (prompt_ids[pick], prompt_mask[pick], completion_ids[pick], completion_mask[pick])
                 with autocast:
-                    logps = completion_logprobs(train_model, *sampled, args.logprob_impl)
+                    logps = completion_logprobs(train_model, *sampled, args.logprob_impl)  # (2B, T)
                     with torch.no_grad():
                         ref_logps = completion_logprobs(ref, *sampled, args.logprob_impl)
                 logp, ref_logp = logps.sum(1), ref_logps.sum(1)
-                losses = dpo_loss(logp[chosen], logp[rejected], ref_logp[chosen], ref_logp[rejected], beta, args.loss_type)
-                (losses.mean() / GA).backward()
+                losses = dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], beta, args.loss_type)  # (B,)
+                (torch.where(kept, losses, 0.0).sum() / kept.sum().clamp(min=1) / GA).backward()
 
-                per_sample = step_metrics(logps.detach(), ref_logps, completion_mask, scores, chosen, rejected, has_eos,
-                                          losses, beta)
+                per_sample = step_metrics(logps.detach(), ref_logps, sampled[3], None if scores is None else scores[pick],
+                                          rows[kept], rows[kept] + B, has_eos[pick], losses[kept], beta) | feedback
                 for k, v in per_sample.items():
                     step_sums[k] = step_sums.get(k, 0.0) + v.sum()
                     step_counts[k] = step_counts.get(k, 0) + v.numel()
@@ -1223,6 +1488,20 @@ def main(args: Args):
                     wandb.log(logs, step=step)
                 sums, counts, window = new_window()
 
+            if completions_every and step % completions_every == 0 and main_rank:  # the last micro-batch's pairs
+                records = [{"step": step, "prompt": as_text(prompts[i]), "chosen": texts[chosen[i]],
+                            "rejected": texts[rejected[i]], "in_loss": bool(kept[i])}
+                           | ({"p_chosen": float(torch.where(first, p, 1 - p)[i])} if scores is None else
+                              {"score_chosen": float(scores[chosen[i]]), "score_rejected": float(scores[rejected[i]])})
+                           for i in range(B)]
+                completions_file.write("".join(json.dumps(r) + "\n" for r in records))
+                completions_file.flush()
+                if use_wandb:
+                    wandb.log({"completions": wandb.Table(columns=list(records[0]), data=[list(r.values()) for r in records])},
+                              step=step)
+            if eval_every and step % eval_every == 0 and step < total_steps and n_eval:
+                log_eval(step)
+
             if (save_every and step % save_every == 0 and step < total_steps) or stopping:
                 state |= {"step": step, "epoch": step / steps_per_epoch, "micro_batches_done": step * GA}
                 name = save_checkpoint(policy, optimizer, scheduler, tokenizer, args, state,
@@ -1230,9 +1509,11 @@ def main(args: Args):
             if stopping:
                 say(f"stopped by a signal after step {step}; saved {name}: continue with --resume_from_checkpoint latest")
                 if main_rank:
-                    metrics_file.close()
+                    metrics_file.close(), completions_every and completions_file.close()
                 if use_wandb:
                     wandb.finish()
+                # DDP's reducer goes now, not at interpreter exit, where freeing it can deadlock with gloo's threads.
+                train_model = None  # noqa: F841
                 raise SystemExit(128 + signal.SIGINT if signal.SIGINT in signals else 0)
 
     # 9. Save the policy where from_pretrained(output_dir) finds it.
@@ -1240,36 +1521,13 @@ def main(args: Args):
     save_model(policy, tokenizer, args, args.output_dir)
     say(f"saved the trained model to {args.output_dir}")
 
-    # 10. Before / after: the reference and the trained policy answer the same held-out prompts from the same random
-    # stream, scored as in training. Each rank takes an equal slice of the prompts.
-    n_eval = min(args.eval_prompts, len(test_set) if test_set is not None else 0) // world * world
-    if args.eval_prompts and n_eval == 0:
-        say(f"no before/after comparison: {args.dataset_name!r} has no {args.dataset_test_split!r} split with at least "
-            f"{world} prompts")
+    # 10. Before / after: the reference and the trained policy answer the same held-out prompts, scored as in training.
     if n_eval:
-        mine = test_set[rank * n_eval // world : (rank + 1) * n_eval // world]
-        prompts = mine.pop(args.dataset_prompt_column)
-        results = {}
-        for name, model in (("reference", ref), ("trained", policy)):
-            texts, scores, eval_generator = [], [], torch.Generator(device).manual_seed(args.seed + 1 + rank)
-            for i in range(0, len(prompts), 2 * B):
-                chunk = slice(i, i + 2 * B)
-                *_, chunk_texts, chunk_scores = rollout(model, prompts[chunk], {k: v[chunk] for k, v in mine.items()},
-                                                        eval_generator)
-                texts, scores = texts + chunk_texts, scores + chunk_scores.tolist()
-            results[name] = gather_lists(texts), torch.tensor(gather_lists(scores), dtype=torch.float64)
-        prompts = test_set[:n_eval][args.dataset_prompt_column]
-        logs = {f"eval/reward_{name}": float(scores.nanmean()) for name, (_, scores) in results.items()}
+        rows = log_eval(total_steps)
         if main_rank:
-            print(before_after(prompts, *results["reference"], *results["trained"]))
-            metrics_file.write(json.dumps({"step": total_steps, **logs}) + "\n")
-        if use_wandb:
-            table = wandb.Table(columns=["prompt", "reference", "reference_reward", "trained", "trained_reward"],
-                                data=[[str(p), rt, float(rs), t, float(s)] for p, rt, rs, t, s in
-                                      zip(prompts, *results["reference"], *results["trained"])])
-            wandb.log(logs | {"eval/completions": table}, step=total_steps)
+            print(before_after(rows))
     if main_rank:
-        metrics_file.close()
+        metrics_file.close(), completions_every and completions_file.close()
     if main_rank and args.push_to_hub:
         from huggingface_hub import HfApi
 

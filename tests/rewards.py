@@ -46,3 +46,8 @@ def one_value_on_batches(prompts, completions, **kwargs):
 def raises(prompts, completions, **kwargs):
     """Broken on purpose: looks up a column the dataset does not have."""
     return [row["answer"] for row in kwargs["solution"]]
+
+
+def letter_e(prompts, completions, **kwargs):
+    """A reward on the text alone: the fraction of its characters that are the letter e."""
+    return [c.count("e") / max(1, len(c)) for c in completions]

@@ -178,7 +178,8 @@ def test_fsdp2_sampling_with_ranks_that_finish_early_and_sharded_frozen_models(t
     widths = [[rec["completion_ids"].shape[1] for rec in r["records"]] for r in ranks]
     assert widths[0] != widths[1], "no micro-step where one rank stopped decoding before the other: nothing was tested"
     _assert_pairs_from_one_prompt(ranks)
-    assert [m["step"] for m in logs[:-1]] == [1, 2, 3] and set(logs[-1]) == {"step", "eval/reward_reference", "eval/reward_trained"}
+    assert [m["step"] for m in logs[:-1]] == [1, 2, 3] and set(logs[-1]) == {"step", "eval/reward_reference", "eval/reward_trained",
+                                                                       "eval/win_rate", "eval/judged"}
     assert "mean reward over 8 held-out prompts" in proc.stdout  # 9 rounded down to a multiple of the 2 ranks
     assert proc.stdout.count("saved the trained model") == 1  # rank 0 alone prints
     for path in (out, os.path.join(out, "checkpoint-2")):
@@ -253,7 +254,11 @@ def test_sigterm_to_one_rank_checkpoints_all_of_them_and_exits_0(tiny, tmp_path)
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.1)
     os.kill(_workers(proc.pid)[1], signal.SIGTERM)
-    log, _ = proc.communicate(timeout=TIMEOUT)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the ranks did not stop after SIGTERM:\n" + proc.communicate()[0][-3000:])
     assert proc.returncode == 0, log[-3000:]
     with open(os.path.join(out, "latest")) as f:
         checkpoint = os.path.join(out, f.read().strip())

@@ -12,16 +12,36 @@ from online_dpo import dpo_loss, lr_factor, pair, step_metrics, steps_of
 
 def test_pair_keeps_both_completions_of_a_prompt_and_gives_ties_to_the_first():
     scores = torch.tensor([0.5, 2.0, 1.0, -3.0, 0.7, 1.0, 1.0, -3.0])  # B = 4: prompt i has samples i and i + 4
-    chosen, rejected = pair(scores)
+    chosen, rejected, tie = pair(scores)
+    assert tie.tolist() == [False, False, True, True]
     assert chosen.tolist() == [4, 1, 2, 3]  # 0.7 > 0.5; 2.0 > 1.0; tie 1.0 = 1.0 -> first; tie -> first
     assert rejected.tolist() == [0, 5, 6, 7]
     assert torch.equal(chosen % 4, rejected % 4) and torch.equal(chosen % 4, torch.arange(4))
     assert (scores[chosen] >= scores[rejected]).all()
 
 
+@pytest.mark.parametrize("K", [3, 4])
+def test_pair_of_k_samples_is_the_best_and_the_worst_of_each_prompt(K):
+    """K = 4 x B = 50 rounded scores (many ties): chosen is a highest, rejected a lowest score of the same prompt,
+    the earliest of the highest and the latest of the lowest; NaN ranks last; tie when they differ by <= 0.5."""
+    B = 50
+    g = torch.Generator().manual_seed(K)
+    scores = torch.randint(0, 2, (K * B,), generator=g).double() * 2
+    scores[torch.rand(K * B, generator=g) < 0.1] = math.nan
+    chosen, rejected, tie = pair(scores, K, tie_threshold=0.5)
+    for i in range(B):
+        samples = [scores[k * B + i].item() for k in range(K)]
+        ranked = [-math.inf if math.isnan(x) else x for x in samples]
+        best = max(range(K), key=lambda k: (ranked[k], -k))
+        worst = min(range(K), key=lambda k: (ranked[k], -k))
+        assert (chosen[i].item(), rejected[i].item()) == (best * B + i, worst * B + i)
+        assert tie[i].item() == (ranked[best] - ranked[worst] <= 0.5)
+    assert tie.any() and not tie.all()
+
+
 def test_pair_on_random_scores():
     scores = torch.randn(64, generator=torch.Generator().manual_seed(0))
-    chosen, rejected = pair(scores)
+    chosen, rejected, _ = pair(scores)
     for i in range(32):
         best, worst = (i, i + 32) if scores[i] >= scores[i + 32] else (i + 32, i)
         assert (chosen[i].item(), rejected[i].item()) == (best, worst)
@@ -51,7 +71,7 @@ def test_every_metric_against_the_formulas():
     logps[mask == 0], ref_logps[mask == 0] = -99.0, -7.0  # padding must not count
     scores = torch.randn(2 * B, generator=g, dtype=torch.float64)
     has_eos = torch.tensor([True, False, True, True, False, False])
-    chosen, rejected = pair(scores)
+    chosen, rejected, _ = pair(scores)
     losses = torch.rand(B, generator=g, dtype=torch.float64)
     got = {k: v.double().mean().item() for k, v in step_metrics(logps, ref_logps, mask, scores, chosen, rejected, has_eos, losses, beta).items()}
 
