@@ -255,3 +255,21 @@ def test_judge_flags_are_checked_before_loading(tiny, tmp_path, monkeypatch):
         with pytest.raises(online_dpo.UsageError, match=message):
             main(replace(_args(tiny, tmp_path / "out"), **changes))
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_local_judge_on_a_real_model_equals_each_question_asked_alone(tiny, tokenizer):
+    """A Qwen2 judge (random weights, chat template), questions of different lengths batched with left padding: q and
+    mass equal the next-token softmax of each question run alone, unpadded (float64 model; float32 softmax)."""
+    model = online_dpo.load_model(online_dpo.AutoModelForCausalLM, tiny["policy"], Args(), dtype=torch.float64).eval()
+    prompts = ["a cat", "the old dog runs near the river and the big tree", "sun"]
+    texts = judge_texts(online_dpo.JUDGE_PROMPT, prompts, ["red bird sings", "a", "green light"], ["b", "moon", "dark"])
+    ids = online_dpo.judge_answer_ids(tokenizer)
+    q, mass = judge_locally(model, tokenizer, texts, ids, batch_size=4)
+    for i, text in enumerate(texts):
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        row = torch.tensor([tokenizer.encode(chat, add_special_tokens=False)])
+        with torch.no_grad():
+            p = model(row).logits[0, -1].softmax(-1)[ids]
+        assert mass[i].item() == pytest.approx(p.sum().item(), rel=1e-5)  # the judge reads float32 probabilities
+        assert q[i].item() == pytest.approx((p[0] / p.sum()).item(), rel=1e-5)  # the judge reads float32 probabilities
+    assert len({len(tokenizer.encode(t)) for t in texts}) > 1  # the padding was real

@@ -283,7 +283,12 @@ def test_wandb_offline_run_records_the_metrics(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    main(_args(tiny, tmp_path, report_to="wandb", run_name="tiny-test"))
+    data_dir = tmp_path / "data"  # a test split, for the policy/reference comparison
+    data_dir.mkdir()
+    for split in ("train", "test"):
+        shutil.copy(tiny["prompts.jsonl"], data_dir / f"{split}.jsonl")
+    main(_args(tiny, tmp_path, report_to="wandb", run_name="tiny-test", dataset_name=str(data_dir), eval_prompts=8,
+               log_completions_steps=1))
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1
     files = os.listdir(tmp_path / "wandb" / runs[0])
@@ -291,6 +296,15 @@ def test_wandb_offline_run_records_the_metrics(tiny, tmp_path, monkeypatch):
     assert data and os.path.getsize(tmp_path / "wandb" / runs[0] / data[0]) > 0
     content = (tmp_path / "wandb" / runs[0] / data[0]).read_bytes()
     assert b"objective/rlhf_reward" in content and b"rewards/accuracies" in content
+    assert b"eval/win_rate" in content  # and the two tables, as wandb writes them next to the run
+    tables = {os.path.relpath(os.path.join(d, f), tmp_path / "wandb" / runs[0] / "files" / "media" / "table"): os.path.join(d, f)
+              for d, _, fs in os.walk(tmp_path / "wandb" / runs[0]) for f in fs if f.endswith(".table.json")}
+    assert sum(t.startswith("completions_") for t in tables) == 2 and sum(t.startswith("eval/completions_") for t in tables) == 1
+    with open(next(path for t, path in tables.items() if t.startswith("completions_1_"))) as f:
+        table = json.load(f)
+    with open(tmp_path / "out" / "completions.jsonl") as f:
+        logged = [list(r.values()) for r in map(json.loads, f) if r["step"] == 1]
+    assert table["data"] == logged  # the same pairs in wandb and on disk
 
 
 def test_push_to_hub_uploads_the_output_dir(tiny, tmp_path, monkeypatch):
