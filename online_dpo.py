@@ -1352,7 +1352,7 @@ def main(args: Args):
         """Policy and reference answer the held-out prompts, each from its own random stream, scored as in training.
         Win rate: a policy answer that beats the reference's counts 1, a tie or an undecided judge 1/2; invalid
         judgements are left out. Keeps the global random streams as they were. -> logs, rows (rank 0: all ranks')."""
-        streams = random.getstate(), np.random.get_state()
+        streams = random.getstate(), np.random.get_state(), torch.get_rng_state()  # reward functions may draw
 
         def answers(model, seed):
             texts, scores, g = [], [], torch.Generator(device).manual_seed(seed)
@@ -1371,7 +1371,7 @@ def main(args: Args):
         else:
             p, counted, decided, _ = (t.cpu() for t in judge(eval_prompts, texts, ref_texts))
             wins = torch.where(decided, (p > 0.5).double(), 0.5)
-        random.setstate(streams[0]), np.random.set_state(streams[1])
+        random.setstate(streams[0]), np.random.set_state(streams[1]), torch.set_rng_state(streams[2])
         shown = [pr[-1]["content"] if is_conversational(pr) else pr for pr in eval_prompts]  # the question asked
         rows = gather_lists([[pr, rt, float(rs), t, float(s), float(w) if c else math.nan] for pr, rt, rs, t, s, w, c
                              in zip(shown, ref_texts, ref_scores, texts, scores, wins, counted)])

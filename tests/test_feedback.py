@@ -273,3 +273,21 @@ def test_local_judge_on_a_real_model_equals_each_question_asked_alone(tiny, toke
         assert mass[i].item() == pytest.approx(p.sum().item(), rel=1e-5)  # the judge reads float32 probabilities
         assert q[i].item() == pytest.approx((p[0] / p.sum()).item(), rel=1e-5)  # the judge reads float32 probabilities
     assert len({len(tokenizer.encode(t)) for t in texts}) > 1  # the padding was real
+
+
+def test_evaluations_leave_the_training_run_as_it_was(tiny, tmp_path, held_out):
+    """A reward that draws from Python's and NumPy's random streams: with or without comparisons every 2 steps, the
+    training lines of metrics.jsonl and the final weights are the same (evaluation restores the streams it used)."""
+    from safetensors.torch import load_file
+
+    common = dict(dataset_name=held_out, eval_prompts=8, reward_funcs=("tests.rewards:noisy_low_token_ids",), max_steps=4)
+    runs = {}
+    for name, every in (("plain", 0), ("evaluated", 2)):
+        args = _args(tiny, tmp_path / name, eval_steps=every, **common)
+        main(args)
+        lines = _lines(os.path.join(args.output_dir, "metrics.jsonl"))
+        runs[name] = ([{k: v for k, v in m.items() if not k.startswith("time/")} for m in lines if "loss" in m],
+                      load_file(os.path.join(args.output_dir, "model.safetensors")), lines)
+    assert [m["step"] for m in runs["evaluated"][2] if "eval/win_rate" in m] == [2, 4]
+    assert runs["plain"][0] == runs["evaluated"][0] and len(runs["plain"][0]) == 4
+    assert all(torch.equal(runs["plain"][1][k], runs["evaluated"][1][k]) for k in runs["plain"][1])
