@@ -1121,7 +1121,9 @@ def stop_signals():
 # Args that change neither which completions are drawn nor which update is made: a resumed run may change them.
 RESUMABLE_CHANGES = {"preset", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "save_steps",
                      "save_total_limit", "max_nonfinite_steps", "eval_prompts", "report_to", "run_name", "push_to_hub",
-                     "hub_model_id", "bf16", "gradient_checkpointing", "distributed", "shard_frozen_models", "logprob_impl"}
+                     "hub_model_id", "bf16", "gradient_checkpointing", "distributed", "shard_frozen_models", "logprob_impl",
+                     "eval_steps", "log_completions_steps", "judge_api_key_env", "judge_api_concurrency",
+                     "judge_api_timeout", "judge_api_retries"}
 
 
 def resume_point(args: Args, world: int) -> str | None:
