@@ -1039,17 +1039,17 @@ def fsync_tree(path: str) -> None:
     os.close(fd)
 
 
-def rank_state(generator: torch.Generator, sums: dict, counts: dict, window: dict) -> dict:
+def rank_state(generator: torch.Generator, sums: dict, counts: dict) -> dict:
     """What this rank alone knows: its random streams and its metric sums since the last log (CPU tensors)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
             "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-            "sampling": generator.get_state(), "sums": {k: v.cpu() for k, v in sums.items()}, "counts": dict(counts),
-            "window": {"steps": window["steps"], "sampling": window["sampling"]}}
+            "sampling": generator.get_state(), "sums": {k: v.cpu() for k, v in sums.items()}, "counts": dict(counts)}
 
 
-def restore_rank_state(state: dict, generator: torch.Generator, device: torch.device) -> tuple[dict, dict, dict]:
-    """Undo rank_state: the random streams are set in place; -> the metric sums, counts and window to carry on."""
+def restore_rank_state(state: dict, generator: torch.Generator, device: torch.device) -> tuple[dict, dict]:
+    """Undo rank_state: the random streams are set in place; -> the metric sums and counts to carry on. (The clock
+    of the log window starts again: time/* after a resume measure the resumed run.)"""
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -1057,8 +1057,7 @@ def restore_rank_state(state: dict, generator: torch.Generator, device: torch.de
     if state["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"])
     generator.set_state(state["sampling"])
-    window = {"start": time.perf_counter(), **state["window"]}
-    return {k: v.to(device) for k, v in state["sums"].items()}, state["counts"], window
+    return {k: v.to(device) for k, v in state["sums"].items()}, state["counts"]
 
 
 def save_checkpoint(policy, optimizer, scheduler, tokenizer, args: Args, trainer_state: dict, mine: dict) -> str:
@@ -1268,7 +1267,7 @@ def main(args: Args):
         set_optimizer_state_dict(policy, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(saved["scheduler"])
         mine = torch.load(os.path.join(resume, "rank_states.pt"), weights_only=True)[rank]
-        sums, counts, window = restore_rank_state(mine, generator, device)
+        sums, counts = restore_rank_state(mine, generator, device)
         say(f"resuming from {resume} at step {state['step']}")
     if main_rank:
         metrics_file = open_log(os.path.join(args.output_dir, "metrics.jsonl"), state["step"] if resume else None)
@@ -1417,9 +1416,9 @@ def main(args: Args):
                 rows = torch.arange(B, device=device)
                 if scores is None:
                     p, valid, kept, failed = judge(prompts, texts[:B], texts[B:])
-                    first = p >= 0.5
+                    first, p_chosen = p >= 0.5, torch.maximum(p, 1 - p)
                     chosen, rejected = torch.where(first, rows, rows + B), torch.where(first, rows + B, rows)
-                    feedback = {"judge/p_chosen": torch.where(first, p, 1 - p)[kept], "judge/invalid": (~valid).float(),
+                    feedback = {"judge/p_chosen": p_chosen[kept], "judge/invalid": (~valid).float(),
                                 "judge/undecided": (valid & ~kept).float()}
                     if args.judge_api_base:
                         feedback["judge/api_failures"] = failed.float()
@@ -1493,7 +1492,7 @@ def main(args: Args):
             if completions_every and step % completions_every == 0 and main_rank:  # the last micro-batch's pairs
                 records = [{"step": step, "prompt": as_text(prompts[i]), "chosen": texts[chosen[i]],
                             "rejected": texts[rejected[i]], "in_loss": bool(kept[i])}
-                           | ({"p_chosen": float(torch.where(first, p, 1 - p)[i])} if scores is None else
+                           | ({"p_chosen": float(p_chosen[i])} if scores is None else
                               {"score_chosen": float(scores[chosen[i]]), "score_rejected": float(scores[rejected[i]])})
                            for i in range(B)]
                 completions_file.write("".join(json.dumps(r) + "\n" for r in records))
@@ -1507,7 +1506,7 @@ def main(args: Args):
             if (save_every and step % save_every == 0 and step < total_steps) or stopping:
                 state |= {"step": step, "epoch": step / steps_per_epoch, "micro_batches_done": step * GA}
                 name = save_checkpoint(policy, optimizer, scheduler, tokenizer, args, state,
-                                       rank_state(generator, sums, counts, window))
+                                       rank_state(generator, sums, counts))
             if stopping:
                 say(f"stopped by a signal after step {step}; saved {name}: continue with --resume_from_checkpoint latest")
                 if main_rank:
