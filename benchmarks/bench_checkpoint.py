@@ -64,7 +64,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(TINY)
     root = a.dir or tempfile.mkdtemp(prefix="bench-checkpoint-")
     args = online_dpo.Args(output_dir=root, reward_funcs=("x:y",), save_total_limit=1)
-    mine = online_dpo.rank_state(torch.Generator(), {}, {})
+    mine = online_dpo.rank_state(torch.Generator(), online_dpo.Window())
     print(f"policy: {n / 1e6:.0f}M parameters, fp32, AdamW state filled; writing under {root}")
 
     rows = {"bare torch.save": [], "online_dpo.save_checkpoint": [], "the same without fsync (for the breakdown)": []}

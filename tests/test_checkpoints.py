@@ -151,7 +151,7 @@ def test_a_crash_inside_a_save_leaves_the_previous_checkpoint_in_charge(tiny, tm
     out = tmp_path / "out"
     args = _args(tiny, out, save_steps=1)
     if where == "before the rename":  # the checkpoint directory's rename
-        target, moment = "os.rename", "str(src).endswith('checkpoint-2.tmp')"
+        target, moment = "os.replace", "str(src).endswith('checkpoint-2.tmp')"
     else:  # the rename of latest.tmp over latest
         target, moment = "os.replace", "str(dst).endswith('latest') and open(src).read() == 'checkpoint-2'"
     plant = (f"import os, signal\nreal = {target}\n"
