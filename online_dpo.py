@@ -1,9 +1,8 @@
 """Online DPO in one file: Online AI Feedback (Guo et al. 2024, arXiv 2402.04792).
 
-Each optimizer step, for every prompt of the batch:
-  sample K (2) completions from the *current* policy -> reward models and/or reward functions score them, or an LLM
-  judge compares them -> the better is "chosen", the worse "rejected" -> DPO (sigmoid) or IPO loss against a frozen
-  reference model.
+Each optimizer step, for every prompt of the batch: sample K (2) completions from the *current* policy -> reward
+models and/or functions score them, or an LLM judge compares them -> the better is "chosen", the worse "rejected"
+-> DPO (sigmoid) or IPO loss against a frozen reference model.
 
     python online_dpo.py --preset tiny               # the embedded offline world (flags after it override it)
     python online_dpo.py --preset qwen2-0.5b         # the spec's quick start: Qwen2-0.5B-Instruct on UltraFeedback
@@ -12,12 +11,10 @@ Each optimizer step, for every prompt of the batch:
 
 Flags are spelled as in TRL's OnlineDPOConfig and transformers' TrainingArguments.
 
-How to read this file: main() first, the training loop in it, one step in numbered stages (2 sample, 3-4 feedback
-and pairs, 5 log-probs, 6 loss, 7 optimizer step, 8 log, evaluate, save). Above main(), in the order a step uses
-them: Args, loading, prompts, sampling, feedback, pairing, log-probs and loss, metrics. Below it, what a first
-reading can skip: checks, checkpoints, the judges' mechanics, evaluation, logs, the Hub. One change, one place:
-a new loss in dpo_loss, a new reward as a reward function, a new pair rule in pair, a new source of preferences
-in preferences.
+How to read this file: main() first; its loop is one step in numbered stages. Above main(), what a step uses, in
+order; below it, what a first reading can skip (checks, faults, checkpoints, the judges' mechanics, evaluation, logs).
+One change, one place: a loss in dpo_loss, a reward as a reward function, a pair rule in pair, a source of
+preferences in preferences.
 """
 
 import concurrent.futures
@@ -42,6 +39,7 @@ from typing import Annotated, Callable, Literal
 
 import datasets
 import numpy as np
+import safetensors
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -63,18 +61,14 @@ TINY_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark
 OFFLINE_HINT = "no network or no Hub access? `python online_dpo.py --preset tiny` trains the embedded world offline"
 
 
-# ------------------------------------------------------------------------------
-# Args
+# ---- Args
 
 
 def _parse_bool(words: list[str]) -> bool:
-    if not words:  # a bare `--flag` means True, as with HfArgumentParser
-        return True
-    if words[0].lower() in ("true", "1", "yes"):
-        return True
-    if words[0].lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected True or False, got {words[0]!r}")
+    word = words[0].lower() if words else "true"  # a bare `--flag` means True, as with HfArgumentParser
+    if word not in ("true", "1", "yes", "false", "0", "no"):
+        raise ValueError(f"expected True or False, got {words[0]!r}")
+    return word in ("true", "1", "yes")
 
 
 # Booleans accept `--flag`, `--flag True` and `--flag False`, the way TRL's commands write them.
@@ -86,87 +80,87 @@ Bool = Annotated[bool, PrimitiveConstructorSpec(nargs=(0, 1), metavar="{True,Fal
 @dataclass
 class Args:
     preset: Literal["tiny", "qwen2-0.5b", "pythia-1b-tldr"] | None = None
-    """a named setup (online_dpo.PRESETS) whose values become the defaults; other flags override them"""
+    """a named setup (online_dpo.PRESETS): its values become the defaults"""
 
     # --- models and data
     model_name_or_path: str = "Qwen/Qwen2-0.5B-Instruct"
     """policy to train: a Hub id or a local directory"""
     ref_model_path: str | None = None
-    """frozen reference model, Hub id or local directory; None: a frozen copy of the policy"""
+    """frozen reference model; None: a frozen copy of the policy"""
     reward_model_path: tuple[str, ...] | None = None
-    """reward models (sequence classifiers, one score); None: trl-lib/Qwen2-0.5B-Reward, unless rewards are given"""
+    """reward models (sequence classifiers); None: trl-lib/Qwen2-0.5B-Reward if nothing else rewards"""
     reward_funcs: tuple[str, ...] = ()
-    """Python reward functions by import path, `my_rewards:length_penalty` or `path/to/file.py:length_penalty`"""
+    """Python reward functions, `my_rewards:length_penalty` or `path/to/file.py:length_penalty`"""
     reward_weights: tuple[float, ...] | None = None
-    """one weight per reward, reward models first, then reward functions; None: all 1.0"""
+    """a weight per reward, reward models first; None: all 1.0"""
     dataset_name: str = "trl-lib/ultrafeedback-prompt"
-    """prompt dataset: a Hub name, a `save_to_disk` directory, or a .json/.jsonl/.parquet/.csv file"""
+    """prompts: a Hub dataset, a `save_to_disk` directory, or a .json/.jsonl/.parquet/.csv file"""
     dataset_config: str | None = None
-    """dataset configuration name (Hub datasets with several configurations)"""
+    """dataset configuration name"""
     dataset_train_split: str = "train"
     """split to train on"""
     dataset_test_split: str = "test"
-    """split of held-out prompts on which reference and trained policy are compared (skipped if absent)"""
+    """split of held-out prompts, to compare reference and trained policy on"""
     eval_prompts: int = 64
-    """how many held-out prompts both models answer in a comparison (0: none)"""
+    """held-out prompts both models answer in a comparison (0: none)"""
     dataset_prompt_column: str = "prompt"
-    """column holding the prompts: text (standard) or a list of {role, content} messages (conversational)"""
+    """column of the prompts: text, or lists of {role, content} messages"""
     model_init_kwargs: str | None = None
-    """JSON dict for from_pretrained of the policy and reference, e.g. '{"attn_implementation": "sdpa"}'"""
+    """JSON dict for from_pretrained of policy and reference, e.g. '{"attn_implementation": "sdpa"}'"""
     trust_remote_code: Bool = False
-    """let models and tokenizers run Python code from their Hub repository (only for sources you trust)"""
+    """let models and tokenizers run code from their Hub repository (only for sources you trust)"""
 
     # --- online DPO (OnlineDPOConfig)
     beta: tuple[float, ...] = (0.1,)
-    """KL strength (tau for IPO); several values: one per epoch, the last one for the remaining epochs"""
+    """KL strength (tau for IPO); several values: one per epoch, the last for the rest"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid: the DPO loss; ipo: the IPO loss"""
     max_new_tokens: int = 64
     """maximum number of tokens sampled per completion"""
     max_length: int = 256
-    """maximum prompt + completion tokens; prompts are cut from the left to max_length - max_new_tokens"""
+    """maximum prompt + completion tokens (prompts are cut from the left)"""
     temperature: float = 0.9
     """sampling temperature"""
     top_p: float = 1.0
-    """nucleus sampling: keep the smallest set of tokens whose probability sums to top_p (1.0: off)"""
+    """nucleus sampling: keep the likeliest tokens that sum to top_p (1.0: off)"""
     top_k: int = 0
     """keep only the top_k most likely tokens (0: off)"""
     min_p: float | None = None
-    """drop tokens whose probability is below min_p times the most likely token's (None: off)"""
+    """drop tokens less likely than min_p times the likeliest (None: off)"""
     repetition_penalty: float = 1.0
-    """penalise tokens already in the prompt or completion (>1 discourages repeats, 1.0: off)"""
+    """penalise tokens already in prompt or completion (>1 discourages repeats, 1.0: off)"""
     generation_kwargs: str | None = None
-    """JSON dict overriding the sampling flags above, plus do_sample, suppress_tokens and eos_token_id"""
+    """JSON dict over the sampling flags above, plus do_sample, suppress_tokens, eos_token_id"""
     missing_eos_penalty: float | None = None
-    """subtracted from the score of a completion that ends without an EOS token (>= 0)"""
+    """subtracted from the score of a completion that does not end with EOS"""
     disable_dropout: Bool = True
     """turn dropout off in the policy and the reference"""
     num_samples: int = 2
-    """completions sampled per prompt; the pair is the best and the worst by reward (a judge compares 2)"""
+    """completions per prompt; the pair: the best and the worst by reward (a judge compares 2)"""
     drop_ties: Bool = False
-    """leave out of the loss (and count) prompts whose best and worst rewards differ by <= --tie_threshold"""
+    """leave out of the loss (and count) prompts whose best and worst differ by <= --tie_threshold"""
     tie_threshold: float = 0.0
-    """reward difference at or below which the best and the worst completion tie"""
+    """reward difference at or below which best and worst tie"""
     judge_model_path: str | None = None
-    """AI feedback instead of rewards: a causal LM (Hub id or local) judges which completion is better"""
+    """AI feedback instead of rewards: a causal LM judges which completion is better"""
     judge_prompt: str | None = None
-    """the judge's instruction, with {prompt}, {response_a} and {response_b}; None: online_dpo.JUDGE_PROMPT"""
+    """the judge's instruction with {prompt}, {response_a}, {response_b}; None: online_dpo.JUDGE_PROMPT"""
     judge_api_base: str | None = None
-    """the judge over an OpenAI-compatible API, e.g. http://localhost:8000/v1 (a vLLM server), or a hosted one"""
+    """the judge over an OpenAI-compatible API, e.g. http://localhost:8000/v1 (vLLM) or a hosted one"""
     judge_api_model: str | None = None
     """model name sent to --judge_api_base"""
     judge_api_key_env: str = "OPENAI_API_KEY"
-    """environment variable that holds the API key (unset: no Authorization header)"""
+    """environment variable holding the API key (unset: none sent)"""
     judge_api_concurrency: int = 16
     """judge requests in flight at once"""
     judge_api_timeout: float = 60.0
     """seconds before a judge request is abandoned (then retried)"""
     judge_api_retries: int = 3
-    """retries of a judge request after a timeout, a connection error, 429 or 5xx, with exponential backoff"""
+    """retries of a judge request after a timeout, connection error, 429 or 5xx"""
     judge_undecided: float = 0.05
-    """a pair with |P(first is better) - 0.5| at or below this is undecided: left out of the loss, counted"""
+    """|P(first is better) - 0.5| at most this: undecided, out of the loss"""
     logprob_impl: Literal["fused", "naive"] = "fused"
-    """fused: log-probs from hidden states and lm_head weight tile by tile (no [N, V] logits); naive: logits"""
+    """fused: log-probs tile by tile from hidden states and lm_head (no [N, V] logits); naive: logits"""
 
     # --- training (TrainingArguments)
     output_dir: str = "Qwen2-0.5B-OnlineDPO"
@@ -176,7 +170,7 @@ class Args:
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
     """decay after warmup: linear to 0, cosine to 0, or constant"""
     warmup_steps: float = 0
-    """linear warmup: a number of steps, or a fraction of all steps when < 1"""
+    """linear warmup: steps, or a fraction of all when < 1"""
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norm weights)"""
     max_grad_norm: float = 1.0
@@ -192,33 +186,33 @@ class Args:
     logging_steps: float = 10
     """log every N steps, or a fraction of all steps when < 1"""
     save_steps: float = 500
-    """save output_dir/checkpoint-N every N steps, or a fraction of all steps (0: only the final save)"""
+    """save output_dir/checkpoint-N every N steps, or fraction (0: only the final save)"""
     eval_steps: float = 0
-    """compare policy and reference on held-out prompts every N steps or fraction (0: only at the end)"""
+    """compare policy and reference on held-out prompts every N steps, or fraction (0: at the end)"""
     log_completions_steps: float = 0
-    """every N steps (or fraction) write a micro-batch's pairs to output_dir/completions.jsonl, wandb (0: never)"""
+    """write a micro-batch's pairs to completions.jsonl, wandb every N steps or fraction (0: never)"""
     save_total_limit: int | None = None
     """keep only the newest N checkpoints (None: keep all)"""
     resume_from_checkpoint: str | None = None
-    """continue a stopped run exactly: a checkpoint directory, or `latest` (output_dir's newest complete one)"""
+    """continue a stopped run exactly: a checkpoint directory, or `latest` (output_dir's newest)"""
     overwrite_output_dir: Bool = False
-    """start afresh in an output_dir holding an earlier run's checkpoints (deletes them; refused without it)"""
+    """start afresh in an output_dir that holds an earlier run (replaces it; refused without this)"""
     max_nonfinite_steps: int = 10
-    """a step with a NaN/inf loss or gradient is skipped; stop with an error after this many in a row"""
+    """a step with a NaN/inf loss or gradient is skipped; stop after this many in a row"""
     seed: int = 42
     """seed for the data order, sampling and initialisation"""
     use_cpu: Bool = False
-    """train on the CPU even when a GPU is present (several processes then talk over gloo)"""
+    """train on the CPU even when a GPU is present (processes then talk over gloo)"""
     distributed: Literal["ddp", "fsdp"] = "ddp"
-    """under torchrun: ddp keeps a whole policy per rank; fsdp shards it (FSDP2, ZeRO-3) for larger models"""
+    """under torchrun: ddp keeps a whole policy per rank; fsdp shards it (FSDP2) for larger models"""
     shard_frozen_models: Bool = False
-    """with --distributed fsdp: shard the reference and reward models too (else whole on every rank)"""
+    """with --distributed fsdp: shard the reference and reward models too"""
     bf16: Bool | None = None
-    """bf16 mixed precision (fp32 master weights); None: on where the GPU supports it, off on CPU"""
+    """bf16 mixed precision (fp32 master weights); None: where the GPU supports it"""
     gradient_checkpointing: Bool = True
-    """recompute activations in the training forward to save memory (sampling keeps its KV cache)"""
+    """recompute activations in the training forward, to save memory"""
     report_to: Literal["none", "wandb"] = "none"
-    """also send metrics to Weights & Biases (project from $WANDB_PROJECT, default online-dpo)"""
+    """also send metrics to Weights & Biases (project: $WANDB_PROJECT, or online-dpo)"""
     run_name: str | None = None
     """run name shown in wandb"""
     push_to_hub: Bool = False
@@ -228,15 +222,14 @@ class Args:
 
 
 PRESETS = {
-    # The embedded world (benchmarks/tiny_world.py): shop-assistant answers, a reward model that likes them positive,
-    # short and properly ended. Offline, CPU, fp32; about 3 minutes on 2 cores.
+    # The embedded world (benchmarks/tiny_world.py): a reward model that likes answers positive, short and ended.
     "tiny": dict(model_name_or_path=f"{TINY_WORLD}/policy", reward_model_path=(f"{TINY_WORLD}/reward",),
                  dataset_name=f"{TINY_WORLD}/prompts", output_dir="tiny-OnlineDPO", use_cpu=True, bf16=False,
                  gradient_checkpointing=False, max_new_tokens=64, max_length=128, learning_rate=1e-4,
                  warmup_steps=0.1, per_device_train_batch_size=16, max_steps=150, logging_steps=10, save_steps=0),
-    # The spec's quick start (Qwen2-0.5B-Instruct, trl-lib/Qwen2-0.5B-Reward, UltraFeedback): the Args defaults.
+    # The spec's quick start: the Args defaults.
     "qwen2-0.5b": dict(),
-    # The spec's 1B TL;DR benchmark command (add --push_to_hub to upload the result as it does).
+    # The spec's 1B TL;DR benchmark (add --push_to_hub as it does).
     "pythia-1b-tldr": dict(model_name_or_path="trl-lib/pythia-1b-deduped-tldr-sft",
                            reward_model_path=("trl-lib/pythia-1b-deduped-tldr-rm",), dataset_name="trl-lib/tldr",
                            learning_rate=5e-7, output_dir="pythia-1b-deduped-tldr-online-dpo", beta=(0.1,),
@@ -250,24 +243,14 @@ class UsageError(ValueError):
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (NaN/inf steps in a row, weights that must not be saved); the message says what to do."""
+    """Training cannot go on; the message says why and what to do."""
 
 
-# ------------------------------------------------------------------------------
-# Loading: tokenizers and models (prompts and reward functions: with their checks, below main())
+class FeedbackError(UsageError):
+    """A reward function or the judge failed on the completions it was given."""
 
 
-def load_tokenizer(path: str, trust_remote_code: bool):
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:  # ValueError: a directory without tokenizer files
-        raise unreachable("the tokenizer of", path, e) from None
-    if not tokenizer("Hello world.", add_special_tokens=False)["input_ids"]:  # what a directory without its files gives
-        raise UsageError(f"could not load the tokenizer of {path!r}: it has no vocabulary (no tokenizer.json or "
-                         "vocabulary files there?); save the tokenizer next to the model")
-    if tokenizer.pad_token is None:  # batches need one; padding is masked out everywhere
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+# ---- Loading models
 
 
 def load_model(auto_class, path: str, args: Args, **kwargs):
@@ -275,11 +258,12 @@ def load_model(auto_class, path: str, args: Args, **kwargs):
         return auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
     except OSError as e:
         raise unreachable("model", path, e) from None
+    except Exception as e:  # a corrupt weights file, an argument the model refuses
+        raise UsageError(f"could not load the model in {path!r}: {type(e).__name__}: {e}") from None
 
 
 def load_policy(path: str, args: Args, device: torch.device, world: int, bf16: bool):
-    """The model that trains (fp32 master weights). -> the policy, and what each forward with gradient goes through:
-    DDP's wrapper (the module inside it would skip the gradient all-reduce without a word), or the policy."""
+    """The model that trains (fp32). -> the policy, and what forwards with gradient go through: DDP's wrapper, or it."""
     kwargs = {"dtype": torch.float32} | json_dict(args.model_init_kwargs, "model_init_kwargs")
     policy = load_model(AutoModelForCausalLM, path, args, **kwargs)
     if args.disable_dropout:
@@ -303,8 +287,7 @@ def load_frozen(auto_class, path: str, args: Args, device: torch.device, shard: 
     return place(load_model(auto_class, path, args, **kwargs).requires_grad_(False).eval(), device, shard)
 
 
-# ------------------------------------------------------------------------------
-# Several processes: torchrun, DDP, FSDP2. With one process (no torchrun) every helper here does nothing.
+# ---- Several processes: torchrun, DDP, FSDP2 (with one process, no-ops)
 
 
 def init_distributed(args: Args) -> tuple[int, int, torch.device]:
@@ -319,6 +302,7 @@ def init_distributed(args: Args) -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
+        check_launcher(world)
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return rank, world, device
 
@@ -333,8 +317,7 @@ def say(text: str) -> None:
 
 
 def place(model, device: torch.device, shard: bool, mixed_precision: MixedPrecisionPolicy | None = None):
-    """To this rank's device, or sharded over all ranks with FSDP2 (each decoder layer a unit gathered just before it
-    runs, the root unit the rest), from the copy in CPU memory: a model larger than one device never lands on one."""
+    """To this rank's device, or sharded over all ranks with FSDP2 (a unit per decoder layer), from the CPU copy."""
     if not shard:
         return model.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -347,8 +330,7 @@ def place(model, device: torch.device, shard: bool, mixed_precision: MixedPrecis
 
 @contextlib.contextmanager
 def gathered(model):
-    """FSDP2: every unit gathered once for a decode, freed after. Decoding then runs no collectives, so a rank whose
-    completions all end early never leaves the others waiting."""
+    """FSDP2: all units gathered once for a decode, which then needs no collectives (ranks may end early)."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
@@ -362,20 +344,18 @@ def gathered(model):
 
 
 def sync_gradients(model, sync: bool) -> None:
-    """Gradient accumulation: the all-reduce (DDP) or reduce-scatter (FSDP2) runs only when sync is set."""
+    """Gradient accumulation: the all-reduce (DDP) or reduce-scatter (FSDP2) only when sync is set."""
     if isinstance(model, DDP):
         model.require_backward_grad_sync = sync  # what DDP's no_sync() context sets
     elif isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(sync)
 
 
-# ------------------------------------------------------------------------------
-# Prompts: micro-batches of them, then left-padded token ids
+# ---- Prompts
 
 
 def micro_batches(dataset, args: Args, plan: "Plan", rank: int, world: int, start: int):
-    """This rank's micro-batches of B prompts (dicts of columns) from global micro-batch `start` on, shuffled each
-    epoch alike on all ranks; rank r takes the r-th B of each global one, as one process with world x B would."""
+    """This rank's micro-batches of B prompts from global micro-batch `start` on: rank r takes the r-th B of each."""
     B, per_epoch = args.per_device_train_batch_size, plan.per_epoch * args.gradient_accumulation_steps
     for epoch in range(start // per_epoch, math.ceil(plan.total / plan.per_epoch)):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
@@ -389,23 +369,22 @@ def is_conversational(prompt) -> bool:
 
 
 def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:
-    """Each prompt's token ids, whole: conversations through the chat template with the assistant turn opened."""
+    """Each prompt's token ids, whole: conversations through the chat template, assistant turn opened."""
     texts = []
     for p in prompts:
         if is_conversational(p):
             if tokenizer.chat_template is None:
-                raise UsageError("conversational prompts need a tokenizer with a chat template; this one has none "
-                                 "(use standard text prompts or a chat model's tokenizer)")
+                raise UsageError("conversational prompts need a tokenizer with a chat template; this one has none")
             p = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         texts.append(p)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     if min(map(len, ids)) == 0:
-        raise UsageError("a prompt is empty after tokenization; remove empty prompts from the dataset")
+        raise UsageError("a prompt is empty after tokenization")
     return ids
 
 
 def encode_prompts(tokenizer, prompts: list, max_prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat template for conversational prompts, then keep the last max_prompt_len tokens. -> ids, mask (N, P)."""
+    """Chat template for conversations, then the last max_prompt_len tokens. -> ids, mask (N, P), left-padded."""
     seqs = [ids[-max_prompt_len:] for ids in prompt_token_ids(tokenizer, prompts)]
     P = max(map(len, seqs))
     ids = torch.full((len(seqs), P), tokenizer.pad_token_id, dtype=torch.long)
@@ -420,8 +399,7 @@ def positions(mask: torch.Tensor) -> torch.Tensor:  # (N, L) left-padded rows: 0
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-# ------------------------------------------------------------------------------
-# Sampling with a KV cache
+# ---- Sampling with a KV cache
 
 
 @torch.no_grad()
@@ -429,10 +407,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
            pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float | None = None,
            repetition_penalty: float = 1.0, do_sample: bool = True, suppress_tokens: list[int] | None = None,
            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched decoding over a preallocated KV cache, from prompt_ids, prompt_mask (N, P) left-padded. -> completion
-    ids and mask (N, T <= max_new_tokens): a row ends at its first stop token (kept, mask 1), then pad_id, mask 0."""
-    N, P = prompt_ids.shape
-    device = prompt_ids.device
+    """Batched decoding over a preallocated KV cache. -> completion ids, mask (N, T): a row ends at its stop token."""
+    (N, P), device = prompt_ids.shape, prompt_ids.device
     stop = torch.tensor(stop_ids, device=device)
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
     mask = torch.cat([prompt_mask, prompt_mask.new_zeros(N, max_new_tokens)], 1)  # (N, P+T): a column opens per step
@@ -484,12 +460,12 @@ class Rollout:
     autocast: torch.autocast  # bf16 matmuls, or off
     generation: dict  # sample()'s keyword arguments
     stop_ids: list[int]
-    reward_models: list  # (model, its tokenizer) pairs
+    reward_models: list  # (model, tokenizer) pairs
     reward_funcs: list
-    judge: tuple | None  # a local judge: model, tokenizer, ids of the tokens "A" and "B"
+    judge: tuple | None  # a local judge: model, tokenizer, ids of "A" and "B"
 
     @property
-    def judged(self) -> bool:  # preferences come from an LLM judge, local or over HTTP, not from rewards
+    def judged(self) -> bool:  # preferences from an LLM judge, not rewards
         return bool(self.args.judge_model_path or self.args.judge_api_base)
 
 
@@ -503,21 +479,20 @@ class Samples:
     has_eos: torch.Tensor  # (N,) ended with a stop token
     token_ids: list[list[int]]  # each completion's real tokens
     texts: list[str]
-    completions: list  # what rewards read: the texts, or assistant messages for conversational prompts
+    completions: list  # what rewards read: the texts, or assistant messages
 
-    def rows(self, pick: torch.Tensor) -> tuple:  # the four tensors, rows `pick` only
+    def rows(self, pick: torch.Tensor) -> tuple:  # the four tensors' rows `pick`
         return self.prompt_ids[pick], self.prompt_mask[pick], self.completion_ids[pick], self.completion_mask[pick]
 
 
 def rollout(run: Rollout, model, prompts: list, generator: torch.Generator, window: "Window | None" = None) -> Samples:
-    """One completion per prompt from `model` as it is now, from the prompt cut to max_length - max_new_tokens (so
-    the context that sampled a completion is the one that scores it)."""
+    """One completion per prompt from `model` as it is now, the prompt cut to max_length - max_new_tokens first."""
     args = run.args
     ids, mask = encode_prompts(run.tokenizer, prompts, args.max_length - args.max_new_tokens)
     ids, mask = ids.to(run.device), mask.to(run.device)
     was_training, t0 = model.training, time.perf_counter()
     model.eval()
-    with gathered(model), run.autocast:  # FSDP2: the shards gathered once for the whole decode
+    with gathered(model), run.autocast:
         completion_ids, completion_mask = sample(model, ids, mask, args.max_new_tokens, run.stop_ids,
                                                  run.tokenizer.pad_token_id, generator=generator, **run.generation)
     model.train(was_training)
@@ -531,16 +506,13 @@ def rollout(run: Rollout, model, prompts: list, generator: torch.Generator, wind
     return Samples(ids, mask, completion_ids, completion_mask, has_eos, token_ids, texts, completions)
 
 
-# ------------------------------------------------------------------------------
-# Feedback from rewards: reward models and reward functions score each completion
+# ---- Feedback from rewards
 
 
 @torch.no_grad()
 def score_completions(prompts: list, completions: list, completion_ids: list[list[int]], extra_columns: dict,
-                      reward_models: list, reward_funcs: list, weights: torch.Tensor):
-    """Every reward of each (prompt, completion), weighted and NaN-summed. -> total (N,), per reward (N, R). Reward
-    models re-encode the texts with their own tokenizer and chat template; reward functions get TRL's keywords
-    (prompts, completions, completion_ids, the other dataset columns) and may answer None: no opinion."""
+                      reward_models: list, reward_funcs: list, weights: torch.Tensor, when: str = ""):
+    """Every reward of each (prompt, completion), weighted, NaN-summed. -> total (N,), per reward (N, R)."""
     device = weights.device
     columns = []
     for model, tokenizer in reward_models:
@@ -551,10 +523,15 @@ def score_completions(prompts: list, completions: list, completion_ids: list[lis
         batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
         columns.append(model(**batch.to(device)).logits[:, 0].float())
     for func in reward_funcs:
-        out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **extra_columns)
+        try:
+            out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **extra_columns)
+        except Exception as e:
+            raise FeedbackError(f"reward function {getattr(func, '__name__', func)} fails{when}: {type(e).__name__}: "
+                                f"{e}") from None
         columns.append(reward_column(out, func, len(prompts), device))
     per_reward = torch.stack(columns, 1)  # (N, R)
-    return (per_reward * weights).nansum(1), per_reward
+    total = (per_reward * weights).nansum(1)  # what no reward scored stays NaN: it ranks last
+    return total.masked_fill(per_reward.isnan().all(1), math.nan), per_reward
 
 
 def score(run: Rollout, prompts: list, samples: Samples, columns: dict) -> torch.Tensor:
@@ -569,15 +546,13 @@ def score(run: Rollout, prompts: list, samples: Samples, columns: dict) -> torch
     return scores
 
 
-# ------------------------------------------------------------------------------
-# Feedback from an LLM judge (the paper's annotator): which of two completions answers the prompt better
+# ---- Feedback from an LLM judge (the paper's annotator)
 
-JUDGE_MIN_MASS = 0.5  # P(A) + P(B) below this in either order: the judge is not answering the question (invalid)
+JUDGE_MIN_MASS = 0.5  # P(A) + P(B) below this in either order: not an answer (invalid)
 
 
 def judge_decisions(q: torch.Tensor, mass: torch.Tensor, undecided: float):
-    """q, mass (2N,) from the two orders of N pairs -> p (N,) = P(first is better), the two orders averaged (a judge
-    that always says A gives 0.5); valid: it answered A or B in both orders; decided: valid, |p - 0.5| > undecided."""
+    """q, mass (2N,) from both orders -> p (N,) = P(first is better), valid, decided (|p - 0.5| > undecided)."""
     N = q.numel() // 2
     p = (q[:N] + 1 - q[N:]) / 2
     valid = (mass[:N] >= JUDGE_MIN_MASS) & (mass[N:] >= JUDGE_MIN_MASS)
@@ -585,8 +560,7 @@ def judge_decisions(q: torch.Tensor, mass: torch.Tensor, undecided: float):
 
 
 def judge(run: Rollout, prompts: list, first: list, second: list):
-    """Each pair asked in both orders (judge_texts), to the local judge or over HTTP (below main()). -> p, valid,
-    decided (N,) as in judge_decisions; failed (2N,): requests that got no answer."""
+    """Each pair asked in both orders, locally or over HTTP. -> p, valid, decided (N,), failed (2N,)."""
     args = run.args
     texts = judge_texts(args.judge_prompt or JUDGE_PROMPT, prompts, first, second)
     if args.judge_api_base:
@@ -599,15 +573,11 @@ def judge(run: Rollout, prompts: list, first: list, second: list):
     return *judge_decisions(q.to(run.device), mass.to(run.device), args.judge_undecided), failed.to(run.device)
 
 
-# ------------------------------------------------------------------------------
-# Pairing: which two samples of a prompt the loss compares
+# ---- Pairing
 
 
 def pair(scores: torch.Tensor, num_samples: int = 2, tie_threshold: float = 0.0):
-    """scores (K*B,) laid out [sample 1 of prompts 0..B-1, ..., sample K of prompts 0..B-1] -> chosen, rejected (B,)
-    row indices and tie (B,): per prompt the best and the worst sample; among equal scores the earliest is the best
-    and the latest the worst (so K = 2 and a tie: the first is chosen). A completion that no reward scored (NaN)
-    ranks last. tie: best - worst <= tie_threshold."""
+    """scores (K*B,) -> per prompt the rows of the best and the worst sample (NaN ranks last), and tie (B,)."""
     s = scores.view(num_samples, -1).nan_to_num(nan=-math.inf)  # (K, B)
     rows = torch.arange(s.size(1), device=scores.device)
     best, worst = s.argmax(0), num_samples - 1 - s.flip(0).argmin(0)
@@ -621,15 +591,13 @@ class Pairs:
     chosen: torch.Tensor  # (B,) each prompt's chosen completion
     rejected: torch.Tensor  # (B,) and its rejected one
     kept: torch.Tensor  # (B,) bool: the pair goes into the loss
-    scores: torch.Tensor | None  # (2B,) scores of the chosen, then of the rejected; None: a judge decided
-    metrics: dict  # per-pair feedback metrics: pairs/ties, or judge/*
-    logged: dict  # (B,) each for completions.jsonl: score_chosen and score_rejected, or p_chosen
+    scores: torch.Tensor | None  # (2B,) of the chosen, then the rejected; None: a judge decided
+    metrics: dict  # per-pair feedback metrics: pairs/*, or judge/*
+    logged: dict  # (B,) each, for completions.jsonl
 
 
 def preferences(run: Rollout, prompts: list, samples: Samples, columns: dict) -> Pairs:
-    """Stages 3-4 for the K*B samples of B prompts. Rewards: per prompt the best and the worst of its K samples
-    (ties out of the loss with --drop_ties); a judge: the one of 2 it prefers (undecided and invalid judgements out of
-    the loss). The one place that knows where preferences come from: add a new source here."""
+    """Stages 3-4 for K*B samples of B prompts. The one place that knows where preferences come from."""
     args, B = run.args, len(prompts)
     if run.judged:
         p, valid, kept, failed = judge(run, prompts, samples.texts[:B], samples.texts[B:])
@@ -642,18 +610,18 @@ def preferences(run: Rollout, prompts: list, samples: Samples, columns: dict) ->
                      {"p_chosen": p_chosen})
     scores = score(run, prompts * args.num_samples, samples, columns)  # (K*B,)
     chosen, rejected, tie = pair(scores, args.num_samples, args.tie_threshold)
-    kept = ~tie if args.drop_ties else torch.ones_like(tie)
-    return Pairs(chosen, rejected, kept, scores[torch.cat([chosen, rejected])], {"pairs/ties": tie.float()},
+    unscored = scores[chosen].isnan()  # the best is unscored: so are all of the prompt's samples
+    kept = ~unscored & ~(tie & args.drop_ties)
+    return Pairs(chosen, rejected, kept, scores[torch.cat([chosen, rejected])],
+                 {"pairs/ties": tie.float(), "pairs/unscored": unscored.float()},
                  {"score_chosen": scores[chosen], "score_rejected": scores[rejected]})
 
 
-# ------------------------------------------------------------------------------
-# Log-probs and loss
+# ---- Log-probs and loss
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, impl: str = "fused"):
-    """Per-token log p(completion token | prompt, earlier tokens), (N, T), 0 at padding. fused: no logits at all, the
-    last hidden states folded with the lm_head weight tile by tile (kernels/); naive: float32 logits (the oracle)."""
+    """Per-token log p of the completion tokens, (N, T), 0 at padding; fused: no logits at all (kernels/)."""
     ids = torch.cat([prompt_ids, completion_ids], 1)
     mask = torch.cat([prompt_mask, completion_mask], 1)
     T = completion_ids.size(1)
@@ -670,29 +638,25 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
                 logits_to_keep=no_logits, output_hidden_states=True)
     hidden = out.hidden_states[-1][:, -T - 1 : -1]  # (N, T, H) after the final norm; position P-1+t predicts token t
     real = completion_mask.bool()
-    # The head's weight is read after the forward: under FSDP2 the root keeps it gathered until backward.
+    # The head's weight is read after the forward: FSDP2's root keeps it gathered until backward.
     logps = linear_logprobs(hidden[real], head.weight, completion_ids[real])  # (real tokens,)
     return logps.new_zeros(completion_ids.shape).index_put((real,), logps)
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float, loss_type: str):
-    """Per-pair loss (B,) from completion log-probs summed over tokens; h: how much more than the reference the policy
-    prefers the chosen completion to the rejected one."""
+    """Per-pair loss (B,); h: how much more than the reference the policy prefers the chosen completion."""
     h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     if loss_type == "ipo":  # squared distance of h from 1 / (2 beta)
         return (h - 1 / (2 * beta)) ** 2
     return -F.logsigmoid(beta * h)  # sigmoid: the DPO loss
 
 
-# ------------------------------------------------------------------------------
-# Metrics
+# ---- Metrics
 
 
 @torch.no_grad()
 def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta) -> dict:
-    """Per-sample values of every logged metric (TRL's names and formulas), logged as means since the last log.
-    logps, ref_logps (2B, T), summed over real tokens (TRL also sums padding); chosen, rejected: rows of the pairs in
-    the loss; scores None (a judge decided): no score metrics."""
+    """Per-sample values of every logged metric (TRL's names and formulas); scores None: a judge decided."""
     logp, ref_logp = (logps * completion_mask).sum(1), (ref_logps * completion_mask).sum(1)  # (2B,)
     kl = logp - ref_logp
     non_score_reward = -beta * kl
@@ -721,44 +685,11 @@ def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, ha
     }
 
 
-@dataclass
-class Window:
-    """What a logged metric averages over: per metric the sum of its per-sample values and their count; the clock."""
-    sums: dict = field(default_factory=dict)
-    counts: dict = field(default_factory=dict)
-    start: float = field(default_factory=time.perf_counter)
-    sampling: float = 0.0  # seconds in rollout()
-    steps: int = 0
-
-    def add(self, values: dict, counts: dict | None = None) -> None:  # per-sample tensors, or a window's sums, counts
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + (v if counts is not None else v.sum())
-            self.counts[k] = self.counts.get(k, 0) + (counts[k] if counts is not None else v.numel())
-
-    def means(self, **extra) -> dict:
-        """Each metric's mean over all ranks' samples (one all_reduce: what one process would log for the global
-        batch), then `extra` and the times."""
-        elapsed, keys = time.perf_counter() - self.start, list(self.sums)
-        means, tokens = {}, 0.0
-        if keys:  # none when every step since the last log was skipped (NaN/inf); the same on every rank
-            device = self.sums[keys[0]].device
-            counts = torch.tensor([float(self.counts[k]) for k in keys], dtype=torch.float64, device=device)
-            packed = torch.stack([torch.stack([self.sums[k].double() for k in keys]), counts])  # (2, metrics)
-            if dist.is_initialized():
-                dist.all_reduce(packed)
-            total, count = packed.tolist()
-            means = {k: s / c if c else math.nan for k, s, c in zip(keys, total, count)}
-            tokens = dict(zip(keys, total)).get("completions/mean_length", 0)  # all ranks' completion tokens
-        return means | extra | {"time/step": elapsed / self.steps, "time/sampling": self.sampling / self.steps,
-                                "time/tokens_per_s": tokens / elapsed}
-
-
-# ------------------------------------------------------------------------------
-# Schedule and optimizer
+# ---- Schedule and optimizer
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
-    """Multiplier of the peak learning rate before optimizer step `step` (0-based), as transformers' schedulers."""
+    """The multiplier of the peak learning rate before optimizer step `step`, as transformers' schedulers."""
     if step < warmup:
         return step / max(1, warmup)
     progress = (step - warmup) / max(1, total - warmup)
@@ -770,7 +701,7 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
 
 
 def make_optimizer(policy, args: Args, plan: "Plan"):
-    """AdamW without weight decay on biases and norm weights; warmup, then the decay of --lr_scheduler_type."""
+    """AdamW, no weight decay on biases and norms; warmup, then --lr_scheduler_type's decay."""
     decay = [p for p in policy.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in policy.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -779,83 +710,69 @@ def make_optimizer(policy, args: Args, plan: "Plan"):
         optimizer, lambda step: lr_factor(step, plan.warmup, plan.total, args.lr_scheduler_type))
 
 
-def optimizer_step(policy, optimizer, scheduler, max_grad_norm: float, loss_sum: torch.Tensor, stop: bool):
-    """Clip, AdamW, schedule; a NaN/inf loss or gradient on any rank skips the step on all, but the schedule still
-    advances (its data was used). The same all_reduce spreads a stop signal. -> grad norm, skipped, stop."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm or float("inf"))
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-    flags = torch.stack([~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm),
-                         torch.tensor(stop, device=grad_norm.device)]).float()
-    if dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    skipped, stop = (bool(f) for f in flags.tolist())
-    if not skipped:
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, skipped, stop
-
-
-# ------------------------------------------------------------------------------
-# main(): set up, then the training loop
+# ---- main(): set up, then the training loop
 
 
 def main(args: Args):
-    """Train; returns the policy (sharded under FSDP2). Under torchrun every rank runs this; the process group
-    stays up for the caller (the command line closes it)."""
-    # 0. Check what can be checked before a model loads: flags, resume point, output_dir, data, reward functions.
+    """Train; returns the policy (sharded under FSDP2). Under torchrun every rank runs this."""
+    # 0. Check what can be checked before a model loads: flags, files, data, models, rewards, the judge.
     check_args(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     resume = resume_point(args, world)  # the checkpoint to continue from, or None
     check_output_dir(args)
     reward_funcs = [load_reward_func(spec) for spec in args.reward_funcs]
     dataset, test_set = load_prompts(args)
-    tokenizer = load_tokenizer(resume or args.model_name_or_path, args.trust_remote_code)
-    for path in args.reward_model_path:
-        check_reward_model(path, args)
-    reward_tokenizers = [load_tokenizer(path, args.trust_remote_code) for path in args.reward_model_path]
+    tokenizer, config = load_tokenizer(resume or args.model_name_or_path, args, "--model_name_or_path")
+    check_loading(args, config)
+    reward_tokenizers = [load_tokenizer(path, args, "--reward_model_path")[0] for path in args.reward_model_path]
     check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs)
-    judge_tokenizer = load_tokenizer(args.judge_model_path, args.trust_remote_code) if args.judge_model_path else None
+    judge_tokenizer = load_tokenizer(args.judge_model_path, args, "--judge_model_path")[0] if args.judge_model_path \
+        else None
     answer_ids = judge_answer_ids(judge_tokenizer) if judge_tokenizer else None
+    if args.judge_api_base:
+        check_judge_api(args)
     plan = make_plan(args, len(dataset), world)
     B, GA, K = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_samples
 
-    # One process per device; rank 0 alone prints, writes files and talks to wandb (is_main()).
+    # One process per device; rank 0 alone prints and writes (is_main()).
     rank, world, device = init_distributed(args)
-    set_seed(args.seed)  # Python's, NumPy's and torch's streams: reward functions may draw too
+    set_seed(args.seed)  # Python, NumPy and torch: reward functions may draw too
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
 
-    # 1. Models: the policy (a resumed run's from its checkpoint), the frozen reference, the reward models or judge.
+    # 1. Models: the policy (resumed: from its checkpoint), the frozen reference, the reward models or judge.
     policy, train_model = load_policy(resume or args.model_name_or_path, args, device, world, bf16)
     frozen = dict(args=args, device=device, shard=world > 1 and args.shard_frozen_models, bf16=bf16)
     ref = load_frozen(AutoModelForCausalLM, args.ref_model_path or args.model_name_or_path, **frozen,
                       **json_dict(args.model_init_kwargs, "model_init_kwargs"))
     reward_models = [(load_frozen(AutoModelForSequenceClassification, path, **frozen, num_labels=1,
-                                  pad_token_id=tok.pad_token_id), tok)  # it finds each row's end by the pad id
+                                  pad_token_id=tok.pad_token_id), tok)  # it finds rows' ends by the pad id
                      for path, tok in zip(args.reward_model_path, reward_tokenizers)]
     judge_model = load_frozen(AutoModelForCausalLM, args.judge_model_path, **frozen) if judge_tokenizer else None
     run = Rollout(args, tokenizer, rank, world, device, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
                   *sampling_settings(args, tokenizer, policy), reward_models, reward_funcs,
                   (judge_model, judge_tokenizer, answer_ids) if judge_model else None)
-    say("preferences from: " + feedback_source(args))
+    say("preferences from " + (f"the judge {args.judge_model_path or args.judge_api_model}" if run.judged else
+                               f"the best and worst of {K} samples by " + " + ".join([*args.reward_model_path,
+                                                                                      *args.reward_funcs])))
     generator = torch.Generator(device).manual_seed(args.seed + rank)  # each rank samples its own completions
     optimizer, scheduler = make_optimizer(policy, args, plan)
 
     state = {"step": 0, "epoch": 0.0, "micro_batches_done": 0, "world_size": world, "nonfinite_steps": 0,
-             "nonfinite_in_a_row": 0, "wandb_id": None}  # trainer_state.json
+             "nonfinite_in_a_row": 0, "empty_steps": 0, "empty_in_a_row": 0, "wandb_id": None}  # trainer_state.json
     window = Window()  # the metrics since the last log
-    if resume:  # where the checkpoint left: optimizer, schedule, data position, random streams, metric sums
+    if resume:  # where the checkpoint left: optimizer, schedule, data, random streams, metric sums
         state, window = load_checkpoint(resume, policy, optimizer, scheduler, generator, rank, device)
-    start_output_dir(args, resume)
+    start_output_dir(args, resume, state)
     log = Log(args, plan, state, resume is not None)
     eval_prompts, eval_columns = held_out(args, test_set, rank, world)
-    reference = []  # the reference's answers to them, sampled once: it never changes
+    reference = []  # the reference's answers, sampled once: it never changes
     data = micro_batches(dataset, args, plan, rank, world, state["micro_batches_done"])
 
     with stop_signals() as signals:  # SIGTERM (preemption), Ctrl-C: finish the step, save a checkpoint, exit
         for step in range(state["step"] + 1, plan.total + 1):
             beta = args.beta[min((step - 1) // plan.per_epoch, len(args.beta) - 1)]  # one per epoch, then the last
-            micro = Window()  # this step's metrics; they join the window unless the step is skipped
+            micro = Window()  # this step's metrics
+            last_good = rank_state(generator, window)  # what a broken reward function or judge rewinds to
             for micro_step in range(GA):
                 batch = next(data)
                 prompts = batch.pop(args.dataset_prompt_column)
@@ -863,9 +780,14 @@ def main(args: Args):
                 # 2. Sample K completions per prompt from the policy as it is now; rows [all 1st samples, ..., K-th].
                 samples = rollout(run, policy, prompts * K, generator, window)
 
-                # 3-4. Feedback and pairs: per prompt the best and the worst sample by reward, or the one the judge
-                # prefers. The other dataset columns go to the reward functions.
-                pairs = preferences(run, prompts, samples, {k: v * K for k, v in batch.items()})
+                # 3-4. Feedback and pairs: per prompt the best and the worst sample by reward, or the judge's choice.
+                try:
+                    pairs = preferences(run, prompts, samples, {k: v * K for k, v in batch.items()})
+                except FeedbackError as e:  # one process: save the step before (a resume is exact)
+                    saved = world == 1 and step > 1 and save_checkpoint(policy, optimizer, scheduler, tokenizer, args,
+                                                                       progress(state, step - 1, plan, args), last_good)
+                    raise TrainingError(f"step {step}: {e}; " + (f"saved {saved}: fix it, then resume with "
+                                        "--resume_from_checkpoint latest" if saved else "nothing saved")) from None
                 pick = torch.cat([pairs.chosen, pairs.rejected])  # (2B,) rows: chosen completions, then rejected
 
                 # 5. Log-probs of the pairs' completions under the policy (with grad) and the reference, (2B, T).
@@ -876,38 +798,41 @@ def main(args: Args):
                     with torch.no_grad():
                         ref_logps = completion_logprobs(ref, *sampled, args.logprob_impl)
 
-                # 6. Loss: DPO or IPO per pair, averaged over the pairs kept (none kept: 0; every rank still runs
-                # backward, so DDP and FSDP stay in step).
+                # 6. Loss: DPO or IPO per pair, averaged over the pairs kept (none: 0, and backward keeps DDP in step).
                 logp, ref_logp = logps.sum(1), ref_logps.sum(1)  # (2B,)
                 losses = dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], beta, args.loss_type)  # (B,)
                 kept = pairs.kept
                 (torch.where(kept, losses, 0.0).sum() / kept.sum().clamp(min=1) / GA).backward()
-                in_loss = torch.arange(B, device=device)[kept]  # rows of the kept pairs' chosen; rejected: + B
+                in_loss = torch.arange(B, device=device)[kept]  # the kept pairs' rows among the 2B
                 micro.add(step_metrics(logps.detach(), ref_logps, sampled[3], pairs.scores, in_loss, in_loss + B,
                                        samples.has_eos[pick], losses[kept], beta) | pairs.metrics)
 
-            # 7. Optimizer step: clip, AdamW, schedule; skipped on every rank if the loss or gradient is NaN/inf on one.
-            grad_norm, skipped, stopping = optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
-                                                          micro.sums["loss"], bool(signals))
-            count_skipped(state, skipped, step, args.max_nonfinite_steps)  # an error after too many in a row
-            if not skipped:
+            # 7. Optimizer step: clip, AdamW, schedule; skipped on all ranks for a NaN/inf, or if no pair was kept.
+            grad_norm, status, stopping = optimizer_step(policy, optimizer, scheduler, args.max_grad_norm, micro,
+                                                         bool(signals))
+            halt = count_steps(state, status, step, args, micro)  # why the run stops now, or None
+            if status != "nonfinite":
                 window.add(micro.sums, micro.counts)
             window.steps += 1
             log.bar.update(1)
 
             # 8. Log (means over all ranks since the last log), the completions, an evaluation, a checkpoint.
-            if step % plan.log == 0 or step == plan.total:
+            if step % plan.log == 0 or step == plan.total or halt:
                 log.line(step, window.means(learning_rate=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                                            epoch=step / plan.per_epoch, nonfinite_steps=state["nonfinite_steps"]))
+                                            epoch=step / plan.per_epoch, nonfinite_steps=state["nonfinite_steps"],
+                                            empty_steps=state["empty_steps"]))
                 window = Window()
             if plan.completions and step % plan.completions == 0:
                 log.pairs(step, prompts, samples.texts, pairs)  # the last micro-batch's
             if plan.eval and step % plan.eval == 0 and step < plan.total and eval_prompts:
                 log.line(step, *evaluate(run, policy, ref, eval_prompts, eval_columns, reference))
-            if (plan.save and step % plan.save == 0 and step < plan.total) or stopping:
-                state |= {"step": step, "epoch": step / plan.per_epoch, "micro_batches_done": step * GA}
-                mine = rank_state(generator, window)
-                saved = save_checkpoint(policy, optimizer, scheduler, tokenizer, args, state, mine)
+            if (plan.save and step % plan.save == 0 and step < plan.total) or stopping or halt:
+                state = progress(state, step, plan, args)
+                saved = save_checkpoint(policy, optimizer, scheduler, tokenizer, args, state,
+                                        rank_state(generator, window))
+            if halt:
+                log.close()
+                raise TrainingError(f"{halt}; saved {saved}")
             if stopping:
                 say(f"stopped by a signal after step {step}; saved {saved}: continue with "
                     "--resume_from_checkpoint latest")
@@ -917,10 +842,11 @@ def main(args: Args):
 
     # 9. Save the policy where from_pretrained(output_dir) finds it.
     log.bar.close()
-    save_model(policy, tokenizer, args, args.output_dir)
+    save_final(policy, optimizer, scheduler, tokenizer, args, progress(state, plan.total, plan, args),
+               rank_state(generator, window), plan)
     say(f"saved the trained model to {args.output_dir}")
 
-    # 10. Before / after: the reference and the trained policy answer the same held-out prompts, scored as in training.
+    # 10. Before / after: reference and trained policy answer the same held-out prompts, scored as in training.
     if eval_prompts:
         logs, records = evaluate(run, policy, ref, eval_prompts, eval_columns, reference)
         log.line(plan.total, logs, records)
@@ -931,102 +857,93 @@ def main(args: Args):
     return policy
 
 
-# ==============================================================================
-# Below: what a first reading can skip. Checks of the inputs, checkpoints and resume, the judges' mechanics,
-# evaluation, logs and reports, the Hub, the command line.
-# ==============================================================================
+# ==== Below: what a first reading can skip
 
 
-# ------------------------------------------------------------------------------
-# Checks of the flags and of what they point at, before any model loads
+# ---- Checks of the inputs
 
-GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "do_sample", "suppress_tokens",
-                   "eos_token_id")
+GENERATION_KEYS = "temperature top_k top_p min_p repetition_penalty do_sample suppress_tokens eos_token_id".split()
+GE0, GE1, GT0, FINITE = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1"), (lambda v: v > 0, "> 0"), (
+    lambda v: True, "finite")
+RULES = {  # the values a numeric flag may take (never NaN or infinite)
+    "max_new_tokens": GE1, "per_device_train_batch_size": GE1, "gradient_accumulation_steps": GE1, "beta": GT0,
+    "num_samples": (lambda v: v >= 2, ">= 2 (a pair needs two completions)"), "temperature": GT0,
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "top_k": GE0, "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "repetition_penalty": GT0, "missing_eos_penalty": (lambda v: v >= 0, ">= 0 (it is subtracted)"),
+    "tie_threshold": GE0, "judge_undecided": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "judge_api_concurrency": GE1,
+    "judge_api_retries": GE0, "judge_api_timeout": GT0, "reward_weights": FINITE, "learning_rate": GE0,
+    "warmup_steps": GE0, "weight_decay": GE0, "max_grad_norm": GE0, "num_train_epochs": FINITE, "logging_steps": GT0,
+    "save_steps": GE0, "eval_steps": GE0, "log_completions_steps": GE0, "save_total_limit": GE1,
+    "max_nonfinite_steps": GE1, "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"), "eval_prompts": GE0,
+}
 
 
-def json_dict(text: str | None, flag: str) -> dict:
-    if not text:
-        return {}
+def bad_number(flag, value):
+    ok, what = RULES[flag]
+    for v in value if isinstance(value, tuple) else () if value is None else (value,):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and ok(v)):
+            return f"{flag} must be {what}, got {value!r}"
+    return None
+
+
+def json_dict(text, flag):
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--{flag} must be a JSON object such as '{{\"key\": 1}}', got {text!r} ({e})") from None
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        value = None
     if not isinstance(value, dict):
         raise UsageError(f"--{flag} must be a JSON object such as '{{\"key\": 1}}', got {text!r}")
     return value
 
 
-# Lower bounds of numeric flags, (bound, comparison); a NaN passes none.
-LOWER_BOUNDS = {
-    "max_new_tokens": (1, ">="), "per_device_train_batch_size": (1, ">="), "gradient_accumulation_steps": (1, ">="),
-    "num_samples": (2, ">="), "temperature": (0, ">"), "top_k": (0, ">="), "repetition_penalty": (0, ">"),
-    "missing_eos_penalty": (0, ">="), "tie_threshold": (0, ">="), "judge_api_concurrency": (1, ">="),
-    "judge_api_retries": (0, ">="), "judge_api_timeout": (0, ">"), "learning_rate": (0, ">="),
-    "warmup_steps": (0, ">="), "logging_steps": (0, ">"), "save_steps": (0, ">="), "eval_steps": (0, ">="),
-    "log_completions_steps": (0, ">="), "save_total_limit": (1, ">="), "max_nonfinite_steps": (1, ">="),
-    "eval_prompts": (0, ">="),
-}
-LOWER_BOUND_HINTS = {"num_samples": " (a pair needs two completions)", "top_k": " (0 turns it off)",
-                     "temperature": " (for greedy: --generation_kwargs '{\"do_sample\": false}')",
-                     "missing_eos_penalty": " (it is subtracted)", "save_total_limit": " (or None to keep every one)",
-                     "eval_prompts": " (0 skips the before/after comparison)"}
-
-
-def check_args(args: Args) -> None:
-    """Fail before anything is loaded. Fills in the default reward model."""
+def check_args(args):
+    """The flags alone. Fills in the default reward model."""
     judge = args.judge_model_path or args.judge_api_base
     if args.reward_model_path is None:
         args.reward_model_path = () if args.reward_funcs or judge else (QUICK_START_REWARD_MODEL,)
     n_rewards = len(args.reward_model_path) + len(args.reward_funcs)
-    for flag, (bound, op) in LOWER_BOUNDS.items():
-        value = getattr(args, flag)
-        if value is not None and not (value > bound if op == ">" else value >= bound):
-            raise UsageError(f"--{flag} must be {op} {bound}{LOWER_BOUND_HINTS.get(flag, '')}, got {value}")
+    generation = json_dict(args.generation_kwargs, "generation_kwargs")
+    json_dict(args.model_init_kwargs, "model_init_kwargs")
+    try:
+        (args.judge_prompt or JUDGE_PROMPT).format(prompt="", response_a="", response_b="")
+        braces = None
+    except (KeyError, IndexError, ValueError) as e:
+        braces = f"{type(e).__name__}: {e}"
     problems = [
         (args.loss_type not in ("sigmoid", "ipo"), f"--loss_type must be sigmoid or ipo, got {args.loss_type!r}"),
-        (len(args.beta) == 0 or min(args.beta, default=0) <= 0,
-         f"--beta needs one or more positive values, got {args.beta}"),
-        (args.max_new_tokens >= args.max_length,
-         f"--max_new_tokens ({args.max_new_tokens}) must be smaller than --max_length ({args.max_length}): "
-         "prompts get max_length - max_new_tokens tokens; raise --max_length or lower --max_new_tokens"),
-        (not 0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}"),
-        (args.min_p is not None and not 0 <= args.min_p <= 1, f"--min_p must be in [0, 1], got {args.min_p}"),
-        (not 0 <= args.judge_undecided < 0.5, f"--judge_undecided must be in [0, 0.5), got {args.judge_undecided}"),
+        (min(args.beta, default=0) <= 0, f"--beta needs one or more positive values, got {args.beta}"),
+        (args.max_new_tokens >= args.max_length, f"--max_new_tokens ({args.max_new_tokens}) must be smaller than "
+                                                 f"--max_length ({args.max_length})"),
         (n_rewards == 0 and not judge, "no reward: give --reward_model_path and/or --reward_funcs, or a judge"),
-        (judge and n_rewards > 0, "a judge and rewards both given: preferences come from one or the other; drop "
-                                  "--judge_* or --reward_model_path/--reward_funcs"),
+        (judge and n_rewards > 0, "a judge and rewards both given: drop one"),
         (args.judge_model_path and args.judge_api_base, "--judge_model_path and --judge_api_base: give one judge"),
         (args.judge_api_base is not None and not args.judge_api_model, "--judge_api_base needs --judge_api_model"),
-        (judge and args.num_samples != 2, f"a judge compares two completions: --num_samples must be 2 with it, got "
-                                          f"{args.num_samples} (best-and-worst of K needs rewards)"),
-        (judge and args.missing_eos_penalty is not None, "--missing_eos_penalty lowers reward scores; a judge gives "
-                                                         "none: drop it (the judge sees unfinished answers)"),
+        (judge and args.num_samples != 2, f"a judge compares two completions: --num_samples must be 2 with it"),
+        (judge and args.missing_eos_penalty is not None, "--missing_eos_penalty lowers reward scores: drop it"),
         (args.reward_weights is not None and len(args.reward_weights) != n_rewards,
          f"--reward_weights has {len(args.reward_weights or ())} values but there are {n_rewards} rewards "
          f"({len(args.reward_model_path)} reward models + {len(args.reward_funcs)} reward functions)"),
         (args.max_steps <= 0 and args.num_train_epochs <= 0, "set --max_steps > 0 or --num_train_epochs > 0"),
         (args.resume_from_checkpoint is not None and args.overwrite_output_dir,
-         "--resume_from_checkpoint continues a run and --overwrite_output_dir starts afresh: give one of them"),
+         "--resume_from_checkpoint and --overwrite_output_dir: give one of them"),
         (os.path.isfile(args.output_dir), f"--output_dir {args.output_dir!r} is a file; give a directory"),
-        (args.shard_frozen_models and args.distributed != "fsdp",
-         "--shard_frozen_models shards with FSDP2: add --distributed fsdp, or drop the flag"),
+        (args.shard_frozen_models and args.distributed != "fsdp", "--shard_frozen_models shards with FSDP2: add "
+                                                                  "--distributed fsdp"),
+        *[(True, "--" + p) for flag in RULES if (p := bad_number(flag, getattr(args, flag)))],
+        (bool(set(generation) - set(GENERATION_KEYS)), f"--generation_kwargs: unsupported keys "
+         f"{sorted(set(generation) - set(GENERATION_KEYS))}; supported: {', '.join(GENERATION_KEYS)}"),
+        *[(True, f"--generation_kwargs {p}") for k, v in generation.items() if k in RULES and (p := bad_number(k, v))],
+        (type(generation.get("top_k", 0)) is not int, "--generation_kwargs top_k must be an integer"),
+        (generation.get("do_sample", True) is not True, "--generation_kwargs do_sample must be true, got "
+         f"{generation.get('do_sample')!r}: greedy decoding makes both samples the same, so nothing is learnt"),
+        (braces is not None, "--judge_prompt may use {prompt}, {response_a}, {response_b} and no other braces "
+                             f"(literal ones: {{{{ and }}}}): {braces}"),
+        (args.judge_prompt is not None and braces is None and not all(
+            f"{{{k}}}" in args.judge_prompt for k in ("prompt", "response_a", "response_b")),
+         "--judge_prompt must contain {prompt}, {response_a} and {response_b}"),
     ]
-    for bad, message in problems:
-        if bad:
-            raise UsageError(message)
-    json_dict(args.model_init_kwargs, "model_init_kwargs")
-    try:
-        (args.judge_prompt or JUDGE_PROMPT).format(prompt="", response_a="", response_b="")
-    except (KeyError, IndexError, ValueError) as e:
-        raise UsageError(f"--judge_prompt may use {{prompt}}, {{response_a}} and {{response_b}} and no other braces "
-                         f"(write {{{{ and }}}} for literal ones): {type(e).__name__}: {e}") from None
-    if args.judge_prompt is not None and not all(f"{{{k}}}" in args.judge_prompt
-                                                 for k in ("prompt", "response_a", "response_b")):
-        raise UsageError("--judge_prompt must contain {prompt}, {response_a} and {response_b}")
-    unknown = set(json_dict(args.generation_kwargs, "generation_kwargs")) - set(GENERATION_KEYS)
-    if unknown:
-        raise UsageError(f"--generation_kwargs: unsupported keys {sorted(unknown)}; supported: "
-                         f"{', '.join(GENERATION_KEYS)}")
+    if message := next((m for bad, m in problems if bad), None):
+        raise UsageError(message)
     if args.push_to_hub:
         import huggingface_hub
 
@@ -1034,16 +951,23 @@ def check_args(args: Args) -> None:
             raise UsageError("--push_to_hub needs a Hub token: run `hf auth login` or set HF_TOKEN")
 
 
-def check_output_dir(args: Args) -> None:
+def check_output_dir(args):
+    """Writable, and no input in it: the run would overwrite it."""
+    out = os.path.realpath(args.output_dir)
+    for flag, path in [("--model_name_or_path", args.model_name_or_path), ("--ref_model_path", args.ref_model_path),
+                       ("--judge_model_path", args.judge_model_path), ("--dataset_name", args.dataset_name),
+                       *[("--reward_model_path", p) for p in args.reward_model_path]]:
+        real = os.path.realpath(path) if path and os.path.exists(path) else None
+        if real == out or real and args.overwrite_output_dir and real.startswith(out + os.sep):
+            raise UsageError(f"{flag} {path!r} is in --output_dir, which this run would overwrite: give another one")
     try:  # every rank: on several nodes each has its own disk
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()
     except OSError as e:
-        raise UsageError(f"--output_dir {args.output_dir!r} is not writable ({e.strerror}); give a directory you can "
-                         "write to") from None
+        raise UsageError(f"--output_dir {args.output_dir!r} is not writable ({e.strerror}); give another") from None
 
 
-def load_reward_func(spec: str) -> Callable:
+def load_reward_func(spec):
     """`module:function` (importable from the working directory) or `path/to/file.py:function`."""
     module_name, _, func_name = spec.rpartition(":")
     if not module_name or not func_name:
@@ -1051,8 +975,6 @@ def load_reward_func(spec: str) -> Callable:
     try:
         if module_name.endswith(".py"):
             loader = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
-            if loader is None or not os.path.isfile(module_name):
-                raise FileNotFoundError(module_name)
             module = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(module)
         else:
@@ -1067,86 +989,138 @@ def load_reward_func(spec: str) -> Callable:
     return func
 
 
-def reward_column(out, func, n: int, device: torch.device) -> torch.Tensor:
-    """A reward function's return value as (n,) scores, None as NaN; anything else is refused, naming the function."""
+def reward_column(out, func, n, device):
     name = getattr(func, "__name__", repr(func))
     if not isinstance(out, (list, tuple)) or len(out) != n:
-        raise UsageError(f"reward function {name} must return a list of {n} numbers (one per completion), "
-                         f"got {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}")
+        raise FeedbackError(f"reward function {name} must return a list of {n} numbers (one per completion), got "
+                            f"{type(out).__name__} {str(out)[:40]}")
     try:
         return torch.tensor([math.nan if r is None else float(r) for r in out], device=device)
     except (TypeError, ValueError):
-        raise UsageError(f"reward function {name} returned something that is not a number or None: "
-                         f"{out[:4]}...") from None
+        raise FeedbackError(f"reward function {name} returned something that is not a number or None: "
+                            f"{out[:4]}...") from None
 
 
-def load_prompts(args: Args):
-    """Train and held-out prompts (None without a test split): from the Hub, a save_to_disk directory, a directory of
-    split files (train.jsonl, test.jsonl) or one data file."""
-    name, train_split, test_split = args.dataset_name, args.dataset_train_split, args.dataset_test_split
-    ext = os.path.splitext(name)[1].lower()
-    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-    if os.path.isfile(name) and ext in builders:
-        if os.path.getsize(name) == 0:  # datasets fails on it with a bare StopIteration
-            raise UsageError(f"--dataset_name {name!r} is an empty file; give a file with one prompt per row")
-        splits = {train_split: datasets.load_dataset(builders[ext], data_files=name, split="train")}
-    elif os.path.isdir(name) and {"dataset_dict.json", "state.json"} & set(os.listdir(name)):
-        try:
+def load_prompts(args):
+    """Train and held-out prompts (None without a test split) from a data file or directory, or the Hub."""
+    name, train_split, test_split, column = (args.dataset_name, args.dataset_train_split, args.dataset_test_split,
+                                             args.dataset_prompt_column)
+    ext, builders = os.path.splitext(name)[1].lower(), {".json": "json", ".jsonl": "json", ".parquet": "parquet",
+                                                        ".csv": "csv"}
+    saved = os.path.isdir(name) and {"dataset_dict.json", "state.json"} & set(os.listdir(name))
+    if os.path.isfile(name) and ext not in builders:
+        raise UsageError(f"--dataset_name {name!r}: a data file must be .json, .jsonl, .parquet or .csv")
+    if os.path.isfile(name) and os.path.getsize(name) == 0:  # datasets fails on it with a bare StopIteration
+        raise UsageError(f"--dataset_name {name!r} is an empty file")
+    try:
+        if os.path.isfile(name):
+            splits = {train_split: datasets.load_dataset(builders[ext], data_files=name, split="train")}
+        elif saved:
             splits = datasets.load_from_disk(name)
-        except (IndexError, OSError, ValueError) as e:  # a dataset saved with no rows at all fails with IndexError
-            raise UsageError(f"--dataset_name {name!r}: datasets could not read this saved dataset "
-                             f"({type(e).__name__}: {e}); check that it holds prompts") from None
-        splits = splits if isinstance(splits, datasets.DatasetDict) else {train_split: splits}
-    else:
-        try:
+            splits = splits if isinstance(splits, datasets.DatasetDict) else {train_split: splits}
+        else:
             splits = datasets.load_dataset(name, args.dataset_config)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--dataset_name {name!r}: could not load it ({type(e).__name__}: {e}). Give a Hub "
-                             "dataset you can reach, a local directory or a .jsonl/.parquet file; "
-                             f"{OFFLINE_HINT}") from None
+    except Exception as e:  # a malformed file, a saved dataset without rows, the Hub out of reach
+        while e.__cause__ or e.__context__:
+            e = e.__cause__ or e.__context__
+        why = f"{type(e).__name__}: {e}"
+        raise UsageError(f"--dataset_name {name!r}: " + (
+            f"datasets could not read it ({why}); check that it is a valid {ext[1:]} file" if os.path.isfile(name) else
+            f"datasets could not read this saved dataset ({why}); check that it holds prompts" if saved else
+            f"could not load it ({why}). Give a Hub dataset you can reach, or a local one; " + OFFLINE_HINT)) from None
     if train_split not in splits:
         raise UsageError(f"--dataset_train_split {train_split!r} is not a split of {name!r}; splits: {list(splits)}")
     train, test = splits[train_split], splits.get(test_split) if test_split != train_split else None
-    for ds in (train, test) if test is not None else (train,):
-        if args.dataset_prompt_column not in ds.column_names:
-            close = difflib.get_close_matches(args.dataset_prompt_column, ds.column_names, n=1)
-            raise UsageError(f"--dataset_prompt_column {args.dataset_prompt_column!r} is not a column of {name!r}; "
-                             f"columns: {ds.column_names}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    for split, ds in ((train_split, train), (test_split, test)):
+        if ds is not None and column not in ds.column_names:
+            close = difflib.get_close_matches(column, ds.column_names, n=1)
+            raise UsageError(f"--dataset_prompt_column {column!r} is not a column of {name!r}; columns: "
+                             f"{ds.column_names}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        kinds = set()
+        for i, p in enumerate(ds.select_columns(column)[:][column] if ds else []):  # one column: cheap
+            chat = isinstance(p, list) and p != [] and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                          and isinstance(m.get("content"), str) for m in p)
+            kinds.add(chat)
+            if not (chat or isinstance(p, str) and p.strip()) or len(kinds) > 1:
+                raise UsageError(f"--dataset_name {name!r}, split {split!r}, row {i}: " + (
+                    "conversations and text mixed" if len(kinds) > 1 else f"the prompt is {p!r:.80}") + "; prompts are "
+                    "all non-empty text, or all lists of {role, content} messages")
     if len(train) == 0:
         raise UsageError(f"--dataset_name {name!r}: the {train_split!r} split is empty")
     return train, test
 
 
-def unreachable(what: str, path: str, error: OSError) -> UsageError:
+def unreachable(what, path, error):
     return UsageError(f"could not load {what} {path!r} ({error}). Give a Hub id you can reach or a local directory; "
                       f"{OFFLINE_HINT}")
 
 
-def check_reward_model(path: str, args: Args) -> None:
-    """From its config: a sequence classifier with one output (a causal LM would get a random score head, silently)."""
+def load_tokenizer(path, args, flag):
+    """-> the tokenizer (EOS pads if no pad token is in the embedding), the model's config."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:  # ValueError: a directory without tokenizer files
+        raise unreachable("the tokenizer of", path, e) from None
+    if not tokenizer("Hello world.", add_special_tokens=False)["input_ids"]:  # what a directory without its files gives
+        raise UsageError(f"could not load the tokenizer of {path!r}: it has no vocabulary; save it next to the model")
+    config = model_config(path, args, flag)
+    vocab = getattr(config, "vocab_size", None) or math.inf
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= vocab:
+        if tokenizer.eos_token_id is None or tokenizer.eos_token_id >= vocab:
+            raise UsageError(f"the tokenizer of {path!r} has no pad or EOS token in the model's {vocab} embeddings")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, config
+
+
+def model_config(path, args, flag):
+    """A reward model must be a classifier with one output, the others causal LMs (else a random head)."""
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: a directory without a model config
         raise unreachable("model", path, e) from None
-    kinds = config.architectures or []
-    if kinds and not any(k.endswith("ForSequenceClassification") for k in kinds):
-        raise UsageError(f"--reward_model_path {path!r} is a {kinds[0]}, not a reward model: loaded as one it would "
-                         "score with a randomly initialised head. Give a sequence-classification model with one output")
-    if config.num_labels != 1:
-        raise UsageError(f"--reward_model_path {path!r} has a head with {config.num_labels} outputs; a reward model "
-                         "gives one score per text (num_labels = 1)")
+    kinds, reward = config.architectures or [], flag == "--reward_model_path"
+    heads = [k.endswith(("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")) for k in kinds]
+    if kinds and (not any(heads) if reward else all(heads)):
+        raise UsageError(f"{flag} {path!r} is a {kinds[0]}, not a " + ("reward model" if reward else "causal LM") +
+                         ": loaded as one it would run a randomly initialised head")
+    if reward and config.num_labels != 1:
+        raise UsageError(f"--reward_model_path {path!r} has a head with {config.num_labels} outputs, not 1")
+    return config
 
 
-def check_prompts(args: Args, dataset, tokenizer, reward_tokenizers: list, reward_funcs: list, n: int = 512) -> None:
-    """The first n prompts, before the models load: chat templates for conversations, prompt lengths, and a trial
-    call of every reward function on placeholder completions."""
+LOADING_KEYS = set("attn_implementation dtype torch_dtype revision low_cpu_mem_usage use_safetensors variant cache_dir "
+                   "subfolder local_files_only token".split())  # from_pretrained's own arguments
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def check_loading(args, config):
+    """With the policy's config: --generation_kwargs token ids, --model_init_kwargs; the reference's kind."""
+    vocab = getattr(config, "vocab_size", None) or math.inf
+    for key, value in json_dict(args.generation_kwargs, "generation_kwargs").items():
+        ids = value if isinstance(value, list) else [value] if key == "eos_token_id" else [None]
+        if key in ("suppress_tokens", "eos_token_id") and not all(type(i) is int and 0 <= i < vocab for i in ids):
+            raise UsageError(f"--generation_kwargs {key} must be token ids in [0, {vocab}), got {value!r}")
+    kwargs = json_dict(args.model_init_kwargs, "model_init_kwargs")
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype", "float32"))
+    problems = [(k not in LOADING_KEYS and not hasattr(config, k), f"{k!r} is neither a from_pretrained argument "
+                                                                   "nor a field of the model's config") for k in kwargs]
+    problems += [(kwargs.get("attn_implementation", "sdpa") not in ATTENTION, "attn_implementation must be one of "
+                  + ", ".join(ATTENTION)), (dtype not in ("float32", "float64"), f"dtype must be float32 or float64, "
+                  f"got {dtype!r}: the policy keeps full-precision weights (--bf16 runs the matmuls in bf16)")]
+    if message := next((m for bad, m in problems if bad), None):
+        raise UsageError(f"--model_init_kwargs: {message}")
+    if args.ref_model_path:
+        model_config(args.ref_model_path, args, "--ref_model_path")
+
+
+def check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs, n=512):
     columns = dataset[: min(n, len(dataset))]
     prompts = columns.pop(args.dataset_prompt_column)
     chat = is_conversational(prompts[0])
     for path, reward_tokenizer in zip(args.reward_model_path, reward_tokenizers):
         if chat and reward_tokenizer.chat_template is None:
-            raise UsageError(f"the prompts are conversations but the tokenizer of reward model {path!r} has no chat "
-                             "template to lay them out with; use a reward model trained on chat data, or text prompts")
+            raise UsageError(f"the prompts are conversations: the tokenizer of reward model {path!r} has no chat "
+                             "template")
     try:
         lengths = [len(ids) for ids in prompt_token_ids(tokenizer, prompts)]
     except UsageError as e:
@@ -1155,28 +1129,20 @@ def check_prompts(args: Args, dataset, tokenizer, reward_tokenizers: list, rewar
     limit = args.max_length - args.max_new_tokens
     if min(lengths) > limit:
         raise UsageError(f"all {len(lengths)} prompts checked are longer than --max_length - --max_new_tokens = "
-                         f"{limit} tokens (the shortest has {min(lengths)}), so every one would lose its beginning: "
-                         "raise --max_length")
-    cut = sum(length > limit for length in lengths)
-    if cut:
-        say(f"note: {cut} of the first {len(lengths)} prompts are longer than {limit} tokens and lose their beginning")
+                         f"{limit} tokens (the shortest has {min(lengths)}): raise --max_length")
+    if cut := sum(length > limit for length in lengths):
+        say(f"note: {cut} of the first {len(lengths)} prompts are longer than {limit} tokens: cut from the left")
     texts = ["A placeholder answer."] * min(2, len(prompts))
     completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for func in reward_funcs:
-        try:
-            score_completions(prompts[:2], completions, ids, {k: v[:2] for k, v in columns.items()}, [], [func],
-                              torch.ones(1))
-        except UsageError:
-            raise
-        except Exception as e:
-            raise UsageError(f"reward function {getattr(func, '__name__', func)} fails on a trial call (2 dataset "
-                             f"prompts, placeholder completions): {type(e).__name__}: {e}") from None
+        score_completions(prompts[:2], completions, ids, {k: v[:2] for k, v in columns.items()}, [], [func],
+                          torch.ones(1), when=" on a trial call (2 dataset prompts, placeholder completions)")
 
 
 @dataclass
 class Plan:
-    """Steps per epoch, in all, of warmup; every how many steps to log, save, evaluate, write completions (0: never)."""
+    """Steps per epoch, in all, of warmup; every how many to log, save, evaluate, log completions (0: never)."""
     per_epoch: int
     total: int
     warmup: int
@@ -1186,26 +1152,22 @@ class Plan:
     completions: int
 
 
-def make_plan(args: Args, n_prompts: int, world: int) -> Plan:
+def make_plan(args, n_prompts, world):
     B, GA = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    per_epoch = n_prompts // (B * GA * world)
-    if per_epoch == 0:
+    if (per_epoch := n_prompts // (B * GA * world)) == 0:
         raise UsageError(f"the dataset has {n_prompts} prompts but one optimizer step needs per_device_train_batch_size"
-                         f" x gradient_accumulation_steps x processes = {B} x {GA} x {world} = {B * GA * world}; "
-                         "lower them")
+                         f" x gradient_accumulation_steps x processes = {B} x {GA} x {world} = {B * GA * world}")
     total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
     steps = [steps_of(v, total) for v in (args.warmup_steps, args.logging_steps, args.save_steps, args.eval_steps,
                                           args.log_completions_steps)]
     return Plan(per_epoch, total, steps[0], max(1, steps[1]), *steps[2:])
 
 
-def steps_of(value: float, total: int) -> int:
-    """TrainingArguments' convention: a value < 1 is a fraction of all steps."""
+def steps_of(value, total):  # TrainingArguments' convention: a value < 1 is a fraction of all
     return math.ceil(value * total) if 0 < value < 1 else int(value)
 
 
-def sampling_settings(args: Args, tokenizer, policy) -> tuple[dict, list[int]]:
-    """sample()'s keyword arguments: the flags, --generation_kwargs over them; and the stop ids (its eos_token_id)."""
+def sampling_settings(args, tokenizer, policy):
     generation = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
                   "repetition_penalty": args.repetition_penalty, "do_sample": True, "suppress_tokens": None}
     generation |= json_dict(args.generation_kwargs, "generation_kwargs")
@@ -1214,87 +1176,184 @@ def sampling_settings(args: Args, tokenizer, policy) -> tuple[dict, list[int]]:
     return generation, stop_ids
 
 
-def stop_token_ids(tokenizer, model) -> list[int]:
-    """The tokenizer's EOS plus the model's generation-config EOS ids (end-of-turn tokens of chat models)."""
+def stop_token_ids(tokenizer, model):
+    """The tokenizer's EOS and the generation config's EOS ids (chat models' end-of-turn)."""
     ids = {tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     return sorted(i for i in ids if i is not None)
 
 
-def count_skipped(state: dict, skipped: bool, step: int, limit: int) -> None:
-    """trainer_state.json's counters of steps skipped for a NaN/inf loss or gradient; too many in a row: an error."""
-    state["nonfinite_steps"] += skipped
-    state["nonfinite_in_a_row"] = state["nonfinite_in_a_row"] + 1 if skipped else 0
-    if state["nonfinite_in_a_row"] >= limit:
-        raise TrainingError(f"the loss or gradient was NaN/inf in {state['nonfinite_in_a_row']} steps in a row (up "
-                            f"to step {step}); each was skipped, so no weights changed. Lower --learning_rate or check "
-                            "the rewards and data, then resume from the last checkpoint")
+def check_launcher(world):  # started by torchrun, not a stale WORLD_SIZE
+    if missing := [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]:
+        raise UsageError(f"WORLD_SIZE is {world} but {', '.join(missing)} not set: unset it, or start with torchrun")
 
 
-# ------------------------------------------------------------------------------
-# Checkpoints, resume, the final save
-
-# Args that change neither which completions are drawn nor which update is made: a resumed run may change them.
-RESUMABLE_CHANGES = {"preset", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps",
-                     "save_steps", "save_total_limit", "max_nonfinite_steps", "eval_prompts", "report_to", "run_name",
-                     "push_to_hub", "hub_model_id", "bf16", "gradient_checkpointing", "distributed",
-                     "shard_frozen_models", "logprob_impl", "eval_steps", "log_completions_steps", "judge_api_key_env",
-                     "judge_api_concurrency", "judge_api_timeout", "judge_api_retries"}
+# ---- Faults during training
 
 
-def resume_point(args: Args, world: int) -> str | None:
-    """The checkpoint to continue from (None: a fresh run), checked against this run before anything loads."""
-    latest = os.path.join(args.output_dir, "latest")
-    path = args.resume_from_checkpoint
+@dataclass
+class Window:
+    """What logged metrics average over: sums and counts of per-sample values, and the clock."""
+    sums: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+    sampling: float = 0.0  # seconds in rollout()
+    steps: int = 0
+
+    def add(self, values, counts=None):  # per-sample tensors, or a window's sums, counts
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + (v if counts is not None else v.sum())
+            self.counts[k] = self.counts.get(k, 0) + (counts[k] if counts is not None else v.numel())
+
+    def means(self, **extra):
+        """Each metric's mean over all ranks' samples (one all_reduce), then `extra` and the times."""
+        elapsed, keys = time.perf_counter() - self.start, list(self.sums)
+        means, tokens = {}, 0.0
+        if keys:  # none when every step since the last log was skipped (the same on every rank)
+            device = self.sums[keys[0]].device
+            counts = torch.tensor([float(self.counts[k]) for k in keys], dtype=torch.float64, device=device)
+            packed = torch.stack([torch.stack([self.sums[k].double() for k in keys]), counts])  # (2, metrics)
+            if dist.is_initialized():
+                dist.all_reduce(packed)
+            total, count = packed.tolist()
+            means = {k: s / c for k, s, c in zip(keys, total, count) if c}  # no samples: no value
+            tokens = dict(zip(keys, total)).get("completions/mean_length", 0)  # all ranks' completion tokens
+        return means | extra | {"time/step": elapsed / self.steps, "time/sampling": self.sampling / self.steps,
+                                "time/tokens_per_s": tokens / elapsed}
+
+
+def optimizer_step(policy, optimizer, scheduler, max_grad_norm, micro, stop):
+    """Clip, AdamW, schedule; skipped on all ranks for a NaN/inf loss or grad, or no pair kept anywhere."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+    device = grad_norm.device
+    flags = torch.stack([~torch.isfinite(micro.sums["loss"]) | ~torch.isfinite(grad_norm),
+                         torch.tensor(micro.counts["loss"] > 0, device=device),
+                         torch.tensor(stop, device=device)]).float()
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, kept, stop = (bool(f) for f in flags.tolist())
+    status = "nonfinite" if nonfinite else "trained" if kept else "empty"
+    if status == "trained":
+        optimizer.step()
+        shards = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]  # FSDP2: this rank's
+        broken = (~torch.isfinite(torch.nn.utils.get_total_norm(shards))).float().reshape(1)
+        if isinstance(policy, FSDPModule):
+            dist.all_reduce(broken, op=dist.ReduceOp.MAX)
+        status = "broken" if broken.item() else status
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, status, stop
+
+
+MAX_EMPTY_STEPS = 5  # steps in a row with no pair that carries a preference: then the run stops
+EMPTY_CAUSES = {"pairs/unscored": "no reward scored the completions (None or NaN)", "pairs/ties": "the samples tied",
+                "judge/undecided": "the judge was undecided", "judge/invalid": "the judge gave no A or B (is it up?)"}
+
+
+def count_steps(state, status, step, args, micro):
+    for kind in ("nonfinite", "empty"):
+        state[f"{kind}_steps"] = state.get(f"{kind}_steps", 0) + (status == kind)
+        state[f"{kind}_in_a_row"] = state.get(f"{kind}_in_a_row", 0) + 1 if status == kind else 0
+    if status == "broken":
+        raise TrainingError(f"the update of step {step} made the weights NaN/inf (not saved); the latest checkpoint: "
+                            f"{latest_checkpoint(args)}")
+    if state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
+        return (f"the loss or gradient was NaN/inf in {state['nonfinite_in_a_row']} steps in a row (up to step "
+                f"{step}), each skipped: lower --learning_rate or check the rewards and data")
+    if state["empty_in_a_row"] >= MAX_EMPTY_STEPS:
+        share = {k: float(micro.sums[k]) / micro.counts[k] for k in EMPTY_CAUSES if micro.counts.get(k)}
+        return (f"no pair carried a preference in {MAX_EMPTY_STEPS} steps in a row (up to step {step}): "
+                + EMPTY_CAUSES[max(share, key=share.get)])
+    return None
+
+
+def progress(state, step, plan, args):  # trainer_state.json after `step`
+    return state | {"step": step, "epoch": step / plan.per_epoch,
+                    "micro_batches_done": step * args.gradient_accumulation_steps}
+
+
+def latest_checkpoint(args):
+    with contextlib.suppress(OSError), open(os.path.join(args.output_dir, "latest")) as f:
+        return os.path.join(args.output_dir, f.read().strip())
+    return "none"
+
+
+# ---- Checkpoints, resume, the final save
+
+# Args that change neither completions nor updates: a resumed run may change them.
+RESUMABLE_CHANGES = set("""preset output_dir resume_from_checkpoint overwrite_output_dir logging_steps save_steps
+    save_total_limit max_nonfinite_steps eval_prompts report_to run_name push_to_hub hub_model_id bf16
+    gradient_checkpointing distributed shard_frozen_models logprob_impl eval_steps log_completions_steps
+    judge_api_key_env judge_api_concurrency judge_api_timeout judge_api_retries""".split())
+CHECKPOINT_FILES = ("trainer_state.json", "online_dpo_args.json", "config.json", "optimizer.pt", "rank_states.pt")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def resume_point(args, world):
+    path, out = args.resume_from_checkpoint, args.output_dir
+    earlier = [n for n in ("config.json", "metrics.jsonl") if os.path.isfile(os.path.join(out, n))]
+    if path is None and (earlier or latest_checkpoint(args) != "none") and not args.overwrite_output_dir:
+        what = (f"checkpoints of an earlier run (latest: {os.path.basename(latest_checkpoint(args))}): add "
+                "--resume_from_checkpoint latest to continue it, or" if latest_checkpoint(args) != "none" else
+                f"an earlier run's {' and '.join(earlier)}: give another --output_dir, or")
+        raise UsageError(f"--output_dir {out!r} holds {what} --overwrite_output_dir to start afresh")
     if path is None:
-        if os.path.isfile(latest) and not args.overwrite_output_dir:
-            with open(latest) as f:
-                raise UsageError(f"--output_dir {args.output_dir!r} holds checkpoints of an earlier run (latest: "
-                                 f"{f.read().strip()}): add --resume_from_checkpoint latest to continue it, or "
-                                 "--overwrite_output_dir to delete them and start afresh")
         return None
-    if path == "latest":
-        if not os.path.isfile(latest):
-            raise UsageError(f"--resume_from_checkpoint latest: {args.output_dir!r} has no checkpoint yet (no `latest` "
-                             "file); give a checkpoint directory, or start without the flag")
-        with open(latest) as f:
-            path = os.path.join(args.output_dir, f.read().strip())
+    path = latest_checkpoint(args) if path == "latest" else path
+    if path == "none":
+        raise UsageError(f"--resume_from_checkpoint latest: {out!r} has no checkpoint yet")
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        what = "not a checkpoint of online_dpo.py (no trainer_state.json)" if os.path.isdir(path) else \
-            "no such directory"
+        what = "not a checkpoint of online_dpo.py" if os.path.isdir(path) else "no such directory"
         raise UsageError(f"--resume_from_checkpoint {path!r}: {what}; give output_dir/checkpoint-N, or `latest`")
-    with open(os.path.join(path, "online_dpo_args.json")) as f:
-        saved = json.load(f)
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        saved_world = json.load(f)["world_size"]
-    now = json.loads(json.dumps(asdict(args)))
-    differ = [f"--{k} is {saved.get(k)!r} there and {v!r} here" for k, v in now.items()
+    name = CHECKPOINT_FILES[0]
+    try:  # every file a resume reads is there and whole
+        for name in CHECKPOINT_FILES + tuple(f for f in os.listdir(path) if f.endswith(".safetensors")):
+            file = os.path.join(path, name)
+            if name.endswith(".json"):
+                read_json(file)
+            elif name.endswith(".pt"):
+                torch.load(file, weights_only=True, mmap=True)
+            else:
+                with safetensors.safe_open(file, "pt"):
+                    pass
+    except Exception as e:
+        step = int(m.group(1)) if (m := re.search(r"checkpoint-(\d+)$", path.rstrip("/"))) else math.inf
+        before = [int(d[11:]) for d in os.listdir(os.path.dirname(os.path.abspath(path)))
+                  if re.fullmatch(r"checkpoint-\d+", d) and int(d[11:]) < step]
+        raise UsageError(f"--resume_from_checkpoint {path!r}: {name} is missing or damaged ({type(e).__name__}: {e}); "
+                         + (f"resume from checkpoint-{max(before)}, the one before" if before else "and it is the "
+                            "first checkpoint")) from None
+    saved, saved_world = read_json(os.path.join(path, "online_dpo_args.json")), read_json(
+        os.path.join(path, "trainer_state.json"))["world_size"]
+    differ = [f"--{k} is {saved.get(k)!r} there and {v!r} here" for k, v in json.loads(json.dumps(asdict(args))).items()
               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if saved_world != world:  # the data order and the random streams are per rank
         differ.append(f"it ran on {saved_world} processes and this run has {world}")
     if differ:
-        raise UsageError(f"--resume_from_checkpoint {path!r} belongs to another run: {'; '.join(differ)}. Resume with "
-                         "the same values, or start a new run without --resume_from_checkpoint")
+        raise UsageError(f"--resume_from_checkpoint {path!r} belongs to another run: {'; '.join(differ)}")
     return path
 
 
-def start_output_dir(args: Args, resume: str | None) -> None:
-    """Resumed: `latest` points back at the checkpoint (later ones may be written again). --overwrite_output_dir:
-    old checkpoints go, `latest` first, so that it never names a deleted one."""
-    if not is_main():
-        return
-    if resume:
+def start_output_dir(args, resume, state):  # overwriting: the earlier checkpoints go once this run saved its own
+    if resume and is_main():
         replace_file(os.path.join(args.output_dir, "latest"), os.path.basename(os.path.normpath(resume)))
     elif args.overwrite_output_dir:
-        remove(os.path.join(args.output_dir, "latest"))
-        for name in os.listdir(args.output_dir):
-            if re.fullmatch(r"checkpoint-\d+(\.tmp)?", name):
-                remove(os.path.join(args.output_dir, name))
+        state["earlier"] = [n for n in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+(\.tmp)?|latest", n)]
 
 
-def gather_lists(items: list) -> list:
-    """Each rank's list, concatenated in rank order (on every rank)."""
+def remove_earlier(args, state, keep):
+    for name in state.pop("earlier", []) if is_main() else ():
+        if name not in (keep, "latest" if keep else ""):
+            remove(os.path.join(args.output_dir, name))
+
+
+def gather_lists(items):
     if not dist.is_initialized():
         return items
     parts = [None] * dist.get_world_size()
@@ -1302,36 +1361,37 @@ def gather_lists(items: list) -> list:
     return [x for part in parts for x in part]
 
 
-def rank_state(generator: torch.Generator, window: Window) -> dict:
-    """What this rank alone knows: its random streams and its metric sums since the last log."""
+def rank_state(generator, window):
     python, (name, keys, pos, has_gauss, gauss), cpu = global_streams()
     return {"python": python, "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
             "torch": cpu, "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-            "sampling": generator.get_state(), "sums": {k: v.cpu() for k, v in window.sums.items()},
-            "counts": dict(window.counts)}
+            "sampling": generator.get_state(), "sums": dict(window.sums), "counts": dict(window.counts)}
 
 
-def save_checkpoint(policy, optimizer, scheduler, tokenizer, args: Args, trainer_state: dict, mine: dict) -> str:
-    """output_dir/checkpoint-{step}: the policy (save_pretrained layout), tokenizer, Args, optimizer.pt (whole tensors
-    by parameter name, whatever the sharding), rank_states.pt, trainer_state.json; complete before it takes its name,
-    then `latest` names it, then save_total_limit prunes. Every rank calls it; rank 0 writes."""
+def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, trainer_state, mine):
+    """output_dir/checkpoint-{step}, complete before it takes its name; then `latest`. Rank 0 writes."""
     state_dict = full_state_dict(policy)
     if is_main() or isinstance(policy, FSDPModule):  # FSDP2: a collective; DDP: the other ranks' copies are the same
         optimizer_state = get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                                cpu_offload=True))
-    ranks = gather_lists([mine])
-    step = trainer_state["step"]
+    ranks = gather_lists([mine | {"sums": {k: v.cpu() for k, v in mine["sums"].items()}}])
+    step, earlier = trainer_state["step"], {"earlier": trainer_state.pop("earlier", [])}
     name = f"checkpoint-{step}"
     if not is_main():
         return name
-    with written_in_place(os.path.join(args.output_dir, name)) as tmp:
-        write_model(policy, state_dict, tokenizer, args, tmp)
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
-                   os.path.join(tmp, "optimizer.pt"))
-        torch.save(ranks, os.path.join(tmp, "rank_states.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(trainer_state, f, indent=2)
-    replace_file(os.path.join(args.output_dir, "latest"), name)
+    try:
+        with written_in_place(os.path.join(args.output_dir, name)) as tmp:
+            write_model(policy, state_dict, tokenizer, args, tmp)
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
+                       os.path.join(tmp, "optimizer.pt"))
+            torch.save(ranks, os.path.join(tmp, "rank_states.pt"))
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(trainer_state, f, indent=2)
+        replace_file(os.path.join(args.output_dir, "latest"), name)
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError
+        raise TrainingError(f"could not write {name} ({type(e).__name__}: {e}); the latest checkpoint is intact "
+                            f"({latest_checkpoint(args)})") from None
+    remove_earlier(args, earlier, name)
     if args.save_total_limit:
         steps = sorted(int(d[11:]) for d in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+", d))
         for old in steps[: -args.save_total_limit]:
@@ -1340,11 +1400,7 @@ def save_checkpoint(policy, optimizer, scheduler, tokenizer, args: Args, trainer
     return name
 
 
-def load_checkpoint(path: str, policy, optimizer, scheduler, generator, rank: int, device) -> tuple[dict, Window]:
-    """Optimizer, schedule and this rank's random streams set in place. -> trainer state, this rank's metric window
-    (its clock starts afresh: time/* measure the resumed run)."""
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
+def load_checkpoint(path, policy, optimizer, scheduler, generator, rank, device):
     saved = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, mmap=True)
     set_optimizer_state_dict(policy, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(saved["scheduler"])
@@ -1354,43 +1410,57 @@ def load_checkpoint(path: str, policy, optimizer, scheduler, generator, rank: in
     if mine["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda"])
     generator.set_state(mine["sampling"])
+    state = read_json(os.path.join(path, "trainer_state.json"))
     say(f"resuming from {path} at step {state['step']}")
     return state, Window({k: v.to(device) for k, v in mine["sums"].items()}, mine["counts"])
 
 
-def write_model(model, state_dict: dict | None, tokenizer, args: Args, directory: str) -> None:
+def write_model(model, state_dict, tokenizer, args, directory):
     """save_pretrained layout (safetensors) plus the tokenizer and the Args. Refuses NaN/inf weights."""
     tensors = state_dict if state_dict is not None else model.state_dict()
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise TrainingError(f"refusing to save weights with NaN/inf ({', '.join(bad[:3])}...); the last checkpoint "
-                            "is untouched: resume from it with a lower --learning_rate")
+    if bad := [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
+        raise TrainingError(f"refusing to save weights with NaN/inf ({', '.join(bad[:3])}...)")
     model.save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
     with open(os.path.join(directory, "online_dpo_args.json"), "w") as f:
         json.dump(asdict(args), f, indent=2)
 
 
-def full_state_dict(model) -> dict | None:
-    """FSDP2: rank 0 gets the whole state dict in CPU memory, every rank sending its shards. Else None."""
+def full_state_dict(model):
     if isinstance(model, FSDPModule):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return None
 
 
-def save_model(model, tokenizer, args: Args, path: str) -> None:
-    """The final model: its files move into `path` (which holds checkpoints and logs too) once all are written."""
+def save_model(model, tokenizer, args, path):
     state_dict = full_state_dict(model)
     if is_main():
         with written_in_place(path, merge=True) as tmp:
             write_model(model, state_dict, tokenizer, args, tmp)
 
 
+def save_final(policy, optimizer, scheduler, tokenizer, args, state, mine, plan):
+    """save_model, unless every step was skipped; if it fails (a full disk), a checkpoint takes the weights."""
+    if state["nonfinite_steps"] + state["empty_steps"] >= plan.total:
+        raise TrainingError(f"every one of the {plan.total} steps was skipped ({state['nonfinite_steps']} NaN/inf, "
+                            f"{state['empty_steps']} with no preference): no weights to save")
+    error = None
+    try:
+        save_model(policy, tokenizer, args, args.output_dir)
+    except (OSError, RuntimeError) as e:
+        error = f"{type(e).__name__}: {e}"
+    if error := next(filter(None, gather_lists([error])), None):  # rank 0 writes; every rank learns how it went
+        try:
+            where = f"they are in {save_checkpoint(policy, optimizer, scheduler, tokenizer, args, state, mine)}"
+        except TrainingError:
+            where = f"so did a checkpoint (the latest: {latest_checkpoint(args)})"
+        raise TrainingError(f"could not write the trained model into {args.output_dir!r} ({error}); {where}")
+    remove_earlier(args, state, "")
+
+
 @contextlib.contextmanager
-def written_in_place(path: str, merge: bool = False):
-    """Write a file or directory at the yielded temporary path; when the block ends it is on disk and takes `path`'s
-    place in one rename (merge: its files move into the directory `path`), so the old or the new is there, never a
-    part. A block that fails leaves nothing behind."""
+def written_in_place(path, merge=False):
+    """Write at the yielded path; at the end it takes `path`'s place in one rename: old or new, never part."""
     tmp = path.rstrip("/") + ".tmp"
     remove(tmp)  # left by a crash
     try:
@@ -1405,25 +1475,24 @@ def written_in_place(path: str, merge: bool = False):
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
         os.rmdir(tmp)
     else:
-        if os.path.isdir(path):  # a step saved again after resuming from an earlier one; `latest` names another
+        if os.path.isdir(path):  # a step saved again after resuming from an earlier one
             remove(path)
         os.replace(tmp, path)
 
 
-def replace_file(path: str, text: str) -> None:
+def replace_file(path, text):
     with written_in_place(path) as tmp, open(tmp, "w") as f:
         f.write(text)
 
 
-def remove(path: str) -> None:
+def remove(path):
     if os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)
 
 
-def fsync_tree(path: str) -> None:
-    """A file, or a directory and every file in it, on disk (before the rename that publishes it)."""
+def fsync_tree(path):  # a file, or a directory and its files, on disk
     for root, _, files in os.walk(path):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
@@ -1433,8 +1502,7 @@ def fsync_tree(path: str) -> None:
     os.close(fd)
 
 
-def open_log(path: str, keep_to_step: int | None):
-    """A .jsonl log to append to: empty for a fresh run (None), else its lines up to the step (a torn line goes)."""
+def open_log(path, keep_to_step):
     kept = []
     if keep_to_step is not None and os.path.exists(path):
         with open(path) as f:
@@ -1446,32 +1514,32 @@ def open_log(path: str, keep_to_step: int | None):
     return open(path, "a")
 
 
+STOP: list[int] = []  # the signals that came during stop_signals()
+
+
 @contextlib.contextmanager
 def stop_signals():
-    """Yields a list that SIGTERM (preemption) or Ctrl-C appends to; the loop checks it after each step, saves and
-    exits. A second signal kills at once."""
-    got = []
-
+    """SIGTERM and Ctrl-C go into STOP: the loop saves and exits after the step; a second kills."""
     def on_signal(signum, frame):
-        if got:
+        if STOP:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        got.append(signum)
+        STOP.append(signum)
 
+    STOP.clear()
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield got
+        yield STOP
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
 
-# ------------------------------------------------------------------------------
-# Sampling filters
+# ---- Sampling filters
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float | None = None) -> torch.Tensor:
-    """Set the logits of tokens outside top_k / top_p / min_p to -inf, in that order (as transformers does)."""
+def filter_logits(logits, top_k=0, top_p=1.0, min_p=None):
+    """Logits outside top_k / top_p / min_p to -inf, in that order (as transformers does)."""
     if top_k > 0 and top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -1486,39 +1554,34 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     return logits
 
 
-# ------------------------------------------------------------------------------
-# The judges: their question, asked locally (P(A) against P(B), one forward) or over HTTP
+# ---- The judges' mechanics
 
 JUDGE_PROMPT = ("Which of the two responses below answers the request better: more helpful, accurate and harmless?\n\n"
                 "Request:\n{prompt}\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
                 "Answer with one letter, A or B.")
 
 
-def as_text(x) -> str:  # a prompt or completion as the judge reads it: messages as `role: content` lines
+def as_text(x):  # a prompt or completion as the judge reads it: messages as `role: content` lines
     return "\n".join(f"{m['role']}: {m['content']}" for m in x) if is_conversational(x) else x
 
 
-def judge_texts(template: str, prompts: list, first: list, second: list) -> list[str]:
-    """Each pair twice, to cancel the judge's position bias: (first as A, second as B) for every pair, then swapped."""
+def judge_texts(template, prompts, first, second):
+    """Each pair twice, to cancel position bias: (first as A, second as B) for all, then swapped."""
     fill = [dict(prompt=as_text(p), response_a=as_text(a), response_b=as_text(b))
             for p, a, b in zip(prompts, first, second)]
     swapped = [f | dict(response_a=f["response_b"], response_b=f["response_a"]) for f in fill]
     return [template.format(**f) for f in fill + swapped]
 
 
-def judge_answer_ids(tokenizer) -> list[int]:
-    """The tokens "A" and "B" as the judge's answer starts: right after the chat template's assistant header, or
-    after "Answer:" (with a space) for a judge without a chat template."""
+def judge_answer_ids(tokenizer):
+    """The tokens A and B as an answer starts (after the assistant header, or after 'Answer:')."""
     lead = "" if tokenizer.chat_template is not None else " "
-    ids = [tokenizer.encode(lead + letter, add_special_tokens=False)[-1] for letter in "AB"]
-    if ids[0] == ids[1]:
-        raise UsageError("the judge's tokenizer gives the same token for A and B; use another --judge_model_path")
-    return ids
+    return [tokenizer.encode(lead + letter, add_special_tokens=False)[-1] for letter in "AB"]
 
 
 @torch.no_grad()
-def judge_locally(model, tokenizer, texts: list[str], answer_ids: list[int], batch_size: int):
-    """One forward per question, no generation. -> q = P(A) / (P(A) + P(B)) and mass = P(A) + P(B), (M,) each."""
+def judge_locally(model, tokenizer, texts, answer_ids, batch_size):
+    """One forward per question. -> q = P(A) / (P(A) + P(B)), mass = P(A) + P(B), (M,) each."""
     chat = tokenizer.chat_template is not None
     if chat:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
@@ -1538,69 +1601,86 @@ def judge_locally(model, tokenizer, texts: list[str], answer_ids: list[int], bat
     return torch.cat(q), torch.cat(mass)
 
 
-def judge_over_http(texts: list[str], args: Args):
-    """The questions to an OpenAI-compatible chat-completions endpoint, temperature 0, many in flight. An answer that
-    is not exactly A or B, or a request that failed its retries, is invalid, never guessed. -> q, mass, failed (M,)."""
-    url = args.judge_api_base.rstrip("/") + "/chat/completions"
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get(args.judge_api_key_env):
-        headers["Authorization"] = f"Bearer {os.environ[args.judge_api_key_env]}"
-
-    def ask(text: str) -> str | None:
-        body = json.dumps({"model": args.judge_api_model, "messages": [{"role": "user", "content": text}],
-                           "temperature": 0, "max_tokens": 4}).encode()
-        for attempt in range(args.judge_api_retries + 1):
-            if attempt:
-                time.sleep(min(0.25 * 2 ** attempt, 8.0) * (0.5 + random.random()))  # backoff with jitter
-            try:
-                request = urllib.request.Request(url, data=body, headers=headers)
-                with urllib.request.urlopen(request, timeout=args.judge_api_timeout) as response:
-                    return str(json.load(response)["choices"][0]["message"]["content"])
-            except urllib.error.HTTPError as e:
-                if e.code not in (408, 429) and e.code < 500:  # the request itself is wrong: retrying will not help
-                    return None
-            except (OSError, ValueError, KeyError, IndexError, TypeError):  # timeout, connection, malformed body
-                pass
-        return None
-
-    with concurrent.futures.ThreadPoolExecutor(args.judge_api_concurrency) as pool:
-        answers = list(pool.map(ask, texts))
+def judge_over_http(texts, args):
+    pool = concurrent.futures.ThreadPoolExecutor(args.judge_api_concurrency)
+    futures = [pool.submit(judge_request, text, args) for text in texts]
+    start = noted = time.perf_counter()
+    while (waiting := concurrent.futures.wait(futures, timeout=1.0).not_done) and not STOP:
+        if time.perf_counter() - noted >= 30:  # a step that waits on the judge says why
+            noted = time.perf_counter()
+            say(f"waiting for the judge at {args.judge_api_base}: {len(futures) - len(waiting)} of {len(futures)} "
+                f"answers in {noted - start:.0f} s (a request: up to {args.judge_api_timeout:g} s, then retried)")
+    pool.shutdown(wait=False, cancel_futures=True)
+    answers = [f.result() if f.done() and not f.cancelled() and f.exception() is None else None for f in futures]
+    # Not exactly A or B, or no answer: invalid, never guessed.
     letters = [m.group(1) if a is not None and (m := re.fullmatch(r"\s*([AB])\s*", a)) else None for a in answers]
     q = torch.tensor([1.0 if x == "A" else 0.0 for x in letters])
     mass = torch.tensor([0.0 if x is None else 1.0 for x in letters])
     return q, mass, torch.tensor([a is None for a in answers])
 
 
-# ------------------------------------------------------------------------------
-# Evaluation: the policy against the reference on held-out prompts
+def judge_request(text, args):
+    key = os.environ.get(args.judge_api_key_env)
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    body = json.dumps({"model": args.judge_api_model, "messages": [{"role": "user", "content": text}],
+                       "temperature": 0, "max_tokens": 4}).encode()
+    for attempt in range(args.judge_api_retries + 1):
+        if attempt:
+            time.sleep(min(0.25 * 2 ** attempt, 8.0) * (0.5 + random.random()))
+        try:
+            request = urllib.request.Request(args.judge_api_base.rstrip("/") + "/chat/completions", body, headers)
+            with urllib.request.urlopen(request, timeout=args.judge_api_timeout) as response:
+                return str(json.load(response)["choices"][0]["message"]["content"])
+        except urllib.error.HTTPError as e:
+            error = e
+            if e.code not in (408, 429) and e.code < 500:
+                break
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # timeout, connection, malformed body
+            error = e
+        if STOP:
+            break
+    raise error
 
 
-def held_out(args: Args, test_set, rank: int, world: int) -> tuple[list, dict]:
-    """This rank's equal share of the first --eval_prompts held-out prompts, and their other columns."""
+def check_judge_api(args):
+    """One trial question before any model loads: a wrong URL, model or key ends the run now."""
+    say(f"asking the judge at {args.judge_api_base} a trial question")
+    try:
+        answer = judge_request((args.judge_prompt or JUDGE_PROMPT).format(prompt="2 + 2?", response_a="4",
+                                                                          response_b="5"), args)
+    except Exception as e:
+        raise UsageError(f"--judge_api_base {args.judge_api_base!r}: a trial question failed ({type(e).__name__}: {e});"
+                         f" is it running? Check --judge_api_model and ${args.judge_api_key_env}") from None
+    if not re.fullmatch(r"\s*[AB]\s*", answer):
+        say(f"note: the judge answered {answer!r:.40} to a trial question, not A or B: invalid")
+
+
+# ---- Evaluation
+
+
+def held_out(args, test_set, rank, world):
     n = min(args.eval_prompts, len(test_set) if test_set is not None else 0) // world * world
     if args.eval_prompts and n == 0:
-        say(f"no policy/reference comparison: {args.dataset_name!r} has no {args.dataset_test_split!r} split with at "
-            f"least {world} prompts")
+        say(f"no policy/reference comparison: no {args.dataset_test_split!r} split of {world}+ prompts")
     columns = test_set[rank * n // world : (rank + 1) * n // world] if n else {}
     return columns.pop(args.dataset_prompt_column, []), columns
 
 
-def global_streams() -> tuple:
-    """Python's, NumPy's and torch's global random states (reward functions may draw from them)."""
+def global_streams():  # Python's, NumPy's and torch's random states: reward functions may draw
     return random.getstate(), np.random.get_state(), torch.get_rng_state()
 
 
-def set_global_streams(streams: tuple) -> None:
+def set_global_streams(streams):
     random.setstate(streams[0])
     np.random.set_state(streams[1])
     torch.set_rng_state(streams[2])
 
 
-def answers(run: Rollout, model, prompts: list, columns: dict, seed: int) -> tuple[list[str], torch.Tensor]:
-    """`model`'s answers, 2B prompts at a time, scored as in training (NaN with a judge). -> texts, scores (N,)."""
-    texts, scores, generator = [], [], torch.Generator(run.device).manual_seed(seed)
-    for i in range(0, len(prompts), 2 * run.args.per_device_train_batch_size):
-        chunk = slice(i, i + 2 * run.args.per_device_train_batch_size)
+def answers(run, model, prompts, columns, seed):
+    texts, scores, n = [], [], 2 * run.args.per_device_train_batch_size
+    generator = torch.Generator(run.device).manual_seed(seed)
+    for i in range(0, len(prompts), n):
+        chunk = slice(i, i + n)
         samples = rollout(run, model, prompts[chunk], generator)
         texts += samples.texts
         if run.judged:
@@ -1610,10 +1690,8 @@ def answers(run: Rollout, model, prompts: list, columns: dict, seed: int) -> tup
     return texts, torch.tensor(scores, dtype=torch.float64)
 
 
-def evaluate(run: Rollout, policy, ref, prompts: list, columns: dict, reference: list):
-    """Policy and reference answer this rank's held-out prompts from their own random streams (the reference once,
-    into `reference`). A win counts 1, a tie or undecided judgement 1/2, an invalid one not at all. The global random
-    streams stay as they were. -> logs, records (a dict per prompt, all ranks')."""
+def evaluate(run, policy, ref, prompts, columns, reference):
+    """Policy against reference on held-out prompts (a win 1, a tie 1/2). -> logs, records (all ranks')."""
     streams, seed = global_streams(), run.args.seed + 1 + run.rank
     if not reference:
         reference.extend(answers(run, ref, prompts, columns, seed))
@@ -1626,10 +1704,10 @@ def evaluate(run: Rollout, policy, ref, prompts: list, columns: dict, reference:
         counted = ~(scores.isnan() | ref_scores.isnan())
     set_global_streams(streams)
     records = gather_lists([{"prompt": pr[-1]["content"] if is_conversational(pr) else pr,  # the question asked
-                          "reference": rt, "reference_reward": float(rs), "trained": t, "trained_reward": float(s),
-                          "win": float(w) if c else math.nan}
-                         for pr, rt, rs, t, s, w, c in zip(prompts, ref_texts, ref_scores, texts, scores, wins,
-                                                           counted)])
+                             "reference": rt, "reference_reward": float(rs), "trained": t, "trained_reward": float(s),
+                             "win": float(w) if c else math.nan}
+                            for pr, rt, rs, t, s, w, c in zip(prompts, ref_texts, ref_scores, texts, scores, wins,
+                                                              counted)])
     won = [r["win"] for r in records if not math.isnan(r["win"])]
     logs = {"eval/win_rate": sum(won) / len(won) if won else math.nan, "eval/judged": len(won) / len(records)}
     if not run.judged:
@@ -1638,21 +1716,15 @@ def evaluate(run: Rollout, policy, ref, prompts: list, columns: dict, reference:
     return logs, records
 
 
-# ------------------------------------------------------------------------------
-# Logs and reports, the Hub, the command line
+# ---- Logs, reports, the command line
 
 
 class Log:
-    """Rank 0's record: a printed line per log step and metrics.jsonl, a micro-batch's pairs in completions.jsonl,
-    the same in wandb. On the other ranks it records nothing."""
+    """Rank 0's record: printed lines, metrics.jsonl, completions.jsonl, wandb (null for NaN)."""
 
-    def __init__(self, args: Args, plan: Plan, state: dict, resumed: bool):
-        self.on, self.total, self.wandb = is_main(), plan.total, None
-        keep = state["step"] if resumed else None
-        self.metrics = open_log(os.path.join(args.output_dir, "metrics.jsonl"), keep) if self.on else None
-        self.completions = None
-        if self.on and plan.completions:
-            self.completions = open_log(os.path.join(args.output_dir, "completions.jsonl"), keep)
+    def __init__(self, args, plan, state, resumed):
+        self.on, self.total, self.wandb, self.files, self.dir = is_main(), plan.total, None, {}, args.output_dir
+        self.keep = state["step"] if resumed else None  # a resumed run keeps the lines up to its checkpoint
         if self.on and args.report_to == "wandb":
             import wandb
 
@@ -1662,62 +1734,52 @@ class Log:
         self.bar = tqdm(total=plan.total, initial=state["step"], desc="online-dpo", dynamic_ncols=True,
                         disable=not self.on)
 
-    def line(self, step: int, logs: dict, records: list[dict] | None = None) -> None:
-        """A step's metrics (an evaluation's records: the wandb table eval/completions)."""
-        if not self.on:
-            return
-        self.bar.write(f"step {step}/{self.total} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
-        self.metrics.write(json.dumps({"step": step, **logs}) + "\n")
-        self.metrics.flush()
-        if self.wandb:
+    def write(self, name, records):
+        if name not in self.files:
+            self.files[name] = open_log(os.path.join(self.dir, name), self.keep)
+        finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
+                  for r in records]
+        self.files[name].write("".join(json.dumps(r, allow_nan=False) + "\n" for r in finite))
+        self.files[name].flush()
+
+    def line(self, step, logs, records=None):
+        if self.on:
+            self.bar.write(f"step {step}/{self.total} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+            self.write("metrics.jsonl", [{"step": step, **logs}])
+        if self.on and self.wandb:
             self.wandb.log(logs | ({"eval/completions": self.table(records)} if records else {}), step=step)
 
-    def pairs(self, step: int, prompts: list, texts: list[str], pairs: Pairs) -> None:
-        """A micro-batch's pairs: prompt, chosen, rejected, their scores or the judge's p_chosen, in_loss."""
-        if not self.on:
-            return
+    def pairs(self, step, prompts, texts, pairs):
         records = [{"step": step, "prompt": as_text(prompts[i]), "chosen": texts[pairs.chosen[i]],
                     "rejected": texts[pairs.rejected[i]], "in_loss": bool(pairs.kept[i])}
                    | {k: float(v[i]) for k, v in pairs.logged.items()} for i in range(len(prompts))]
-        self.completions.write("".join(json.dumps(r) + "\n" for r in records))
-        self.completions.flush()
-        if self.wandb:
+        if self.on:
+            self.write("completions.jsonl", records)
+        if self.on and self.wandb:
             self.wandb.log({"completions": self.table(records)}, step=step)
 
-    def table(self, records: list[dict]):
+    def table(self, records):
         return self.wandb.Table(columns=list(records[0]), data=[list(r.values()) for r in records])
 
-    def close(self) -> None:
+    def close(self):
         self.bar.close()
-        for file in (self.metrics, self.completions):
-            if file is not None:
-                file.close()
+        for file in self.files.values():
+            file.close()
         if self.wandb:
             self.wandb.finish()
 
 
-def feedback_source(args: Args) -> str:
-    if args.judge_model_path:
-        return f"the judge {args.judge_model_path} (P(A) against P(B), both orders)"
-    if args.judge_api_base:
-        return f"the judge {args.judge_api_model} at {args.judge_api_base} (A or B, both orders)"
-    rewards = " + ".join([*args.reward_model_path, *args.reward_funcs])
-    return f"the best and the worst of {args.num_samples} samples by {rewards}"
-
-
-def before_after(records: list[dict], show: int = 4, width: int = 100) -> str:
-    """Some held-out prompts with both answers, both mean rewards with the standard error of their difference, the
-    win rate."""
-    def cut(text: str) -> str:
+def before_after(records, show=4, width=100):
+    """Some held-out prompts with both answers, both mean rewards, the win rate."""
+    def cut(text):
         text = " ".join(text.split())
         return text if len(text) <= width else text[: width - 3] + "..."
 
-    def tag(score: float) -> str:
+    def tag(score):
         return "" if math.isnan(score) else f"({score:+.2f})  "
 
-    rewarded = not math.isnan(records[0]["reference_reward"])
-    lines = ["before (reference) / after (trained) on held-out prompts" + (", reward in brackets:" if rewarded
-                                                                          else ":")]
+    rewarded = ", reward in brackets:" if not math.isnan(records[0]["reference_reward"]) else ":"
+    lines = ["before (reference) / after (trained) on held-out prompts" + rewarded]
     for i, r in enumerate(records[:show]):
         lines += [f"[{i + 1}] {cut(r['prompt'])}", f"    reference {tag(r['reference_reward'])}{cut(r['reference'])}",
                   f"    trained   {tag(r['trained_reward'])}{cut(r['trained'])}"]
@@ -1727,25 +1789,22 @@ def before_after(records: list[dict], show: int = 4, width: int = 100) -> str:
         stderr = math.sqrt(a.var() / len(a) + b.var() / len(b)) if min(len(a), len(b)) > 1 else math.nan
         lines.append(f"mean reward over {len(records)} held-out prompts: reference {a.mean():+.3f}, trained "
                      f"{b.mean():+.3f} (difference {b.mean() - a.mean():+.3f} +- {stderr:.3f} standard error)")
-    won = [r["win"] for r in records if not math.isnan(r["win"])]
-    if won:
+    if won := [r["win"] for r in records if not math.isnan(r["win"])]:
         lines.append(f"win rate of the trained policy over the reference: {sum(won) / len(won):.3f} on {len(won)} "
                      f"prompts (a tie counts 1/2)")
     return "\n".join(lines)
 
 
-def push_to_hub(args: Args) -> None:
+def push_to_hub(args):
     from huggingface_hub import HfApi
 
     repo = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    api = HfApi()
-    api.create_repo(repo, exist_ok=True)
-    api.upload_folder(folder_path=args.output_dir, repo_id=repo, ignore_patterns=["checkpoint-*", "latest"])
+    HfApi().create_repo(repo, exist_ok=True)
+    HfApi().upload_folder(folder_path=args.output_dir, repo_id=repo, ignore_patterns=["checkpoint-*", "latest"])
     print(f"pushed to https://huggingface.co/{repo}")
 
 
-def cli(argv: list[str] | None = None) -> Args:
-    """Parse flags; a --preset supplies the defaults that the other flags override (and that --help shows)."""
+def cli(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     preset = None
     for i, word in enumerate(argv):
@@ -1758,11 +1817,19 @@ def cli(argv: list[str] | None = None) -> Args:
                     description=__doc__.split("\n\n")[0])
 
 
-if __name__ == "__main__":
+def run(argv=None):
+    """The command line: train, or end in one line `online_dpo.py: error: ...`. -> the exit code."""
     try:
-        main(cli())
-    except (UsageError, TrainingError) as e:  # under torchrun every rank says it; the first to exit stops the others
-        sys.exit(f"online_dpo.py: error{' (rank ' + os.environ['RANK'] + ')' if 'RANK' in os.environ else ''}: {e}")
+        main(cli(argv))
+        return 0
+    except (UsageError, TrainingError, OSError) as e:
+        where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
+        print(f"online_dpo.py: error{where}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -96,7 +96,7 @@ def parse_judge_prompt(text: str) -> tuple[str, str, str]:
 
 
 class JudgeServer:
-    """Prefers the response with more "good" in it. The prompt's words script the misbehaviour:
+    """Prefers the response with more "good" in it (the longer one, if as many). The prompt's words script the misbehaviour:
     `slow` - the first attempt sleeps past the client's timeout; `flaky` - the first attempt gets a 500;
     `broken` - every attempt gets a 500; `garbled` - the answer is "Maybe"; `badjson` - the body is not JSON (first
     attempt only); `refused` - 400 (a client error: no retry). `attempts` counts requests per (prompt, A, B)."""
@@ -124,7 +124,8 @@ class JudgeServer:
                     time.sleep(server.slow_s)
                 if "badjson" in prompt and n == 1:
                     return self._send(200, b"not json")
-                answer = "Maybe" if "garbled" in prompt else " A\n" if a.count("good") > b.count("good") else "B"
+                better = (a.count("good"), len(a)) > (b.count("good"), len(b))  # equal "good": the longer wins
+                answer = "Maybe" if "garbled" in prompt else " A\n" if better else "B"
                 self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode())
 
             def _send(self, code, data):

@@ -241,6 +241,7 @@ def test_weights_with_nan_are_never_saved(tiny, tmp_path):
     with torch.no_grad():
         next(policy.parameters())[0, 0] = float("nan")
     with pytest.raises(TrainingError, match="refusing to save weights with NaN/inf"):
-        online_dpo.save_model(policy, online_dpo.load_tokenizer(args.output_dir, False), args, args.output_dir)
+        tokenizer = online_dpo.load_tokenizer(args.output_dir, args, "--model_name_or_path")[0]
+        online_dpo.save_model(policy, tokenizer, args, args.output_dir)
     after = _weights(args.output_dir)
     assert all(torch.equal(before[k], after[k]) for k in before)

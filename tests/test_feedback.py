@@ -130,7 +130,7 @@ def test_training_with_the_http_judge(tiny, tmp_path):
         main(args)
         logs = _lines(os.path.join(args.output_dir, "metrics.jsonl"))
         assert [m["judge/api_failures"] for m in logs] == [0.0, 0.0]
-        assert sum(server.attempts.values()) == 2 * 4 * 2  # steps x prompts x orders
+        assert sum(server.attempts.values()) == 2 * 4 * 2 + 1  # steps x prompts x orders, and the trial question
     finally:
         server.close()
 
@@ -171,17 +171,19 @@ def test_k_samples_train_on_the_best_and_the_worst_and_drop_ties(tiny, tmp_path,
         if (~tie).any():
             assert logs[step]["loss"] == pytest.approx(step_losses[~tie].mean().item(), rel=1e-6)
         else:
-            assert math.isnan(logs[step]["loss"])
+            assert "loss" not in logs[step]  # no pair in the loss: no loss to log (and the step is skipped)
     assert any(p[1][2].any() for p in paired) and not all(p[1][2].all() for p in paired)
 
 
-def test_every_pair_tied_changes_no_weight(tiny, tmp_path):
+def test_every_pair_tied_trains_nothing_and_saves_nothing(tiny, tmp_path):
+    """Every step skipped (no pair carried a preference): the run says so, and the input weights are not saved as
+    trained ones."""
     args = _args(tiny, tmp_path / "out", reward_funcs=("tests.rewards:zero",), drop_ties=True, max_steps=2)
-    main(args)
-    trained = online_dpo.load_model(online_dpo.AutoModelForCausalLM, args.output_dir, args).state_dict()
-    start = online_dpo.load_model(online_dpo.AutoModelForCausalLM, tiny["policy"], args).state_dict()
-    assert all(torch.equal(trained[k], start[k]) for k in start)
-    assert [m["pairs/ties"] for m in _lines(os.path.join(args.output_dir, "metrics.jsonl"))] == [1.0, 1.0]
+    with pytest.raises(online_dpo.TrainingError, match="every one of the 2 steps was skipped .*2 with no preference"):
+        main(args)
+    assert not os.path.exists(os.path.join(args.output_dir, "model.safetensors"))
+    logs = _lines(os.path.join(args.output_dir, "metrics.jsonl"))
+    assert [m["pairs/ties"] for m in logs] == [1.0, 1.0] and [m["empty_steps"] for m in logs] == [1, 2]
 
 
 def test_completions_file_holds_what_was_trained_on(tiny, tmp_path, tokenizer, monkeypatch):

@@ -80,11 +80,9 @@ def test_beta_per_epoch_ipo_and_the_eos_penalty(tiny, tmp_path):
 
 
 def test_generation_kwargs_reach_the_sampler(tiny, tmp_path):
-    greedy = _args(tiny, tmp_path, generation_kwargs='{"do_sample": false}', max_steps=1)
-    main(greedy)
-    (m,) = _read_metrics(greedy.output_dir)
-    assert m["objective/scores_margin"] == 0.0  # both samples of a prompt are the same greedy completion
-    assert m["logps/chosen"] == pytest.approx(m["logps/rejected"], abs=1e-4)
+    # Greedy decoding would make both samples of a prompt the same completion: no pair to learn from, so refused.
+    with pytest.raises(UsageError, match="do_sample must be true, got False: greedy decoding"):
+        main(_args(tiny, tmp_path, generation_kwargs='{"do_sample": false}', max_steps=1))
     # Suppressing ids 0..99 removes every token the reward counts, and the EOS (id 1) with them.
     suppressed = _args(tiny, tmp_path, generation_kwargs=json.dumps({"suppress_tokens": list(range(100))}), max_steps=1)
     main(suppressed)
@@ -176,13 +174,15 @@ def test_inputs_that_need_a_look_fail_before_any_model_loads(tiny, tmp_path, mon
         (dict(dataset_name=str(tmp_path / "filtered")), "the 'train' split is empty"),
         (dict(dataset_name=str(tmp_path / "no_rows")), "could not read this saved dataset .*check that it holds prompts"),
         (dict(max_length=9, max_new_tokens=8), "all 32 prompts checked are longer than --max_length - --max_new_tokens = 1"),
-        (dict(chat, model_name_or_path=_without_chat_template(tiny["policy"], tmp_path / "plain_policy")),
+        (dict(chat, model_name_or_path=_without_chat_template(tiny["policy"], tmp_path / "plain_policy_model",
+                                                              with_model=True)),
          "tokenizer of .*plain_policy.*: conversational prompts need a tokenizer with a chat template"),
         (dict(chat, reward_model_path=(_without_chat_template(tiny["reward"], tmp_path / "plain_rm", with_model=True),)),
          "tokenizer of reward model .*plain_rm' has no chat template"),
         (dict(reward_model_path=(str(tmp_path / "two_labels"),)), "has a head with 2 outputs"),
         (dict(reward_model_path=(tiny["policy"],)), "is a Qwen2ForCausalLM, not a reward model"),
-        (dict(reward_model_path=(str(tmp_path / "plain_policy"),)), "could not load model .*plain_policy"),  # no config.json
+        (dict(reward_model_path=(_without_chat_template(tiny["policy"], tmp_path / "plain_policy"),)),
+         "could not load model .*plain_policy"),  # a tokenizer and no config.json
         (dict(model_name_or_path=str(tmp_path / "bare")), "could not load the tokenizer of .*bare"),  # config.json alone
         (dict(per_device_train_batch_size=16, gradient_accumulation_steps=4), "the dataset has 32 prompts but one optimizer step needs"),
         (dict(push_to_hub=True), "--push_to_hub needs a Hub token"),
