@@ -718,8 +718,8 @@ def main(args: Args):
     # 0. Check what can be checked before a model loads: flags, files, data, models, rewards, the judge.
     check_args(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    resume = resume_point(args, world)  # the checkpoint to continue from, or None
     check_output_dir(args)
+    resume = resume_point(args, world)  # the checkpoint to continue from, or None
     reward_funcs = [load_reward_func(spec) for spec in args.reward_funcs]
     dataset, test_set = load_prompts(args)
     tokenizer, config = load_tokenizer(resume or args.model_name_or_path, args, "--model_name_or_path")
@@ -768,7 +768,7 @@ def main(args: Args):
     reference = []  # the reference's answers, sampled once: it never changes
     data = micro_batches(dataset, args, plan, rank, world, state["micro_batches_done"])
 
-    with stop_signals() as signals:  # SIGTERM (preemption), Ctrl-C: finish the step, save a checkpoint, exit
+    with stop_signals() as signals, log.bar:  # SIGTERM (preemption), Ctrl-C: finish the step, save, exit
         for step in range(state["step"] + 1, plan.total + 1):
             beta = args.beta[min((step - 1) // plan.per_epoch, len(args.beta) - 1)]  # one per epoch, then the last
             micro = Window()  # this step's metrics
@@ -841,7 +841,6 @@ def main(args: Args):
                 raise SystemExit(128 + signal.SIGINT if signal.SIGINT in signals else 0)
 
     # 9. Save the policy where from_pretrained(output_dir) finds it.
-    log.bar.close()
     save_final(policy, optimizer, scheduler, tokenizer, args, progress(state, plan.total, plan, args),
                rank_state(generator, window), plan)
     say(f"saved the trained model to {args.output_dir}")
@@ -1038,8 +1037,9 @@ def load_prompts(args):
                              f"{ds.column_names}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         kinds = set()
         for i, p in enumerate(ds.select_columns(column)[:][column] if ds else []):  # one column: cheap
-            chat = isinstance(p, list) and p != [] and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                          and isinstance(m.get("content"), str) for m in p)
+            chat = isinstance(p, list) and p != [] and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                and m["content"].strip() for m in p)
             kinds.add(chat)
             if not (chat or isinstance(p, str) and p.strip()) or len(kinds) > 1:
                 raise UsageError(f"--dataset_name {name!r}, split {split!r}, row {i}: " + (
@@ -1559,6 +1559,7 @@ def filter_logits(logits, top_k=0, top_p=1.0, min_p=None):
 JUDGE_PROMPT = ("Which of the two responses below answers the request better: more helpful, accurate and harmless?\n\n"
                 "Request:\n{prompt}\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
                 "Answer with one letter, A or B.")
+JUDGE_WAIT_S = 30
 
 
 def as_text(x):  # a prompt or completion as the judge reads it: messages as `role: content` lines
@@ -1606,7 +1607,7 @@ def judge_over_http(texts, args):
     futures = [pool.submit(judge_request, text, args) for text in texts]
     start = noted = time.perf_counter()
     while (waiting := concurrent.futures.wait(futures, timeout=1.0).not_done) and not STOP:
-        if time.perf_counter() - noted >= 30:  # a step that waits on the judge says why
+        if time.perf_counter() - noted >= JUDGE_WAIT_S:  # a step that waits on the judge says why
             noted = time.perf_counter()
             say(f"waiting for the judge at {args.judge_api_base}: {len(futures) - len(waiting)} of {len(futures)} "
                 f"answers in {noted - start:.0f} s (a request: up to {args.judge_api_timeout:g} s, then retried)")
@@ -1824,7 +1825,7 @@ def run(argv=None):
         return 0
     except (UsageError, TrainingError, OSError) as e:
         where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
-        print(f"online_dpo.py: error{where}: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"online_dpo.py: error{where}: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():

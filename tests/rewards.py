@@ -51,3 +51,27 @@ def raises(prompts, completions, **kwargs):
 def letter_e(prompts, completions, **kwargs):
     """A reward on the text alone: the fraction of its characters that are the letter e."""
     return [c.count("e") / max(1, len(c)) for c in completions]
+
+
+CALLS = []
+
+
+def breaks_on_call(prompts, completions, completion_ids, **kwargs):
+    """low_token_ids, except that its call number $FAIL_ON_CALL (counting the trial call before training) raises, as
+    a reward server that went down would. Reset with CALLS.clear()."""
+    import os
+
+    CALLS.append(1)
+    if str(len(CALLS)) == os.environ.get("FAIL_ON_CALL"):
+        raise ConnectionError("the reward server went away")
+    return low_token_ids(prompts, completions, completion_ids)
+
+
+def unscored(prompts, completions, **kwargs):
+    """No opinion on any completion."""
+    return [None] * len(prompts)
+
+
+def infinite(prompts, completions, completion_ids, **kwargs):
+    """An unbounded reward: +inf for the first completion of every batch, low_token_ids for the others."""
+    return [float("inf")] + low_token_ids(prompts, completions, completion_ids)[1:]

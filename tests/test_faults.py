@@ -1,0 +1,392 @@
+"""Bad inputs and faults (issue 15): each ends in one line `online_dpo.py: error: ...` naming the culprit, exit code 1,
+no traceback; what a user had is left byte for byte as it was. Runs are online_dpo.run (the command line) in this
+process, on the tiny test world: 2 steps, or none when the input is refused before any model loads."""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import time
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import online_dpo
+from tests import rewards
+from tests.judges import JudgeServer
+
+
+def _flags(tiny, out, *extra, reward=("--reward_funcs", "tests.rewards:low_token_ids")):
+    return ["--model_name_or_path", tiny["policy"], "--dataset_name", tiny["prompts.jsonl"], *reward,
+            "--max_new_tokens", "8", "--max_length", "48", "--per_device_train_batch_size", "4", "--max_steps", "2",
+            "--logging_steps", "1", "--save_steps", "0", "--learning_rate", "1e-3", "--eval_prompts", "0",
+            "--output_dir", str(out), *extra]
+
+
+def _refused(capsys, argv, *culprits):
+    """online_dpo.run(argv) ends with exit code 1 and one error line that names every culprit, and no traceback."""
+    code = online_dpo.run([str(a) for a in argv])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("online_dpo.py: error")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in captured.err, captured.err[-3000:]
+    for culprit in culprits:
+        assert culprit in errors[0], errors[0]
+    return errors[0], captured.out
+
+
+def _tree(path):
+    """Every file below path and a hash of its bytes."""
+    return {os.path.relpath(os.path.join(d, f), path): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, files in os.walk(path) for f in files}
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """The inputs must be refused before any model loads."""
+    def no_loading(*a, **kw):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(online_dpo, "load_model", no_loading)
+
+
+# ---- dataset contents: every row of the split, before anything loads
+
+@pytest.mark.parametrize("rows, culprits", [
+    (['{"prompt": "hello there"}', '{"prompt": [{"role": "user", "content": "hi"}]}'], ["row 1", "mixed"]),
+    (['{"prompt": 3}', '{"prompt": 4}'], ["row 0", "the prompt is 3"]),
+    (['{"prompt": "a cat"}', '{"prompt": null}'], ["row 1", "the prompt is None"]),
+    (['{"prompt": ["a", "b"]}'], ["row 0", "['a', 'b']"]),
+    (['{"prompt": [{"role": "user"}]}'], ["row 0", "{'role': 'user'}"]),
+    (['{"prompt": [{"role": "user", "content": ""}]}'], ["row 0", "'content': ''"]),
+    (['{"prompt": "a cat"}', '{"prompt": "  "}'], ["row 1", "the prompt is '  '"]),
+    (['{"prompt": "a cat"}', '{"prompt": "x"', '{"prompt": "y"}'], ["could not read it", "valid jsonl file"]),
+])
+def test_bad_dataset_rows_are_named(tiny, tmp_path, capsys, no_models, rows, culprits):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--dataset_name", data), "--dataset_name", *culprits)
+
+
+def test_data_files_that_are_not_what_they_say(tiny, tmp_path, capsys, no_models):
+    (tmp_path / "fake.parquet").write_text("not parquet at all")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--dataset_name", tmp_path / "fake.parquet"), "fake.parquet",
+             "could not read it", "valid parquet")
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--dataset_name", tmp_path / "prompts.txt"), "prompts.txt",
+             "must be .json, .jsonl, .parquet or .csv")
+    datasets.Dataset.from_dict({"prompt": [["x"], ["y"]]}).save_to_disk(str(tmp_path / "saved"))
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--dataset_name", tmp_path / "saved"), "row 0", "['x']")
+
+
+# ---- JSON flags: checked like the flags they stand for
+
+@pytest.mark.parametrize("kwargs, culprits", [
+    ({"temperature": 0}, ["--generation_kwargs temperature must be > 0, got 0"]),
+    ({"top_p": 0}, ["--generation_kwargs top_p must be in (0, 1]"]),
+    ({"temperature": "hot"}, ["temperature", "'hot'"]),
+    ({"temperature": float("nan")}, ["temperature", "nan"]),
+    ({"top_k": 2.5}, ["top_k must be an integer"]),
+    ({"suppress_tokens": [5, 4000]}, ["suppress_tokens must be token ids in [0, 400)"]),
+    ({"suppress_tokens": 5}, ["suppress_tokens"]),
+    ({"eos_token_id": -1}, ["eos_token_id"]),
+    ({"do_sample": "yes"}, ["do_sample must be true"]),
+    ({"do_sample": False}, ["greedy decoding makes both samples the same"]),
+])
+def test_generation_kwargs_values(tiny, tmp_path, capsys, no_models, kwargs, culprits):
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--generation_kwargs", json.dumps(kwargs)), *culprits)
+
+
+@pytest.mark.parametrize("kwargs, culprits", [
+    ({"attn_implementation": "magic"}, ["attn_implementation must be one of eager, sdpa"]),
+    ({"frobnicate": 1}, ["'frobnicate' is neither a from_pretrained argument nor a field of the model's config"]),
+    ({"dtype": "float17"}, ["dtype must be float32 or float64, got 'float17'"]),
+    ({"dtype": "float16"}, ["got 'float16'", "--bf16"]),
+    ({"torch_dtype": "bfloat16"}, ["got 'bfloat16'"]),
+])
+def test_model_init_kwargs_values(tiny, tmp_path, capsys, no_models, kwargs, culprits):
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--model_init_kwargs", json.dumps(kwargs)), "--model_init_kwargs",
+             *culprits)
+
+
+# ---- numbers
+
+@pytest.mark.parametrize("flag, value, culprit", [
+    ("--learning_rate", "nan", "--learning_rate must be >= 0, got nan"),
+    ("--learning_rate", "inf", "--learning_rate must be >= 0, got inf"),
+    ("--beta", "inf", "--beta must be > 0, got (inf,)"),
+    ("--temperature", "inf", "--temperature must be > 0, got inf"),
+    ("--missing_eos_penalty", "nan", "--missing_eos_penalty must be >= 0"),
+    ("--max_grad_norm", "-1", "--max_grad_norm must be >= 0, got -1.0"),
+    ("--weight_decay", "-0.1", "--weight_decay must be >= 0"),
+    ("--seed", "-1", "--seed must be in [0, 2**32)"),
+    ("--seed", str(2**32), "--seed must be in [0, 2**32)"),
+    ("--num_train_epochs", "inf", "--num_train_epochs must be finite"),
+    ("--reward_weights", "nan", "--reward_weights must be finite"),
+])
+def test_numbers_out_of_range(tiny, tmp_path, capsys, no_models, flag, value, culprit):
+    _refused(capsys, _flags(tiny, tmp_path / "out", flag, value), culprit)
+
+
+def test_a_run_whose_every_step_was_skipped_saves_nothing(tiny, tmp_path, capsys, monkeypatch):
+    loss = online_dpo.dpo_loss
+    monkeypatch.setattr(online_dpo, "dpo_loss", lambda *a, **kw: loss(*a, **kw) * float("nan"))
+    _refused(capsys, _flags(tiny, tmp_path / "out"), "every one of the 2 steps was skipped (2 NaN/inf")
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+def test_weights_made_nan_by_an_update_stop_the_run(tiny, tmp_path, capsys, monkeypatch):
+    step, calls = torch.optim.AdamW.step, []
+
+    def poisoning(self, *a, **kw):
+        out = step(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0][0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning)
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--max_steps", "3", "--save_steps", "1"),
+             "the update of step 2 made the weights NaN/inf", "checkpoint-1")
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+    assert sorted(d for d in os.listdir(tmp_path / "out") if d.startswith("checkpoint")) == ["checkpoint-1"]
+
+
+# ---- models in the wrong role
+
+def test_a_reward_model_as_reference_or_judge_is_refused(tiny, tmp_path, capsys, no_models):
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--ref_model_path", tiny["reward"]), "--ref_model_path",
+             "LlamaForSequenceClassification, not a causal LM")
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--judge_model_path", tiny["reward"], reward=()),
+             "--judge_model_path", "not a causal LM")
+
+
+def test_a_pad_token_outside_the_embedding_falls_back_to_eos(tiny, tmp_path):
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny["policy"], policy)
+    tokenizer = online_dpo.AutoTokenizer.from_pretrained(str(policy))
+    tokenizer.add_special_tokens({"pad_token": "<|my_pad|>"})  # id 400: one past the model's 400 embeddings
+    tokenizer.save_pretrained(str(policy))
+    assert tokenizer.pad_token_id == 400
+    argv = _flags(tiny, tmp_path / "out", "--model_name_or_path", policy, "--max_steps", "1")
+    assert online_dpo.run([str(a) for a in argv]) == 0
+
+
+# ---- rewards
+
+def test_a_reward_function_that_breaks_saves_the_last_good_step(tiny, tmp_path, capsys, monkeypatch):
+    """It breaks in step 3: checkpoint-2 is written from the state at the start of step 3, so that a resume, with the
+    function mended, ends bit for bit where a run that never broke ends."""
+    reward = ("--reward_funcs", "tests.rewards:breaks_on_call")
+    whole = tmp_path / "whole"
+    rewards.CALLS.clear()
+    assert online_dpo.run([str(a) for a in _flags(tiny, whole, "--max_steps", "4", reward=reward)]) == 0
+    out = tmp_path / "out"
+    rewards.CALLS.clear()
+    monkeypatch.setenv("FAIL_ON_CALL", "4")  # the trial call, steps 1 and 2, then step 3
+    _refused(capsys, _flags(tiny, out, "--max_steps", "4", reward=reward), "step 3: reward function breaks_on_call "
+             "fails: ConnectionError: the reward server went away", "saved checkpoint-2", "resume")
+    monkeypatch.delenv("FAIL_ON_CALL")
+    argv = _flags(tiny, out, "--max_steps", "4", "--resume_from_checkpoint", "latest", reward=reward)
+    assert online_dpo.run([str(a) for a in argv]) == 0
+    mine, theirs = load_file(str(out / "model.safetensors")), load_file(str(whole / "model.safetensors"))
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    lines = [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in open(out / "metrics.jsonl")]
+    assert lines == [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+                     for line in open(whole / "metrics.jsonl")]
+
+
+def test_an_unscored_completion_ranks_last():
+    """None from every reward: NaN, not 0, so a scored completion is chosen over it, whatever its score."""
+    def first(prompts, completions, **kw):
+        return [None, -1.0, None, -2.0]
+
+    def second(prompts, completions, **kw):
+        return [None, None, -5.0, -3.0]
+
+    total, _ = online_dpo.score_completions(["p0", "p1", "p0", "p1"], ["a", "b", "c", "d"], [[1]] * 4, {}, [],
+                                            [first, second], torch.ones(2))
+    assert math.isnan(total[0]) and total[1:].tolist() == [-1.0, -5.0, -5.0]
+    chosen, rejected, tie = online_dpo.pair(total, 2)
+    assert chosen.tolist() == [2, 1] and rejected.tolist() == [0, 3] and not tie.any()
+
+
+def test_steps_without_a_preference_stop_the_run_and_say_why(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    _refused(capsys, _flags(tiny, out, "--max_steps", "9", reward=("--reward_funcs", "tests.rewards:unscored")),
+             "no pair carried a preference in 5 steps in a row (up to step 5)", "no reward scored the completions",
+             "saved checkpoint-5")
+    logs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["empty_steps"] for m in logs] == [1, 2, 3, 4, 5] and all(m["pairs/unscored"] == 1.0 for m in logs)
+    assert not os.path.exists(out / "model.safetensors")
+
+
+def test_infinite_rewards_keep_metrics_jsonl_valid_json(tiny, tmp_path):
+    out = tmp_path / "out"
+    argv = _flags(tiny, out, "--log_completions_steps", "1", reward=("--reward_funcs", "tests.rewards:infinite"))
+    assert online_dpo.run([str(a) for a in argv]) == 0
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        records = [json.loads(line, parse_constant=refuse) for line in open(out / name)]
+        assert records
+    assert all(m["objective/scores"] is None for m in map(json.loads, open(out / "metrics.jsonl")))
+
+
+# ---- judges
+
+def test_an_api_judge_that_is_not_there_is_refused_before_loading(tiny, tmp_path, capsys, no_models):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    judge = ("--judge_api_model", "judge", "--judge_api_retries", "1")
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--judge_api_base", f"http://127.0.0.1:{port}/v1", *judge, reward=()),
+             "--judge_api_base", "a trial question failed", "is it running?")
+    mute = socket.socket()  # accepts connections, never answers
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()
+    try:
+        _refused(capsys, _flags(tiny, tmp_path / "out", "--judge_api_base", f"http://127.0.0.1:{mute.getsockname()[1]}/v1",
+                                "--judge_api_timeout", "0.5", *judge, reward=()), "a trial question failed", "timed out")
+    finally:
+        mute.close()
+
+
+def test_a_step_that_waits_on_the_judge_says_why(tiny, tmp_path, capsys, monkeypatch):
+    server = JudgeServer()
+    request = online_dpo.judge_request
+
+    def slow(text, args):
+        if "2 + 2?" not in text:  # not the trial question
+            time.sleep(1.5)
+        return request(text, args)
+
+    monkeypatch.setattr(online_dpo, "judge_request", slow)
+    monkeypatch.setattr(online_dpo, "JUDGE_WAIT_S", 0.2)
+    try:
+        argv = _flags(tiny, tmp_path / "out", "--judge_api_base", server.url, "--judge_api_model", "judge", "--max_steps",
+                      "1", reward=())
+        assert online_dpo.run([str(a) for a in argv]) == 0
+    finally:
+        server.close()
+    assert "waiting for the judge at" in capsys.readouterr().out
+
+
+# ---- files: nothing a user had is lost
+
+def _finished_run(tiny, out):
+    assert online_dpo.run([str(a) for a in _flags(tiny, out, "--save_steps", "1")]) == 0
+    return _tree(out)
+
+
+def test_a_finished_run_is_not_overwritten(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    _finished_run(tiny, out)
+    os.remove(out / "latest")  # a model and metrics.jsonl, no `latest`
+    for name in [n for n in os.listdir(out) if n.startswith("checkpoint")]:
+        shutil.rmtree(out / name)
+    before = _tree(out)
+    _refused(capsys, _flags(tiny, out), "holds an earlier run's config.json and metrics.jsonl", "--overwrite_output_dir")
+    assert _tree(out) == before
+    os.remove(out / "config.json")
+    before = _tree(out)
+    _refused(capsys, _flags(tiny, out), "holds an earlier run's metrics.jsonl")
+    assert _tree(out) == before
+
+
+def test_overwriting_keeps_the_earlier_run_until_this_one_has_something(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    before = _finished_run(tiny, out)
+    rewards.CALLS.clear()
+    monkeypatch.setenv("FAIL_ON_CALL", "2")  # the trial call passes, step 1 breaks
+    _refused(capsys, _flags(tiny, out, "--overwrite_output_dir", reward=("--reward_funcs", "tests.rewards:breaks_on_call")),
+             "step 1: reward function breaks_on_call fails", "nothing saved")
+    assert _tree(out) == before
+    # A run that gets to its end replaces everything of the earlier one: no stale checkpoint, no `latest`.
+    assert online_dpo.run([str(a) for a in _flags(tiny, out, "--overwrite_output_dir", "--max_steps", "1")]) == 0
+    assert sorted(os.listdir(out)) == sorted(n for n in before if "/" not in n and n != "latest")
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
+
+
+def test_inputs_are_never_in_the_output_dir(tiny, tmp_path, capsys, no_models):
+    model = tmp_path / "model"
+    shutil.copytree(tiny["policy"], model)
+    before = _tree(model)
+    _refused(capsys, _flags(tiny, model, "--model_name_or_path", model), "--model_name_or_path", "is in --output_dir")
+    _refused(capsys, _flags(tiny, tmp_path, "--model_name_or_path", model, "--overwrite_output_dir"),
+             "--model_name_or_path", "is in --output_dir")
+    assert _tree(model) == before
+
+
+@pytest.mark.parametrize("damage, culprit", [("missing", "optimizer.pt"), ("truncated", "model.safetensors"),
+                                             ("truncated", "rank_states.pt")])
+def test_a_damaged_checkpoint_is_named_with_the_one_before(tiny, tmp_path, capsys, two_checkpoints, no_models, damage,
+                                                           culprit):
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints, out)
+    file = out / "checkpoint-2" / culprit
+    if damage == "missing":
+        os.remove(file)
+    else:
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    _refused(capsys, _flags(tiny, out, "--resume_from_checkpoint", "latest", "--save_steps", "1", "--max_steps", "3"),
+             f"{culprit} is missing or damaged", "resume from checkpoint-1, the one before")
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny, tmp_path_factory):
+    """A finished 3-step run with checkpoint-1 and checkpoint-2."""
+    path = str(tmp_path_factory.mktemp("two_checkpoints") / "out")
+    assert online_dpo.run([str(a) for a in _flags(tiny, path, "--save_steps", "1", "--max_steps", "3")]) == 0
+    return path
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_one_before(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    save = torch.save
+
+    def full_disk(obj, file, *a, **kw):
+        if "checkpoint-2.tmp" in str(file):
+            open(file, "wb").write(b"half")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file")
+        return save(obj, file, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    _refused(capsys, _flags(tiny, out, "--save_steps", "1", "--max_steps", "3"), "could not write checkpoint-2",
+             "the latest checkpoint is intact", "checkpoint-1")
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "latest", "metrics.jsonl"]  # no checkpoint-2.tmp left
+    assert open(out / "latest").read() == "checkpoint-1"
+    online_dpo.AutoModelForCausalLM.from_pretrained(str(out / "checkpoint-1"))
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_trained_weights(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    write = online_dpo.write_model
+
+    def full_disk(model, state_dict, tokenizer, args, directory):
+        if directory.endswith("out.tmp"):  # the final save, not a checkpoint
+            raise OSError(28, "No space left on device")
+        return write(model, state_dict, tokenizer, args, directory)
+
+    monkeypatch.setattr(online_dpo, "write_model", full_disk)
+    _refused(capsys, _flags(tiny, out), "could not write the trained model", "No space left on device",
+             "they are in checkpoint-2")
+    assert not os.path.exists(out / "model.safetensors") and not os.path.exists(f"{out}.tmp")
+    online_dpo.AutoModelForCausalLM.from_pretrained(str(out / "checkpoint-2"))
+
+
+# ---- environment
+
+def test_a_stale_world_size_without_torchrun(tiny, tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--per_device_train_batch_size", "2"), "WORLD_SIZE is 2 but RANK",
+             "start with torchrun")
