@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Literal
 
 import datasets
 import numpy as np
@@ -917,7 +917,7 @@ def check_args(args):
         (judge and n_rewards > 0, "a judge and rewards both given: drop one"),
         (args.judge_model_path and args.judge_api_base, "--judge_model_path and --judge_api_base: give one judge"),
         (args.judge_api_base is not None and not args.judge_api_model, "--judge_api_base needs --judge_api_model"),
-        (judge and args.num_samples != 2, f"a judge compares two completions: --num_samples must be 2 with it"),
+        (judge and args.num_samples != 2, "a judge compares two completions: --num_samples must be 2 with it"),
         (judge and args.missing_eos_penalty is not None, "--missing_eos_penalty lowers reward scores: drop it"),
         (args.reward_weights is not None and len(args.reward_weights) != n_rewards,
          f"--reward_weights has {len(args.reward_weights or ())} values but there are {n_rewards} rewards "
@@ -1079,7 +1079,7 @@ def model_config(path, args, flag):
     except (OSError, ValueError) as e:  # ValueError: a directory without a model config
         raise unreachable("model", path, e) from None
     kinds, reward = config.architectures or [], flag == "--reward_model_path"
-    heads = [k.endswith(("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")) for k in kinds]
+    heads = [k.endswith("ForSequenceClassification") for k in kinds]
     if kinds and (not any(heads) if reward else all(heads)):
         raise UsageError(f"{flag} {path!r} is a {kinds[0]}, not a " + ("reward model" if reward else "causal LM") +
                          ": loaded as one it would run a randomly initialised head")
