@@ -4,29 +4,25 @@ Each optimizer step, for every prompt of the batch: sample K (2) completions fro
 models and/or functions score them, or an LLM judge compares them -> the better is "chosen", the worse "rejected"
 -> DPO (sigmoid) or IPO loss against a frozen reference model.
 
-    python online_dpo.py --preset tiny               # the embedded offline world (flags after it override it)
+    python online_dpo.py --preset tiny               # the embedded offline world (later flags override it)
     python online_dpo.py --preset qwen2-0.5b         # the spec's quick start: Qwen2-0.5B-Instruct on UltraFeedback
     torchrun --nproc_per_node 8 online_dpo.py --beta 0.1    # one process per GPU: DDP, or --distributed fsdp to shard
     python online_dpo.py --beta 0.1 --resume_from_checkpoint latest   # after a stop: the same flags, plus this
 
-Flags are spelled as in TRL's OnlineDPOConfig and transformers' TrainingArguments.
-
-How to read this file: main() first; its loop is one step in numbered stages. Above main(), what a step uses, in
-order; below it, what a first reading can skip (checks, faults, checkpoints, the judges' mechanics, evaluation, logs).
-One change, one place: a loss in dpo_loss, a reward as a reward function, a pair rule in pair, a source of
-preferences in preferences.
+Flags are spelled as in TRL's OnlineDPOConfig and transformers' TrainingArguments. Read main() first: its loop is
+one step in numbered stages; above it, what a step uses, in order; below, what a first reading can skip.
 """
 
 import concurrent.futures
 import contextlib
 import difflib
 import importlib
-import importlib.util
 import json
 import math
 import os
 import random
 import re
+import runpy
 import shutil
 import signal
 import sys
@@ -51,7 +47,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          StaticCache, set_seed)
+                          MinPLogitsWarper, StaticCache, TopKLogitsWarper, TopPLogitsWarper, get_scheduler, set_seed)
 from tyro.constructors import PrimitiveConstructorSpec
 
 from kernels import linear_logprobs, naive_token_logprobs
@@ -64,14 +60,14 @@ OFFLINE_HINT = "no network or no Hub access? `python online_dpo.py --preset tiny
 # ---- Args
 
 
-def _parse_bool(words: list[str]) -> bool:
-    word = words[0].lower() if words else "true"  # a bare `--flag` means True, as with HfArgumentParser
+def _parse_bool(words):
+    word = words[0].lower() if words else "true"  # a bare `--flag`: True, as with HfArgumentParser
     if word not in ("true", "1", "yes", "false", "0", "no"):
         raise ValueError(f"expected True or False, got {words[0]!r}")
     return word in ("true", "1", "yes")
 
 
-# Booleans accept `--flag`, `--flag True` and `--flag False`, the way TRL's commands write them.
+# Booleans take `--flag`, `--flag True` and `--flag False`, as TRL's commands write them.
 Bool = Annotated[bool, PrimitiveConstructorSpec(nargs=(0, 1), metavar="{True,False}", instance_from_str=_parse_bool,
                                                 is_instance=lambda x: isinstance(x, bool),
                                                 str_from_instance=lambda x: [str(x)])]
@@ -88,9 +84,9 @@ class Args:
     ref_model_path: str | None = None
     """frozen reference model; None: a frozen copy of the policy"""
     reward_model_path: tuple[str, ...] | None = None
-    """reward models (sequence classifiers); None: trl-lib/Qwen2-0.5B-Reward if nothing else rewards"""
+    """reward models (sequence classifiers); None: trl-lib/Qwen2-0.5B-Reward, unless other feedback"""
     reward_funcs: tuple[str, ...] = ()
-    """Python reward functions, `my_rewards:length_penalty` or `path/to/file.py:length_penalty`"""
+    """Python reward functions: `my_rewards:length_penalty` or `path/to/file.py:length_penalty`"""
     reward_weights: tuple[float, ...] | None = None
     """a weight per reward, reward models first; None: all 1.0"""
     dataset_name: str = "trl-lib/ultrafeedback-prompt"
@@ -100,53 +96,53 @@ class Args:
     dataset_train_split: str = "train"
     """split to train on"""
     dataset_test_split: str = "test"
-    """split of held-out prompts, to compare reference and trained policy on"""
+    """split of held-out prompts, on which reference and trained policy are compared"""
     eval_prompts: int = 64
-    """held-out prompts both models answer in a comparison (0: none)"""
+    """held-out prompts in a comparison (0: none)"""
     dataset_prompt_column: str = "prompt"
     """column of the prompts: text, or lists of {role, content} messages"""
     model_init_kwargs: str | None = None
     """JSON dict for from_pretrained of policy and reference, e.g. '{"attn_implementation": "sdpa"}'"""
     trust_remote_code: Bool = False
-    """let models and tokenizers run code from their Hub repository (only for sources you trust)"""
+    """let models and tokenizers run code from their Hub repository (trusted sources only)"""
 
     # --- online DPO (OnlineDPOConfig)
     beta: tuple[float, ...] = (0.1,)
-    """KL strength (tau for IPO); several values: one per epoch, the last for the rest"""
+    """KL strength (tau for IPO); several: one per epoch, the last for the rest"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid: the DPO loss; ipo: the IPO loss"""
     max_new_tokens: int = 64
     """maximum number of tokens sampled per completion"""
     max_length: int = 256
-    """maximum prompt + completion tokens (prompts are cut from the left)"""
+    """maximum prompt + completion tokens (prompts cut from the left)"""
     temperature: float = 0.9
     """sampling temperature"""
     top_p: float = 1.0
-    """nucleus sampling: keep the likeliest tokens that sum to top_p (1.0: off)"""
+    """keep the likeliest tokens that sum to top_p (1.0: off)"""
     top_k: int = 0
     """keep only the top_k most likely tokens (0: off)"""
     min_p: float | None = None
-    """drop tokens less likely than min_p times the likeliest (None: off)"""
+    """drop tokens less likely than min_p x the likeliest (None: off)"""
     repetition_penalty: float = 1.0
-    """penalise tokens already in prompt or completion (>1 discourages repeats, 1.0: off)"""
+    """penalise tokens already in prompt or completion (> 1: fewer repeats, 1.0: off)"""
     generation_kwargs: str | None = None
-    """JSON dict over the sampling flags above, plus do_sample, suppress_tokens, eos_token_id"""
+    """JSON dict over the sampling flags above, and do_sample, suppress_tokens, eos_token_id"""
     missing_eos_penalty: float | None = None
-    """subtracted from the score of a completion that does not end with EOS"""
+    """subtracted from the score of a completion without EOS"""
     disable_dropout: Bool = True
     """turn dropout off in the policy and the reference"""
     num_samples: int = 2
-    """completions per prompt; the pair: the best and the worst by reward (a judge compares 2)"""
+    """completions per prompt; the pair: the best and the worst (a judge compares 2)"""
     drop_ties: Bool = False
-    """leave out of the loss (and count) prompts whose best and worst differ by <= --tie_threshold"""
+    """leave out of the loss (and count) prompts whose best and worst tie (--tie_threshold)"""
     tie_threshold: float = 0.0
     """reward difference at or below which best and worst tie"""
     judge_model_path: str | None = None
-    """AI feedback instead of rewards: a causal LM judges which completion is better"""
+    """AI feedback: a causal LM judges which completion is better"""
     judge_prompt: str | None = None
     """the judge's instruction with {prompt}, {response_a}, {response_b}; None: online_dpo.JUDGE_PROMPT"""
     judge_api_base: str | None = None
-    """the judge over an OpenAI-compatible API, e.g. http://localhost:8000/v1 (vLLM) or a hosted one"""
+    """the judge over an OpenAI-compatible API, e.g. http://localhost:8000/v1 (vLLM)"""
     judge_api_model: str | None = None
     """model name sent to --judge_api_base"""
     judge_api_key_env: str = "OPENAI_API_KEY"
@@ -154,13 +150,15 @@ class Args:
     judge_api_concurrency: int = 16
     """judge requests in flight at once"""
     judge_api_timeout: float = 60.0
-    """seconds before a judge request is abandoned (then retried)"""
+    """seconds before a judge request is retried"""
     judge_api_retries: int = 3
-    """retries of a judge request after a timeout, connection error, 429 or 5xx"""
+    """retries after a timeout, connection error, 429 or 5xx"""
     judge_undecided: float = 0.05
     """|P(first is better) - 0.5| at most this: undecided, out of the loss"""
     logprob_impl: Literal["fused", "naive"] = "fused"
     """fused: log-probs tile by tile from hidden states and lm_head (no [N, V] logits); naive: logits"""
+    prefix_sharing: Bool = True
+    """each prompt once: one prefill for its K samples, one [prompt | chosen | rejected] row per pair"""
 
     # --- training (TrainingArguments)
     output_dir: str = "Qwen2-0.5B-OnlineDPO"
@@ -172,11 +170,11 @@ class Args:
     warmup_steps: float = 0
     """linear warmup: steps, or a fraction of all when < 1"""
     weight_decay: float = 0.0
-    """AdamW weight decay (not applied to biases and norm weights)"""
+    """AdamW weight decay (not on biases and norm weights)"""
     max_grad_norm: float = 1.0
     """clip the gradient to this global norm (0: no clipping)"""
     per_device_train_batch_size: int = 8
-    """prompts per micro-batch (each gives 2 completions)"""
+    """prompts per micro-batch"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     num_train_epochs: float = 3.0
@@ -184,27 +182,27 @@ class Args:
     max_steps: int = -1
     """total optimizer steps; overrides num_train_epochs when > 0"""
     logging_steps: float = 10
-    """log every N steps, or a fraction of all steps when < 1"""
+    """log every N steps, or a fraction of all when < 1"""
     save_steps: float = 500
     """save output_dir/checkpoint-N every N steps, or fraction (0: only the final save)"""
     eval_steps: float = 0
-    """compare policy and reference on held-out prompts every N steps, or fraction (0: at the end)"""
+    """compare policy and reference every N steps, or fraction (0: at the end)"""
     log_completions_steps: float = 0
-    """write a micro-batch's pairs to completions.jsonl, wandb every N steps or fraction (0: never)"""
+    """log a micro-batch's pairs (completions.jsonl, wandb) every N steps or fraction (0: never)"""
     save_total_limit: int | None = None
-    """keep only the newest N checkpoints (None: keep all)"""
+    """keep only the newest N checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
-    """continue a stopped run exactly: a checkpoint directory, or `latest` (output_dir's newest)"""
+    """continue a stopped run exactly: a checkpoint directory, or `latest`"""
     overwrite_output_dir: Bool = False
-    """start afresh in an output_dir that holds an earlier run (replaces it; refused without this)"""
+    """start afresh in an output_dir that holds an earlier run (replaces it)"""
     max_nonfinite_steps: int = 10
     """a step with a NaN/inf loss or gradient is skipped; stop after this many in a row"""
     seed: int = 42
     """seed for the data order, sampling and initialisation"""
     use_cpu: Bool = False
-    """train on the CPU even when a GPU is present (processes then talk over gloo)"""
+    """train on the CPU even when a GPU is present (processes talk over gloo)"""
     distributed: Literal["ddp", "fsdp"] = "ddp"
-    """under torchrun: ddp keeps a whole policy per rank; fsdp shards it (FSDP2) for larger models"""
+    """under torchrun: ddp keeps a whole policy per rank; fsdp shards it (FSDP2)"""
     shard_frozen_models: Bool = False
     """with --distributed fsdp: shard the reference and reward models too"""
     bf16: Bool | None = None
@@ -212,17 +210,17 @@ class Args:
     gradient_checkpointing: Bool = True
     """recompute activations in the training forward, to save memory"""
     report_to: Literal["none", "wandb"] = "none"
-    """also send metrics to Weights & Biases (project: $WANDB_PROJECT, or online-dpo)"""
+    """also send metrics to Weights & Biases (project: $WANDB_PROJECT or online-dpo)"""
     run_name: str | None = None
     """run name shown in wandb"""
     push_to_hub: Bool = False
-    """upload the final model and tokenizer to the Hugging Face Hub"""
+    """upload the final model and tokenizer to the Hub"""
     hub_model_id: str | None = None
-    """Hub repository for --push_to_hub; None: the name of output_dir"""
+    """Hub repository for --push_to_hub; None: output_dir's name"""
 
 
 PRESETS = {
-    # The embedded world (benchmarks/tiny_world.py): a reward model that likes answers positive, short and ended.
+    # The embedded world (benchmarks/tiny_world.py): the reward likes answers positive, short and ended.
     "tiny": dict(model_name_or_path=f"{TINY_WORLD}/policy", reward_model_path=(f"{TINY_WORLD}/reward",),
                  dataset_name=f"{TINY_WORLD}/prompts", output_dir="tiny-OnlineDPO", use_cpu=True, bf16=False,
                  gradient_checkpointing=False, max_new_tokens=64, max_length=128, learning_rate=1e-4,
@@ -232,9 +230,9 @@ PRESETS = {
     # The spec's 1B TL;DR benchmark (add --push_to_hub as it does).
     "pythia-1b-tldr": dict(model_name_or_path="trl-lib/pythia-1b-deduped-tldr-sft",
                            reward_model_path=("trl-lib/pythia-1b-deduped-tldr-rm",), dataset_name="trl-lib/tldr",
-                           learning_rate=5e-7, output_dir="pythia-1b-deduped-tldr-online-dpo", beta=(0.1,),
-                           per_device_train_batch_size=8, gradient_accumulation_steps=2, num_train_epochs=3,
-                           max_new_tokens=53, warmup_steps=0.1, missing_eos_penalty=1.0, save_steps=0.1),
+                           output_dir="pythia-1b-deduped-tldr-online-dpo", per_device_train_batch_size=8,
+                           gradient_accumulation_steps=2, num_train_epochs=3, max_new_tokens=53, warmup_steps=0.1,
+                           missing_eos_penalty=1.0, save_steps=0.1),
 }
 
 
@@ -253,7 +251,7 @@ class FeedbackError(UsageError):
 # ---- Loading models
 
 
-def load_model(auto_class, path: str, args: Args, **kwargs):
+def load_model(auto_class, path, args, **kwargs):
     try:
         return auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
     except OSError as e:
@@ -262,17 +260,17 @@ def load_model(auto_class, path: str, args: Args, **kwargs):
         raise UsageError(f"could not load the model in {path!r}: {type(e).__name__}: {e}") from None
 
 
-def load_policy(path: str, args: Args, device: torch.device, world: int, bf16: bool):
-    """The model that trains (fp32). -> the policy, and what forwards with gradient go through: DDP's wrapper, or it."""
+def load_policy(path, args, device, world, bf16):
+    """The model that trains (fp32). -> it, and what forwards with gradient go through (DDP's wrapper, or it)."""
     kwargs = {"dtype": torch.float32} | json_dict(args.model_init_kwargs, "model_init_kwargs")
     policy = load_model(AutoModelForCausalLM, path, args, **kwargs)
     if args.disable_dropout:
         for module in policy.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    if args.gradient_checkpointing:  # active only in train mode: sampling (eval mode) keeps its KV cache
+    if args.gradient_checkpointing:  # in train mode only: sampling (eval mode) keeps its KV cache
         policy.activation_checkpointing_enable()
-    policy.train()  # from_pretrained returns eval mode, in which checkpointing (and any kept dropout) is off
+    policy.train()
     fsdp = world > 1 and args.distributed == "fsdp"
     mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     policy = place(policy, device, fsdp, mixed_precision)
@@ -281,7 +279,7 @@ def load_policy(path: str, args: Args, device: torch.device, world: int, bf16: b
     return policy, DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def load_frozen(auto_class, path: str, args: Args, device: torch.device, shard: bool, bf16: bool, **kwargs):
+def load_frozen(auto_class, path, args, device, shard, bf16, **kwargs):
     """A model that only runs forward: no gradients, eval mode, bf16 when the policy's matmuls are."""
     kwargs = {"dtype": torch.float32} | kwargs | ({"dtype": torch.bfloat16} if bf16 else {})
     return place(load_model(auto_class, path, args, **kwargs).requires_grad_(False).eval(), device, shard)
@@ -290,34 +288,34 @@ def load_frozen(auto_class, path: str, args: Args, device: torch.device, shard: 
 # ---- Several processes: torchrun, DDP, FSDP2 (with one process, no-ops)
 
 
-def init_distributed(args: Args) -> tuple[int, int, torch.device]:
+def init_distributed(args):
     """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one device per rank. -> rank, world size, device."""
     rank, local_rank = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and not args.use_cpu
     if cuda and local_rank >= torch.cuda.device_count():
-        raise UsageError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPUs: "
-                         "lower torchrun --nproc_per_node to the number of GPUs")
+        raise UsageError(f"LOCAL_RANK {local_rank} but {torch.cuda.device_count()} GPUs: lower --nproc_per_node")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        check_launcher(world)
+    if world > 1 and not dist.is_initialized():  # started by torchrun, not with a stale WORLD_SIZE
+        if missing := [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]:
+            raise UsageError(f"WORLD_SIZE is {world} but {', '.join(missing)} not set: unset it, or use torchrun")
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return rank, world, device
 
 
-def is_main() -> bool:  # rank 0, or the only process: it alone prints, writes files and talks to wandb
+def is_main():  # rank 0 (or the only process) alone prints, writes files and talks to wandb
     return os.environ.get("RANK", "0") == "0"
 
 
-def say(text: str) -> None:
+def say(text):
     if is_main():
         print(text)
 
 
-def place(model, device: torch.device, shard: bool, mixed_precision: MixedPrecisionPolicy | None = None):
-    """To this rank's device, or sharded over all ranks with FSDP2 (a unit per decoder layer), from the CPU copy."""
+def place(model, device, shard, mixed_precision=None):
+    """To this rank's device, or sharded over all ranks with FSDP2 (a unit per decoder layer)."""
     if not shard:
         return model.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -338,12 +336,12 @@ def gathered(model):
     try:
         yield
     finally:
-        for unit in units:  # fully_shard's defaults again: layers free their weights after forward, the root keeps them
+        for unit in units:  # fully_shard's defaults: layers free their weights after forward, the root keeps them
             unit.set_reshard_after_forward(unit is not model, recurse=False)
             unit.reshard()
 
 
-def sync_gradients(model, sync: bool) -> None:
+def sync_gradients(model, sync):
     """Gradient accumulation: the all-reduce (DDP) or reduce-scatter (FSDP2) only when sync is set."""
     if isinstance(model, DDP):
         model.require_backward_grad_sync = sync  # what DDP's no_sync() context sets
@@ -354,8 +352,8 @@ def sync_gradients(model, sync: bool) -> None:
 # ---- Prompts
 
 
-def micro_batches(dataset, args: Args, plan: "Plan", rank: int, world: int, start: int):
-    """This rank's micro-batches of B prompts from global micro-batch `start` on: rank r takes the r-th B of each."""
+def micro_batches(dataset, args, plan, rank, world, start):
+    """This rank's micro-batches of B prompts from global micro-batch `start` on: rank r takes the r-th B."""
     B, per_epoch = args.per_device_train_batch_size, plan.per_epoch * args.gradient_accumulation_steps
     for epoch in range(start // per_epoch, math.ceil(plan.total / plan.per_epoch)):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
@@ -364,11 +362,11 @@ def micro_batches(dataset, args: Args, plan: "Plan", rank: int, world: int, star
             yield dataset[order[first : first + B]]
 
 
-def is_conversational(prompt) -> bool:
+def is_conversational(prompt):
     return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
 
 
-def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:
+def prompt_token_ids(tokenizer, prompts):
     """Each prompt's token ids, whole: conversations through the chat template, assistant turn opened."""
     texts = []
     for p in prompts:
@@ -383,19 +381,15 @@ def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:
     return ids
 
 
-def encode_prompts(tokenizer, prompts: list, max_prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat template for conversations, then the last max_prompt_len tokens. -> ids, mask (N, P), left-padded."""
+def encode_prompts(tokenizer, prompts, max_prompt_len):
+    """Chat template for conversations, then the last max_prompt_len tokens. -> ids, mask (N, P) left-padded."""
     seqs = [ids[-max_prompt_len:] for ids in prompt_token_ids(tokenizer, prompts)]
-    P = max(map(len, seqs))
-    ids = torch.full((len(seqs), P), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), P), dtype=torch.long)
-    for i, row in enumerate(seqs):  # left padding: every row's last token is real, so decoding appends in step
-        ids[i, P - len(row):] = torch.tensor(row)
-        mask[i, P - len(row):] = 1
-    return ids, mask
+    # Left padding: every row ends in a real token, so decoding appends in step.
+    batch = tokenizer.pad({"input_ids": seqs}, padding_side="left", return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
 
 
-def positions(mask: torch.Tensor) -> torch.Tensor:  # (N, L) left-padded rows: 0 at each row's first real token
+def positions(mask):  # (N, L) left-padded rows: 0 at each row's first real token
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
@@ -403,20 +397,24 @@ def positions(mask: torch.Tensor) -> torch.Tensor:  # (N, L) left-padded rows: 0
 
 
 @torch.no_grad()
-def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
-           pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float | None = None,
-           repetition_penalty: float = 1.0, do_sample: bool = True, suppress_tokens: list[int] | None = None,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched decoding over a preallocated KV cache. -> completion ids, mask (N, T): a row ends at its stop token."""
-    (N, P), device = prompt_ids.shape, prompt_ids.device
+def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num_samples=1, temperature=1.0, top_k=0,
+           top_p=1.0, min_p=None, repetition_penalty=1.0, do_sample=True, suppress_tokens=None, generator=None):
+    """Batched decoding over a preallocated KV cache, K = num_samples per prompt. -> completion ids, mask (K*N, T),
+    rows [all 1st samples, ..., all K-th]: a row ends at its stop token."""
+    (N, P), device, K = prompt_ids.shape, prompt_ids.device, num_samples
     stop = torch.tensor(stop_ids, device=device)
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
     mask = torch.cat([prompt_mask, prompt_mask.new_zeros(N, max_new_tokens)], 1)  # (N, P+T): a column opens per step
     logits = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(prompt_mask), cache=cache,
                    logits_to_keep=1).logits[:, -1]
+    if K > 1:  # each prompt prefilled once; its keys and values copied to its K samples' rows, N -> K*N
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.repeat(K, 1, 1, 1), layer.values.repeat(K, 1, 1, 1)
+        prompt_ids, prompt_mask, mask, logits = (x.repeat(K, 1) for x in (prompt_ids, prompt_mask, mask, logits))
+        N *= K
     next_position = prompt_mask.sum(-1, keepdim=True)  # (N, 1)
     seen = None
-    if repetition_penalty != 1.0:  # tokens already in the prompt or completion; padding does not count
+    if repetition_penalty != 1.0:  # tokens already in the prompt or completion, padding aside
         seen = torch.zeros(N, logits.size(-1), dtype=torch.bool, device=device)
         seen.scatter_(1, prompt_ids.where(prompt_mask.bool(), prompt_ids[:, -1:]), True)
     tokens = prompt_ids.new_full((N, max_new_tokens), pad_id)
@@ -463,38 +461,43 @@ class Rollout:
     reward_models: list  # (model, tokenizer) pairs
     reward_funcs: list
     judge: tuple | None  # a local judge: model, tokenizer, ids of "A" and "B"
+    packed: bool = False  # training forwards: one row per pair (check_packing)
 
     @property
-    def judged(self) -> bool:  # preferences from an LLM judge, not rewards
+    def judged(self):  # preferences from an LLM judge, not rewards
         return bool(self.args.judge_model_path or self.args.judge_api_base)
 
 
 @dataclass
 class Samples:
-    """N completions, a row each, with their prompts."""
-    prompt_ids: torch.Tensor  # (N, P) left-padded
-    prompt_mask: torch.Tensor  # (N, P)
-    completion_ids: torch.Tensor  # (N, T) right-padded
-    completion_mask: torch.Tensor  # (N, T)
-    has_eos: torch.Tensor  # (N,) ended with a stop token
+    """K completions of each of B prompts, a row each: [all 1st samples, ..., all K-th]."""
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    completion_ids: torch.Tensor  # (K*B, T) right-padded
+    completion_mask: torch.Tensor  # (K*B, T)
+    has_eos: torch.Tensor  # (K*B,) ended with a stop token
     token_ids: list[list[int]]  # each completion's real tokens
     texts: list[str]
     completions: list  # what rewards read: the texts, or assistant messages
 
-    def rows(self, pick: torch.Tensor) -> tuple:  # the four tensors' rows `pick`
-        return self.prompt_ids[pick], self.prompt_mask[pick], self.completion_ids[pick], self.completion_mask[pick]
+    def rows(self, pick, packed):  # pick (2B,): chosen, then rejected
+        n = 1 if packed else 2  # a prompt row per pair, or per completion
+        return (self.prompt_ids.repeat(n, 1), self.prompt_mask.repeat(n, 1), self.completion_ids[pick],
+                self.completion_mask[pick])
 
 
-def rollout(run: Rollout, model, prompts: list, generator: torch.Generator, window: "Window | None" = None) -> Samples:
-    """One completion per prompt from `model` as it is now, the prompt cut to max_length - max_new_tokens first."""
+def rollout(run, model, prompts, generator, k=1, window=None):
+    """k completions per prompt from `model` as it is now; prompts cut to max_length - max_new_tokens."""
     args = run.args
     ids, mask = encode_prompts(run.tokenizer, prompts, args.max_length - args.max_new_tokens)
     ids, mask = ids.to(run.device), mask.to(run.device)
     was_training, t0 = model.training, time.perf_counter()
     model.eval()
+    n = 1 if args.prefix_sharing else k  # unshared: each sample prefills its own copy of its prompt
     with gathered(model), run.autocast:
-        completion_ids, completion_mask = sample(model, ids, mask, args.max_new_tokens, run.stop_ids,
-                                                 run.tokenizer.pad_token_id, generator=generator, **run.generation)
+        completion_ids, completion_mask = sample(model, ids.repeat(n, 1), mask.repeat(n, 1), args.max_new_tokens,
+                                                 run.stop_ids, run.tokenizer.pad_token_id, k // n,
+                                                 generator=generator, **run.generation)
     model.train(was_training)
     if window is not None:
         window.sampling += time.perf_counter() - t0
@@ -510,8 +513,8 @@ def rollout(run: Rollout, model, prompts: list, generator: torch.Generator, wind
 
 
 @torch.no_grad()
-def score_completions(prompts: list, completions: list, completion_ids: list[list[int]], extra_columns: dict,
-                      reward_models: list, reward_funcs: list, weights: torch.Tensor, when: str = ""):
+def score_completions(prompts, completions, completion_ids, extra_columns, reward_models, reward_funcs, weights,
+                      when=""):
     """Every reward of each (prompt, completion), weighted, NaN-summed. -> total (N,), per reward (N, R)."""
     device = weights.device
     columns = []
@@ -526,18 +529,18 @@ def score_completions(prompts: list, completions: list, completion_ids: list[lis
         try:
             out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **extra_columns)
         except Exception as e:
-            raise FeedbackError(f"reward function {getattr(func, '__name__', func)} fails{when}: {type(e).__name__}: "
-                                f"{e}") from None
+            name = getattr(func, "__name__", func)
+            raise FeedbackError(f"reward function {name} fails{when}: {type(e).__name__}: {e}") from None
         columns.append(reward_column(out, func, len(prompts), device))
     per_reward = torch.stack(columns, 1)  # (N, R)
     total = (per_reward * weights).nansum(1)  # what no reward scored stays NaN: it ranks last
     return total.masked_fill(per_reward.isnan().all(1), math.nan), per_reward
 
 
-def score(run: Rollout, prompts: list, samples: Samples, columns: dict) -> torch.Tensor:
+def score(run, prompts, samples, columns):
     """(N,) the weighted rewards, minus --missing_eos_penalty where a completion has no stop token."""
-    weights = torch.tensor(run.args.reward_weights or [1.0] * (len(run.reward_models) + len(run.reward_funcs)),
-                           device=run.device)
+    n = len(run.reward_models) + len(run.reward_funcs)
+    weights = torch.tensor(run.args.reward_weights or [1.0] * n, device=run.device)
     with run.autocast:
         scores, _ = score_completions(prompts, samples.completions, samples.token_ids, columns, run.reward_models,
                                       run.reward_funcs, weights)
@@ -548,10 +551,10 @@ def score(run: Rollout, prompts: list, samples: Samples, columns: dict) -> torch
 
 # ---- Feedback from an LLM judge (the paper's annotator)
 
-JUDGE_MIN_MASS = 0.5  # P(A) + P(B) below this in either order: not an answer (invalid)
+JUDGE_MIN_MASS = 0.5  # P(A) + P(B) below this in either order: invalid
 
 
-def judge_decisions(q: torch.Tensor, mass: torch.Tensor, undecided: float):
+def judge_decisions(q, mass, undecided):
     """q, mass (2N,) from both orders -> p (N,) = P(first is better), valid, decided (|p - 0.5| > undecided)."""
     N = q.numel() // 2
     p = (q[:N] + 1 - q[N:]) / 2
@@ -559,7 +562,7 @@ def judge_decisions(q: torch.Tensor, mass: torch.Tensor, undecided: float):
     return p, valid, valid & ((p - 0.5).abs() > undecided)
 
 
-def judge(run: Rollout, prompts: list, first: list, second: list):
+def judge(run, prompts, first, second):
     """Each pair asked in both orders, locally or over HTTP. -> p, valid, decided (N,), failed (2N,)."""
     args = run.args
     texts = judge_texts(args.judge_prompt or JUDGE_PROMPT, prompts, first, second)
@@ -576,7 +579,7 @@ def judge(run: Rollout, prompts: list, first: list, second: list):
 # ---- Pairing
 
 
-def pair(scores: torch.Tensor, num_samples: int = 2, tie_threshold: float = 0.0):
+def pair(scores, num_samples=2, tie_threshold=0.0):
     """scores (K*B,) -> per prompt the rows of the best and the worst sample (NaN ranks last), and tie (B,)."""
     s = scores.view(num_samples, -1).nan_to_num(nan=-math.inf)  # (K, B)
     rows = torch.arange(s.size(1), device=scores.device)
@@ -596,7 +599,7 @@ class Pairs:
     logged: dict  # (B,) each, for completions.jsonl
 
 
-def preferences(run: Rollout, prompts: list, samples: Samples, columns: dict) -> Pairs:
+def preferences(run, prompts, samples, columns):
     """Stages 3-4 for K*B samples of B prompts. The one place that knows where preferences come from."""
     args, B = run.args, len(prompts)
     if run.judged:
@@ -610,7 +613,7 @@ def preferences(run: Rollout, prompts: list, samples: Samples, columns: dict) ->
                      {"p_chosen": p_chosen})
     scores = score(run, prompts * args.num_samples, samples, columns)  # (K*B,)
     chosen, rejected, tie = pair(scores, args.num_samples, args.tie_threshold)
-    unscored = scores[chosen].isnan()  # the best is unscored: so are all of the prompt's samples
+    unscored = scores[chosen].isnan()  # the best is unscored: so are all its prompt's samples
     kept = ~unscored & ~(tie & args.drop_ties)
     return Pairs(chosen, rejected, kept, scores[torch.cat([chosen, rejected])],
                  {"pairs/ties": tie.float(), "pairs/unscored": unscored.float()},
@@ -620,30 +623,55 @@ def preferences(run: Rollout, prompts: list, samples: Samples, columns: dict) ->
 # ---- Log-probs and loss
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, impl: str = "fused"):
-    """Per-token log p of the completion tokens, (N, T), 0 at padding; fused: no logits at all (kernels/)."""
-    ids = torch.cat([prompt_ids, completion_ids], 1)
-    mask = torch.cat([prompt_mask, completion_mask], 1)
-    T = completion_ids.size(1)
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, impl="fused", packed=False):
+    """Per-token log p of the completion tokens, (N, T), 0 at padding; fused: no logits at all (kernels/).
+    packed: the N = 2B completions are B pairs (chosen, then rejected), one row each."""
+    ids, mask, position_ids, row, column = training_rows(prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                                         packed)
     inner = getattr(model, "module", model)  # DDP wraps the model; FSDP2 shards it in place
+    if mask.dim() == 4:  # additive: 0 where a query may look, the dtype's min elsewhere
+        dtype = inner.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=ids.device).masked_fill(~mask, torch.finfo(dtype).min)
+    real = completion_mask.bool()
+    row, column, targets = row[real], column[real], completion_ids[real]  # (n,) per real completion token
     head, config = inner.get_output_embeddings(), inner.config
     plain_head = head.bias is None and getattr(config, "final_logit_softcapping", None) is None \
         and getattr(config, "logit_scale", None) in (None, 1.0)  # Gemma 2 and Cohere transform their logits
-    if impl == "naive" or not plain_head:
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
-                       logits_to_keep=T + 1).logits
-        return naive_token_logprobs(logits[:, :-1], completion_ids).masked_fill(completion_mask == 0, 0.0)
-    no_logits = torch.empty(0, dtype=torch.long, device=ids.device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
-                logits_to_keep=no_logits, output_hidden_states=True)
-    hidden = out.hidden_states[-1][:, -T - 1 : -1]  # (N, T, H) after the final norm; position P-1+t predicts token t
-    real = completion_mask.bool()
-    # The head's weight is read after the forward: FSDP2's root keeps it gathered until backward.
-    logps = linear_logprobs(hidden[real], head.weight, completion_ids[real])  # (real tokens,)
+    naive, first = impl == "naive" or not plain_head, prompt_ids.size(1) - 1  # outputs from the prompt's last token
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                logits_to_keep=ids.size(1) - first if naive else torch.empty(0, dtype=torch.long, device=ids.device),
+                output_hidden_states=not naive)
+    if naive:
+        logps = naive_token_logprobs(out.logits[row, column - first], targets)
+    else:  # head.weight read after the forward: FSDP2's root keeps it gathered until backward
+        logps = linear_logprobs(out.hidden_states[-1][row, column], head.weight, targets)  # after the final norm
     return logps.new_zeros(completion_ids.shape).index_put((real,), logps)
 
 
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float, loss_type: str):
+def training_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, packed):
+    """-> ids, mask, position ids, and per completion token (N, T) the row and column whose output predicts it.
+    Unpacked: N rows [prompt | completion]. Packed: B prompts, 2B completions (chosen, then rejected) -> B rows
+    [prompt | chosen | rejected]; the rejected see the prompt and themselves, positions restarting after the prompt."""
+    (B, P), (N, T), device = prompt_ids.shape, completion_ids.shape, prompt_ids.device
+    L, t = P + 2 * T, torch.arange(T, device=device)
+    if not packed:
+        mask = torch.cat([prompt_mask, completion_mask], 1)
+        return torch.cat([prompt_ids, completion_ids], 1), mask, positions(mask), \
+            torch.arange(N, device=device)[:, None].expand(N, T), (P - 1 + t).expand(N, T)
+    real = torch.cat([prompt_mask, completion_mask[:B], completion_mask[B:]], 1).bool()  # (B, L)
+    i = torch.arange(L, device=device)
+    part = (i >= P).long() + (i >= P + T).long()  # (L,) 0: prompt, 1: chosen, 2: rejected
+    sees = (i[None] <= i[:, None]) & ~((part[:, None] == 2) & (part[None] == 1))  # (L, L) query x key
+    mask = sees & real[:, None, :] | torch.eye(L, dtype=torch.bool, device=device)  # a query always sees itself
+    start = prompt_mask.sum(1, keepdim=True)  # (B, 1) each completion's first position
+    position_ids = torch.cat([positions(prompt_mask), start + t, start + t], 1)
+    # Chosen token t is predicted at column P-1+t; rejected token t at P+T-1+t, but its first at P-1 too.
+    column = torch.stack([P - 1 + t, torch.where(t == 0, P - 1, P + T - 1 + t)]).repeat_interleave(B, 0)  # (2B, T)
+    return torch.cat([prompt_ids, completion_ids[:B], completion_ids[B:]], 1), mask[:, None], position_ids, \
+        torch.arange(B, device=device).repeat(2)[:, None].expand(N, T), column
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type):
     """Per-pair loss (B,); h: how much more than the reference the policy prefers the chosen completion."""
     h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     if loss_type == "ipo":  # squared distance of h from 1 / (2 beta)
@@ -655,7 +683,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 
 @torch.no_grad()
-def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta) -> dict:
+def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta):
     """Per-sample values of every logged metric (TRL's names and formulas); scores None: a judge decided."""
     logp, ref_logp = (logps * completion_mask).sum(1), (ref_logps * completion_mask).sum(1)  # (2B,)
     kl = logp - ref_logp
@@ -688,32 +716,20 @@ def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, ha
 # ---- Schedule and optimizer
 
 
-def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
-    """The multiplier of the peak learning rate before optimizer step `step`, as transformers' schedulers."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    if kind == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return 1.0
-
-
-def make_optimizer(policy, args: Args, plan: "Plan"):
-    """AdamW, no weight decay on biases and norms; warmup, then --lr_scheduler_type's decay."""
+def make_optimizer(policy, args, plan):
+    """AdamW, no weight decay on biases and norms; linear warmup, then --lr_scheduler_type's (transformers')."""
     decay = [p for p in policy.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in policy.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=next(policy.parameters()).device.type == "cuda")
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, plan.warmup, plan.total, args.lr_scheduler_type))
+    kind = {"constant": "constant_with_warmup"}.get(args.lr_scheduler_type, args.lr_scheduler_type)
+    return optimizer, get_scheduler(kind, optimizer, num_warmup_steps=plan.warmup, num_training_steps=plan.total)
 
 
 # ---- main(): set up, then the training loop
 
 
-def main(args: Args):
+def main(args):
     """Train; returns the policy (sharded under FSDP2). Under torchrun every rank runs this."""
     # 0. Check what can be checked before a model loads: flags, files, data, models, rewards, the judge.
     check_args(args)
@@ -750,17 +766,16 @@ def main(args: Args):
     judge_model = load_frozen(AutoModelForCausalLM, args.judge_model_path, **frozen) if judge_tokenizer else None
     run = Rollout(args, tokenizer, rank, world, device, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
                   *sampling_settings(args, tokenizer, policy), reward_models, reward_funcs,
-                  (judge_model, judge_tokenizer, answer_ids) if judge_model else None)
-    say("preferences from " + (f"the judge {args.judge_model_path or args.judge_api_model}" if run.judged else
-                               f"the best and worst of {K} samples by " + " + ".join([*args.reward_model_path,
-                                                                                      *args.reward_funcs])))
+                  (judge_model, judge_tokenizer, answer_ids) if judge_model else None, check_packing(args, policy, ref))
+    feedback = args.judge_model_path or args.judge_api_model or " + ".join(args.reward_model_path + args.reward_funcs)
+    say(f"preferences from {'the judge' if run.judged else f'the best and worst of {K} samples by'} {feedback}")
     generator = torch.Generator(device).manual_seed(args.seed + rank)  # each rank samples its own completions
     optimizer, scheduler = make_optimizer(policy, args, plan)
 
     state = {"step": 0, "epoch": 0.0, "micro_batches_done": 0, "world_size": world, "nonfinite_steps": 0,
-             "nonfinite_in_a_row": 0, "empty_steps": 0, "empty_in_a_row": 0, "wandb_id": None}  # trainer_state.json
+             "empty_steps": 0, "wandb_id": None}  # trainer_state.json
     window = Window()  # the metrics since the last log
-    if resume:  # where the checkpoint left: optimizer, schedule, data, random streams, metric sums
+    if resume:  # where the checkpoint left: optimizer, schedule, data, random streams, sums
         state, window = load_checkpoint(resume, policy, optimizer, scheduler, generator, rank, device)
     start_output_dir(args, resume, state)
     log = Log(args, plan, state, resume is not None)
@@ -777,8 +792,8 @@ def main(args: Args):
                 batch = next(data)
                 prompts = batch.pop(args.dataset_prompt_column)
 
-                # 2. Sample K completions per prompt from the policy as it is now; rows [all 1st samples, ..., K-th].
-                samples = rollout(run, policy, prompts * K, generator, window)
+                # 2. Sample K completions per prompt from the policy as it is now: rows [all 1st samples, ..., K-th].
+                samples = rollout(run, policy, prompts, generator, K, window)
 
                 # 3-4. Feedback and pairs: per prompt the best and the worst sample by reward, or the judge's choice.
                 try:
@@ -792,11 +807,11 @@ def main(args: Args):
 
                 # 5. Log-probs of the pairs' completions under the policy (with grad) and the reference, (2B, T).
                 sync_gradients(train_model, micro_step == GA - 1)  # ranks average gradients in the last backward
-                sampled = samples.rows(pick)
+                sampled = samples.rows(pick, run.packed)
                 with run.autocast:
-                    logps = completion_logprobs(train_model, *sampled, args.logprob_impl)
+                    logps = completion_logprobs(train_model, *sampled, args.logprob_impl, run.packed)
                     with torch.no_grad():
-                        ref_logps = completion_logprobs(ref, *sampled, args.logprob_impl)
+                        ref_logps = completion_logprobs(ref, *sampled, args.logprob_impl, run.packed)
 
                 # 6. Loss: DPO or IPO per pair, averaged over the pairs kept (none: 0, and backward keeps DDP in step).
                 logp, ref_logp = logps.sum(1), ref_logps.sum(1)  # (2B,)
@@ -808,8 +823,7 @@ def main(args: Args):
                                        samples.has_eos[pick], losses[kept], beta) | pairs.metrics)
 
             # 7. Optimizer step: clip, AdamW, schedule; skipped on all ranks for a NaN/inf, or if no pair was kept.
-            grad_norm, status, stopping = optimizer_step(policy, optimizer, scheduler, args.max_grad_norm, micro,
-                                                         bool(signals))
+            grad_norm, status, stopping = optimizer_step(policy, optimizer, scheduler, args, micro, bool(signals))
             halt = count_steps(state, status, step, args, micro)  # why the run stops now, or None
             if status != "nonfinite":
                 window.add(micro.sums, micro.counts)
@@ -834,8 +848,7 @@ def main(args: Args):
                 log.close()
                 raise TrainingError(f"{halt}; saved {saved}")
             if stopping:
-                say(f"stopped by a signal after step {step}; saved {saved}: continue with "
-                    "--resume_from_checkpoint latest")
+                say(f"stopped by a signal after step {step}; saved {saved}: go on with --resume_from_checkpoint latest")
                 log.close()
                 del train_model  # DDP's reducer goes now: freed at interpreter exit, it can deadlock with gloo
                 raise SystemExit(128 + signal.SIGINT if signal.SIGINT in signals else 0)
@@ -868,7 +881,7 @@ RULES = {  # the values a numeric flag may take (never NaN or infinite)
     "max_new_tokens": GE1, "per_device_train_batch_size": GE1, "gradient_accumulation_steps": GE1, "beta": GT0,
     "num_samples": (lambda v: v >= 2, ">= 2 (a pair needs two completions)"), "temperature": GT0,
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "top_k": GE0, "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "repetition_penalty": GT0, "missing_eos_penalty": (lambda v: v >= 0, ">= 0 (it is subtracted)"),
+    "repetition_penalty": GT0, "missing_eos_penalty": GE0,
     "tie_threshold": GE0, "judge_undecided": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "judge_api_concurrency": GE1,
     "judge_api_retries": GE0, "judge_api_timeout": GT0, "reward_weights": FINITE, "learning_rate": GE0,
     "warmup_steps": GE0, "weight_decay": GE0, "max_grad_norm": GE0, "num_train_epochs": FINITE, "logging_steps": GT0,
@@ -901,16 +914,18 @@ def check_args(args):
     if args.reward_model_path is None:
         args.reward_model_path = () if args.reward_funcs or judge else (QUICK_START_REWARD_MODEL,)
     n_rewards = len(args.reward_model_path) + len(args.reward_funcs)
-    generation = json_dict(args.generation_kwargs, "generation_kwargs")
     json_dict(args.model_init_kwargs, "model_init_kwargs")
+    generation = json_dict(args.generation_kwargs, "generation_kwargs")
+    unknown = sorted(set(generation) - set(GENERATION_KEYS))
+    template = args.judge_prompt or JUDGE_PROMPT
     try:
-        (args.judge_prompt or JUDGE_PROMPT).format(prompt="", response_a="", response_b="")
-        braces = None
-    except (KeyError, IndexError, ValueError) as e:
-        braces = f"{type(e).__name__}: {e}"
+        filled = template.format(prompt="\0p", response_a="\0a", response_b="\0b")
+        bad_template = not all(f"\0{k}" in filled for k in "pab")
+    except (KeyError, IndexError, ValueError):
+        bad_template = True
     problems = [
         (args.loss_type not in ("sigmoid", "ipo"), f"--loss_type must be sigmoid or ipo, got {args.loss_type!r}"),
-        (min(args.beta, default=0) <= 0, f"--beta needs one or more positive values, got {args.beta}"),
+        (not args.beta, "--beta needs one or more values"),
         (args.max_new_tokens >= args.max_length, f"--max_new_tokens ({args.max_new_tokens}) must be smaller than "
                                                  f"--max_length ({args.max_length})"),
         (n_rewards == 0 and not judge, "no reward: give --reward_model_path and/or --reward_funcs, or a judge"),
@@ -919,27 +934,22 @@ def check_args(args):
         (args.judge_api_base is not None and not args.judge_api_model, "--judge_api_base needs --judge_api_model"),
         (judge and args.num_samples != 2, "a judge compares two completions: --num_samples must be 2 with it"),
         (judge and args.missing_eos_penalty is not None, "--missing_eos_penalty lowers reward scores: drop it"),
-        (args.reward_weights is not None and len(args.reward_weights) != n_rewards,
-         f"--reward_weights has {len(args.reward_weights or ())} values but there are {n_rewards} rewards "
-         f"({len(args.reward_model_path)} reward models + {len(args.reward_funcs)} reward functions)"),
+        (args.reward_weights is not None and len(args.reward_weights) != n_rewards, f"--reward_weights has "
+         f"{len(args.reward_weights or ())} values but there are {n_rewards} rewards (models, then functions)"),
         (args.max_steps <= 0 and args.num_train_epochs <= 0, "set --max_steps > 0 or --num_train_epochs > 0"),
         (args.resume_from_checkpoint is not None and args.overwrite_output_dir,
          "--resume_from_checkpoint and --overwrite_output_dir: give one of them"),
         (os.path.isfile(args.output_dir), f"--output_dir {args.output_dir!r} is a file; give a directory"),
-        (args.shard_frozen_models and args.distributed != "fsdp", "--shard_frozen_models shards with FSDP2: add "
-                                                                  "--distributed fsdp"),
+        (args.shard_frozen_models and args.distributed != "fsdp",
+         "--shard_frozen_models shards with FSDP2: add --distributed fsdp"),
         *[(True, "--" + p) for flag in RULES if (p := bad_number(flag, getattr(args, flag)))],
-        (bool(set(generation) - set(GENERATION_KEYS)), f"--generation_kwargs: unsupported keys "
-         f"{sorted(set(generation) - set(GENERATION_KEYS))}; supported: {', '.join(GENERATION_KEYS)}"),
+        (unknown, f"--generation_kwargs: unsupported keys {unknown}; supported: {', '.join(GENERATION_KEYS)}"),
         *[(True, f"--generation_kwargs {p}") for k, v in generation.items() if k in RULES and (p := bad_number(k, v))],
         (type(generation.get("top_k", 0)) is not int, "--generation_kwargs top_k must be an integer"),
         (generation.get("do_sample", True) is not True, "--generation_kwargs do_sample must be true, got "
          f"{generation.get('do_sample')!r}: greedy decoding makes both samples the same, so nothing is learnt"),
-        (braces is not None, "--judge_prompt may use {prompt}, {response_a}, {response_b} and no other braces "
-                             f"(literal ones: {{{{ and }}}}): {braces}"),
-        (args.judge_prompt is not None and braces is None and not all(
-            f"{{{k}}}" in args.judge_prompt for k in ("prompt", "response_a", "response_b")),
-         "--judge_prompt must contain {prompt}, {response_a} and {response_b}"),
+        (bad_template, "--judge_prompt must contain {prompt}, {response_a} and {response_b}, and no other braces "
+                       "(literal ones: {{ and }})"),
     ]
     if message := next((m for bad, m in problems if bad), None):
         raise UsageError(message)
@@ -958,7 +968,7 @@ def check_output_dir(args):
                        *[("--reward_model_path", p) for p in args.reward_model_path]]:
         real = os.path.realpath(path) if path and os.path.exists(path) else None
         if real == out or real and args.overwrite_output_dir and real.startswith(out + os.sep):
-            raise UsageError(f"{flag} {path!r} is in --output_dir, which this run would overwrite: give another one")
+            raise UsageError(f"{flag} {path!r} is in --output_dir, which this run would overwrite: give another")
     try:  # every rank: on several nodes each has its own disk
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()
@@ -973,17 +983,14 @@ def load_reward_func(spec):
         raise UsageError(f"--reward_funcs {spec!r}: expected `module:function` or `file.py:function`")
     try:
         if module_name.endswith(".py"):
-            loader = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
+            names = runpy.run_path(module_name)
         else:
             if os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(module_name)
+            names = vars(importlib.import_module(module_name))
     except Exception as e:
         raise UsageError(f"--reward_funcs {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e})") from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
+    if not callable(func := names.get(func_name)):
         raise UsageError(f"--reward_funcs {spec!r}: {module_name!r} has no function {func_name!r}")
     return func
 
@@ -1004,27 +1011,27 @@ def load_prompts(args):
     """Train and held-out prompts (None without a test split) from a data file or directory, or the Hub."""
     name, train_split, test_split, column = (args.dataset_name, args.dataset_train_split, args.dataset_test_split,
                                              args.dataset_prompt_column)
-    ext, builders = os.path.splitext(name)[1].lower(), {".json": "json", ".jsonl": "json", ".parquet": "parquet",
-                                                        ".csv": "csv"}
+    ext, file = os.path.splitext(name)[1].lower(), os.path.isfile(name)
     saved = os.path.isdir(name) and {"dataset_dict.json", "state.json"} & set(os.listdir(name))
-    if os.path.isfile(name) and ext not in builders:
+    if file and ext not in (".json", ".jsonl", ".parquet", ".csv"):
         raise UsageError(f"--dataset_name {name!r}: a data file must be .json, .jsonl, .parquet or .csv")
-    if os.path.isfile(name) and os.path.getsize(name) == 0:  # datasets fails on it with a bare StopIteration
+    if file and os.path.getsize(name) == 0:  # datasets fails on it with a bare StopIteration
         raise UsageError(f"--dataset_name {name!r} is an empty file")
     try:
-        if os.path.isfile(name):
-            splits = {train_split: datasets.load_dataset(builders[ext], data_files=name, split="train")}
+        if file:
+            builder = {".jsonl": "json"}.get(ext, ext[1:])
+            splits = {train_split: datasets.load_dataset(builder, data_files=name, split="train")}
         elif saved:
             splits = datasets.load_from_disk(name)
             splits = splits if isinstance(splits, datasets.DatasetDict) else {train_split: splits}
         else:
             splits = datasets.load_dataset(name, args.dataset_config)
-    except Exception as e:  # a malformed file, a saved dataset without rows, the Hub out of reach
+    except Exception as e:  # a malformed file, a saved dataset without rows, no Hub
         while e.__cause__ or e.__context__:
             e = e.__cause__ or e.__context__
         why = f"{type(e).__name__}: {e}"
         raise UsageError(f"--dataset_name {name!r}: " + (
-            f"datasets could not read it ({why}); check that it is a valid {ext[1:]} file" if os.path.isfile(name) else
+            f"datasets could not read it ({why}); check that it is a valid {ext[1:]} file" if file else
             f"datasets could not read this saved dataset ({why}); check that it holds prompts" if saved else
             f"could not load it ({why}). Give a Hub dataset you can reach, or a local one; " + OFFLINE_HINT)) from None
     if train_split not in splits:
@@ -1061,7 +1068,7 @@ def load_tokenizer(path, args, flag):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: a directory without tokenizer files
         raise unreachable("the tokenizer of", path, e) from None
-    if not tokenizer("Hello world.", add_special_tokens=False)["input_ids"]:  # what a directory without its files gives
+    if not tokenizer("Hello world.", add_special_tokens=False)["input_ids"]:  # a directory without its files
         raise UsageError(f"could not load the tokenizer of {path!r}: it has no vocabulary; save it next to the model")
     config = model_config(path, args, flag)
     vocab = getattr(config, "vocab_size", None) or math.inf
@@ -1081,8 +1088,8 @@ def model_config(path, args, flag):
     kinds, reward = config.architectures or [], flag == "--reward_model_path"
     heads = [k.endswith("ForSequenceClassification") for k in kinds]
     if kinds and (not any(heads) if reward else all(heads)):
-        raise UsageError(f"{flag} {path!r} is a {kinds[0]}, not a " + ("reward model" if reward else "causal LM") +
-                         ": loaded as one it would run a randomly initialised head")
+        raise UsageError(f"{flag} {path!r} is a {kinds[0]}, not a {'reward model' if reward else 'causal LM'}: loaded "
+                         "as one it would run a randomly initialised head")
     if reward and config.num_labels != 1:
         raise UsageError(f"--reward_model_path {path!r} has a head with {config.num_labels} outputs, not 1")
     return config
@@ -1090,7 +1097,7 @@ def model_config(path, args, flag):
 
 LOADING_KEYS = set("attn_implementation dtype torch_dtype revision low_cpu_mem_usage use_safetensors variant cache_dir "
                    "subfolder local_files_only token".split())  # from_pretrained's own arguments
-ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+ATTENTION = "eager, sdpa, flash_attention_2, flash_attention_3, flex_attention"
 
 
 def check_loading(args, config):
@@ -1103,10 +1110,10 @@ def check_loading(args, config):
     kwargs = json_dict(args.model_init_kwargs, "model_init_kwargs")
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype", "float32"))
     problems = [(k not in LOADING_KEYS and not hasattr(config, k), f"{k!r} is neither a from_pretrained argument "
-                                                                   "nor a field of the model's config") for k in kwargs]
-    problems += [(kwargs.get("attn_implementation", "sdpa") not in ATTENTION, "attn_implementation must be one of "
-                  + ", ".join(ATTENTION)), (dtype not in ("float32", "float64"), f"dtype must be float32 or float64, "
-                  f"got {dtype!r}: the policy keeps full-precision weights (--bf16 runs the matmuls in bf16)")]
+                 "nor a config field") for k in kwargs] + [
+        (kwargs.get("attn_implementation", "sdpa") not in ATTENTION.split(", "),
+         f"attn_implementation must be one of {ATTENTION}"),
+        (dtype not in ("float32", "float64"), f"dtype must be float32 or float64, got {dtype!r} (see --bf16)")]
     if message := next((m for bad, m in problems if bad), None):
         raise UsageError(f"--model_init_kwargs: {message}")
     if args.ref_model_path:
@@ -1129,15 +1136,40 @@ def check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs, n=5
     limit = args.max_length - args.max_new_tokens
     if min(lengths) > limit:
         raise UsageError(f"all {len(lengths)} prompts checked are longer than --max_length - --max_new_tokens = "
-                         f"{limit} tokens (the shortest has {min(lengths)}): raise --max_length")
+                         f"{limit} tokens (the shortest: {min(lengths)}): raise --max_length")
     if cut := sum(length > limit for length in lengths):
         say(f"note: {cut} of the first {len(lengths)} prompts are longer than {limit} tokens: cut from the left")
     texts = ["A placeholder answer."] * min(2, len(prompts))
     completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for func in reward_funcs:
-        score_completions(prompts[:2], completions, ids, {k: v[:2] for k, v in columns.items()}, [], [func],
-                          torch.ones(1), when=" on a trial call (2 dataset prompts, placeholder completions)")
+        score_completions(prompts[:2], completions, tokenizer(texts, add_special_tokens=False)["input_ids"],
+                          {k: v[:2] for k, v in columns.items()}, [], [func], torch.ones(1),
+                          when=" on a trial call (2 dataset prompts, placeholder completions)")
+
+
+def check_packing(args, *models):
+    """Packed rows need a 4D mask: eager or sdpa attention, no short sliding window, and a trial in which the
+    rejected tokens (after the first) see their prompt, not the chosen."""
+    for model in models if args.prefix_sharing else ():
+        config, why = model.config, None
+        if config._attn_implementation not in ("eager", "sdpa"):
+            why = f"attn_implementation {config._attn_implementation} takes no 4D attention mask"
+        elif (getattr(config, "sliding_window", None) or math.inf) < 2 * args.max_length:
+            why = f"its sliding window ({config.sliding_window} tokens) may be shorter than a row"
+        else:
+            ids = (torch.arange(15, device=next(model.parameters()).device) % config.vocab_size).view(5, 3)
+            one = torch.ones_like(ids)
+            try:  # ids: 2 prompts, 2 chosen, 1 rejected; gathered: FSDP2 reshards after
+                with torch.no_grad(), gathered(model):
+                    a, b, c = (completion_logprobs(model, ids[[p]], one[:1], ids[[k, 4]], one[:2], packed=True)[1, 1:]
+                               for p, k in ((0, 2), (0, 3), (1, 2)))
+                why = None if torch.equal(a, b) and not torch.equal(a, c) else "the model does not apply a 4D mask"
+            except Exception as e:
+                why = f"the model refuses a 4D attention mask ({type(e).__name__}: {e})"
+        if why:
+            say(f"prefix sharing off in training: {why}")
+            return False
+    return args.prefix_sharing
 
 
 @dataclass
@@ -1184,17 +1216,12 @@ def stop_token_ids(tokenizer, model):
     return sorted(i for i in ids if i is not None)
 
 
-def check_launcher(world):  # started by torchrun, not a stale WORLD_SIZE
-    if missing := [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]:
-        raise UsageError(f"WORLD_SIZE is {world} but {', '.join(missing)} not set: unset it, or start with torchrun")
-
-
 # ---- Faults during training
 
 
 @dataclass
 class Window:
-    """What logged metrics average over: sums and counts of per-sample values, and the clock."""
+    """What logged metrics average over: sums and counts of per-sample values; the clock."""
     sums: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
     start: float = field(default_factory=time.perf_counter)
@@ -1210,7 +1237,7 @@ class Window:
         """Each metric's mean over all ranks' samples (one all_reduce), then `extra` and the times."""
         elapsed, keys = time.perf_counter() - self.start, list(self.sums)
         means, tokens = {}, 0.0
-        if keys:  # none when every step since the last log was skipped (the same on every rank)
+        if keys:  # none when every step since the last log was skipped (on every rank)
             device = self.sums[keys[0]].device
             counts = torch.tensor([float(self.counts[k]) for k in keys], dtype=torch.float64, device=device)
             packed = torch.stack([torch.stack([self.sums[k].double() for k in keys]), counts])  # (2, metrics)
@@ -1223,9 +1250,9 @@ class Window:
                                 "time/tokens_per_s": tokens / elapsed}
 
 
-def optimizer_step(policy, optimizer, scheduler, max_grad_norm, micro, stop):
+def optimizer_step(policy, optimizer, scheduler, args, micro, stop):
     """Clip, AdamW, schedule; skipped on all ranks for a NaN/inf loss or grad, or no pair kept anywhere."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
     device = grad_norm.device
     flags = torch.stack([~torch.isfinite(micro.sums["loss"]) | ~torch.isfinite(grad_norm),
@@ -1257,11 +1284,11 @@ def count_steps(state, status, step, args, micro):
         state[f"{kind}_steps"] = state.get(f"{kind}_steps", 0) + (status == kind)
         state[f"{kind}_in_a_row"] = state.get(f"{kind}_in_a_row", 0) + 1 if status == kind else 0
     if status == "broken":
-        raise TrainingError(f"the update of step {step} made the weights NaN/inf (not saved); the latest checkpoint: "
+        raise TrainingError(f"the update of step {step} made the weights NaN/inf (not saved); latest checkpoint: "
                             f"{latest_checkpoint(args)}")
     if state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
         return (f"the loss or gradient was NaN/inf in {state['nonfinite_in_a_row']} steps in a row (up to step "
-                f"{step}), each skipped: lower --learning_rate or check the rewards and data")
+                f"{step}): lower --learning_rate or check the rewards and data")
     if state["empty_in_a_row"] >= MAX_EMPTY_STEPS:
         share = {k: float(micro.sums[k]) / micro.counts[k] for k in EMPTY_CAUSES if micro.counts.get(k)}
         return (f"no pair carried a preference in {MAX_EMPTY_STEPS} steps in a row (up to step {step}): "
@@ -1285,7 +1312,7 @@ def latest_checkpoint(args):
 # Args that change neither completions nor updates: a resumed run may change them.
 RESUMABLE_CHANGES = set("""preset output_dir resume_from_checkpoint overwrite_output_dir logging_steps save_steps
     save_total_limit max_nonfinite_steps eval_prompts report_to run_name push_to_hub hub_model_id bf16
-    gradient_checkpointing distributed shard_frozen_models logprob_impl eval_steps log_completions_steps
+    gradient_checkpointing distributed shard_frozen_models logprob_impl prefix_sharing eval_steps log_completions_steps
     judge_api_key_env judge_api_concurrency judge_api_timeout judge_api_retries""".split())
 CHECKPOINT_FILES = ("trainer_state.json", "online_dpo_args.json", "config.json", "optimizer.pt", "rank_states.pt")
 
@@ -1296,16 +1323,16 @@ def read_json(path):
 
 
 def resume_point(args, world):
-    path, out = args.resume_from_checkpoint, args.output_dir
+    path, out, latest = args.resume_from_checkpoint, args.output_dir, latest_checkpoint(args)
     earlier = [n for n in ("config.json", "metrics.jsonl") if os.path.isfile(os.path.join(out, n))]
-    if path is None and (earlier or latest_checkpoint(args) != "none") and not args.overwrite_output_dir:
-        what = (f"checkpoints of an earlier run (latest: {os.path.basename(latest_checkpoint(args))}): add "
-                "--resume_from_checkpoint latest to continue it, or" if latest_checkpoint(args) != "none" else
+    if path is None and (earlier or latest != "none") and not args.overwrite_output_dir:
+        what = (f"checkpoints of an earlier run (latest: {os.path.basename(latest)}): add --resume_from_checkpoint "
+                "latest to continue it, or" if latest != "none" else
                 f"an earlier run's {' and '.join(earlier)}: give another --output_dir, or")
         raise UsageError(f"--output_dir {out!r} holds {what} --overwrite_output_dir to start afresh")
     if path is None:
         return None
-    path = latest_checkpoint(args) if path == "latest" else path
+    path = latest if path == "latest" else path
     if path == "none":
         raise UsageError(f"--resume_from_checkpoint latest: {out!r} has no checkpoint yet")
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
@@ -1329,18 +1356,17 @@ def resume_point(args, world):
         raise UsageError(f"--resume_from_checkpoint {path!r}: {name} is missing or damaged ({type(e).__name__}: {e}); "
                          + (f"resume from checkpoint-{max(before)}, the one before" if before else "and it is the "
                             "first checkpoint")) from None
-    saved, saved_world = read_json(os.path.join(path, "online_dpo_args.json")), read_json(
-        os.path.join(path, "trainer_state.json"))["world_size"]
+    saved, ran_on = (read_json(os.path.join(path, f)) for f in ("online_dpo_args.json", "trainer_state.json"))
     differ = [f"--{k} is {saved.get(k)!r} there and {v!r} here" for k, v in json.loads(json.dumps(asdict(args))).items()
               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
-    if saved_world != world:  # the data order and the random streams are per rank
-        differ.append(f"it ran on {saved_world} processes and this run has {world}")
+    if ran_on["world_size"] != world:  # the data order and the random streams are per rank
+        differ.append(f"it ran on {ran_on['world_size']} processes and this run has {world}")
     if differ:
         raise UsageError(f"--resume_from_checkpoint {path!r} belongs to another run: {'; '.join(differ)}")
     return path
 
 
-def start_output_dir(args, resume, state):  # overwriting: the earlier checkpoints go once this run saved its own
+def start_output_dir(args, resume, state):  # overwriting: earlier checkpoints go once this run has saved its own
     if resume and is_main():
         replace_file(os.path.join(args.output_dir, "latest"), os.path.basename(os.path.normpath(resume)))
     elif args.overwrite_output_dir:
@@ -1372,8 +1398,8 @@ def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, trainer_state
     """output_dir/checkpoint-{step}, complete before it takes its name; then `latest`. Rank 0 writes."""
     state_dict = full_state_dict(policy)
     if is_main() or isinstance(policy, FSDPModule):  # FSDP2: a collective; DDP: the other ranks' copies are the same
-        optimizer_state = get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                               cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optimizer_state = get_optimizer_state_dict(policy, optimizer, options=options)
     ranks = gather_lists([mine | {"sums": {k: v.cpu() for k, v in mine["sums"].items()}}])
     step, earlier = trainer_state["step"], {"earlier": trainer_state.pop("earlier", [])}
     name = f"checkpoint-{step}"
@@ -1432,21 +1458,16 @@ def full_state_dict(model):
     return None
 
 
-def save_model(model, tokenizer, args, path):
-    state_dict = full_state_dict(model)
-    if is_main():
-        with written_in_place(path, merge=True) as tmp:
-            write_model(model, state_dict, tokenizer, args, tmp)
-
-
 def save_final(policy, optimizer, scheduler, tokenizer, args, state, mine, plan):
-    """save_model, unless every step was skipped; if it fails (a full disk), a checkpoint takes the weights."""
+    """The model into output_dir (unless every step was skipped), or if that fails (a full disk) a checkpoint."""
     if state["nonfinite_steps"] + state["empty_steps"] >= plan.total:
         raise TrainingError(f"every one of the {plan.total} steps was skipped ({state['nonfinite_steps']} NaN/inf, "
-                            f"{state['empty_steps']} with no preference): no weights to save")
-    error = None
+                            f"{state['empty_steps']} with no preference): nothing to save")
+    error, state_dict = None, full_state_dict(policy)
     try:
-        save_model(policy, tokenizer, args, args.output_dir)
+        if is_main():
+            with written_in_place(args.output_dir, merge=True) as tmp:
+                write_model(policy, state_dict, tokenizer, args, tmp)
     except (OSError, RuntimeError) as e:
         error = f"{type(e).__name__}: {e}"
     if error := next(filter(None, gather_lists([error])), None):  # rank 0 writes; every rank learns how it went
@@ -1539,18 +1560,10 @@ def stop_signals():
 
 
 def filter_logits(logits, top_k=0, top_p=1.0, min_p=None):
-    """Logits outside top_k / top_p / min_p to -inf, in that order (as transformers does)."""
-    if top_k > 0 and top_k < logits.size(-1):
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
-        drop_sorted = mass_before >= top_p  # the token that crosses top_p is kept, so at least one survives
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    if min_p is not None and min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    """Logits outside top_k / top_p / min_p to -inf, in that order, by transformers' warpers (as in generate())."""
+    for warper in (top_k and TopKLogitsWarper(top_k), top_p < 1 and TopPLogitsWarper(top_p),
+                   min_p and MinPLogitsWarper(min_p)):
+        logits = warper(None, logits) if warper else logits
     return logits
 
 
@@ -1562,7 +1575,7 @@ JUDGE_PROMPT = ("Which of the two responses below answers the request better: mo
 JUDGE_WAIT_S = 30
 
 
-def as_text(x):  # a prompt or completion as the judge reads it: messages as `role: content` lines
+def as_text(x):  # as the judge reads it: messages as `role: content` lines
     return "\n".join(f"{m['role']}: {m['content']}" for m in x) if is_conversational(x) else x
 
 
@@ -1610,13 +1623,11 @@ def judge_over_http(texts, args):
         if time.perf_counter() - noted >= JUDGE_WAIT_S:  # a step that waits on the judge says why
             noted = time.perf_counter()
             say(f"waiting for the judge at {args.judge_api_base}: {len(futures) - len(waiting)} of {len(futures)} "
-                f"answers in {noted - start:.0f} s (a request: up to {args.judge_api_timeout:g} s, then retried)")
+                f"answers in {noted - start:.0f} s (a request times out after {args.judge_api_timeout:g} s)")
     pool.shutdown(wait=False, cancel_futures=True)
     answers = [f.result() if f.done() and not f.cancelled() and f.exception() is None else None for f in futures]
-    # Not exactly A or B, or no answer: invalid, never guessed.
-    letters = [m.group(1) if a is not None and (m := re.fullmatch(r"\s*([AB])\s*", a)) else None for a in answers]
-    q = torch.tensor([1.0 if x == "A" else 0.0 for x in letters])
-    mass = torch.tensor([0.0 if x is None else 1.0 for x in letters])
+    letters = [(a or "").strip() for a in answers]  # not exactly A or B, or no answer: invalid, never guessed
+    q, mass = (torch.tensor([float(x in ok) for x in letters]) for ok in ("A", ("A", "B")))
     return q, mass, torch.tensor([a is None for a in answers])
 
 
@@ -1644,16 +1655,14 @@ def judge_request(text, args):
 
 
 def check_judge_api(args):
-    """One trial question before any model loads: a wrong URL, model or key ends the run now."""
+    """A trial question before any model loads: a wrong URL, model or key ends the run now."""
     say(f"asking the judge at {args.judge_api_base} a trial question")
     try:
-        answer = judge_request((args.judge_prompt or JUDGE_PROMPT).format(prompt="2 + 2?", response_a="4",
-                                                                          response_b="5"), args)
+        question = (args.judge_prompt or JUDGE_PROMPT).format(prompt="2 + 2?", response_a="4", response_b="5")
+        judge_request(question, args)
     except Exception as e:
         raise UsageError(f"--judge_api_base {args.judge_api_base!r}: a trial question failed ({type(e).__name__}: {e});"
                          f" is it running? Check --judge_api_model and ${args.judge_api_key_env}") from None
-    if not re.fullmatch(r"\s*[AB]\s*", answer):
-        say(f"note: the judge answered {answer!r:.40} to a trial question, not A or B: invalid")
 
 
 # ---- Evaluation
@@ -1738,9 +1747,9 @@ class Log:
     def write(self, name, records):
         if name not in self.files:
             self.files[name] = open_log(os.path.join(self.dir, name), self.keep)
-        finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
-                  for r in records]
-        self.files[name].write("".join(json.dumps(r, allow_nan=False) + "\n" for r in finite))
+        for r in records:
+            r = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
+            self.files[name].write(json.dumps(r, allow_nan=False) + "\n")
         self.files[name].flush()
 
     def line(self, step, logs, records=None):
@@ -1770,20 +1779,19 @@ class Log:
             self.wandb.finish()
 
 
-def before_after(records, show=4, width=100):
+def before_after(records, show=4):
     """Some held-out prompts with both answers, both mean rewards, the win rate."""
     def cut(text):
         text = " ".join(text.split())
-        return text if len(text) <= width else text[: width - 3] + "..."
+        return text if len(text) <= 100 else text[:97] + "..."
 
-    def tag(score):
-        return "" if math.isnan(score) else f"({score:+.2f})  "
-
-    rewarded = ", reward in brackets:" if not math.isnan(records[0]["reference_reward"]) else ":"
-    lines = ["before (reference) / after (trained) on held-out prompts" + rewarded]
+    rewarded = ", reward in brackets" if not math.isnan(records[0]["reference_reward"]) else ""
+    lines = [f"before (reference) / after (trained) on held-out prompts{rewarded}:"]
     for i, r in enumerate(records[:show]):
-        lines += [f"[{i + 1}] {cut(r['prompt'])}", f"    reference {tag(r['reference_reward'])}{cut(r['reference'])}",
-                  f"    trained   {tag(r['trained_reward'])}{cut(r['trained'])}"]
+        lines.append(f"[{i + 1}] {cut(r['prompt'])}")
+        for name in ("reference", "trained"):
+            reward = "" if math.isnan(r[name + "_reward"]) else f"({r[name + '_reward']:+.2f})  "
+            lines.append(f"    {name:9} {reward}{cut(r[name])}")
     a, b = (torch.tensor([r[k] for r in records if not math.isnan(r[k])], dtype=torch.float64)
             for k in ("reference_reward", "trained_reward"))
     if len(a):  # two independent samples: the variances add

@@ -1,17 +1,22 @@
 """Seconds per online DPO step: TRL's OnlineDPOTrainer against online_dpo.py, same workload, side by side.
 
     pip install -e ".[bench]"                     # TRL (and matplotlib), for benchmarks only
-    python benchmarks/bench_step.py               # 2 model sizes x {TRL, ours} x gradient checkpointing {on, off}
+    python benchmarks/bench_step.py               # short prompts: 2 model sizes x {TRL, ours} x checkpointing on/off
+    python benchmarks/bench_step.py --workload tldr   # TL;DR-shaped: long prompts; ours with prefix sharing on/off
 
 Workload, identical for both: a random-init Qwen2 policy (hidden x layers as given) with a 4,096-token vocabulary
-(the tiny world's BPE tokenizer padded with filler tokens), the tiny world's conversational prompts, 8 prompts per
-step, 2 completions each, up to 64 new tokens at temperature 0.9, max_length 256, fp32 on the CPU, AdamW at lr 1e-4,
-and one reward function (`low_ids`: the fraction of completion tokens in the lowest quarter of the vocabulary, which
-a random policy gets right a quarter of the time and training can raise).
+(the tiny world's BPE tokenizer padded with filler tokens), 8 prompts per step, 2 completions each at temperature
+0.9, max_length 256, fp32 on the CPU, AdamW at lr 1e-4, and one reward function (`low_ids`: the fraction of
+completion tokens in the lowest quarter of the vocabulary, which a random policy gets right a quarter of the time and
+training can raise). Prompts: `tiny`, the tiny world's conversational prompts (about 20 tokens), up to 64 new tokens;
+`tldr`, Reddit-post-shaped text prompts of 150-200 tokens built here ("SUBREDDIT: ... POST: ... TL;DR:"), up to 53
+new tokens, as the spec's TL;DR job (whose prompts are cut to 256 - 53 = 203 tokens).
 
-Each run is its own process (peak RSS is that process's), the four configurations alternate in order, and the
-figures are: median seconds per step over the steps after the first, sampling seconds per step, peak RSS, and the
-mean reward (objective/scores) of the last 3 steps.
+Configurations: trl, ours; -gc: gradient checkpointing on; -noshare: ours with --prefix_sharing False (today's
+unshared path: every completion carries its own prompt through sampling and training). Each run is its own process
+(peak RSS is that process's), the configurations alternate in order, and the figures are: median seconds per step
+over the steps after the first, sampling seconds per step, the rest of the step (training: policy forward and
+backward, reference forward, rewards, optimizer), peak RSS, and the mean reward (objective/scores) of the last 3 steps.
 """
 
 import argparse
@@ -34,6 +39,37 @@ def low_ids(prompts, completions, completion_ids, **kwargs):
     return [sum(t < VOCAB // 4 for t in ids) / max(1, len(ids)) for ids in completion_ids]
 
 
+WORDS = ("i my boyfriend girlfriend friend roommate boss job work school college money rent car dog cat family mom dad "
+         "brother sister week month year said told asked wanted never always really just think feel know want need "
+         "help advice because but and so then when after before about with without time home house city party "
+         "birthday wedding trip moved started stopped broke up together again still maybe should would could").split()
+
+
+def tldr_prompts(path: str, tokenizer, n: int = 512, seed: int = 0) -> str:
+    """n Reddit-post-shaped text prompts of 150-200 tokens (with this tokenizer) in path/train.jsonl."""
+    import random
+
+    out = os.path.join(path, "train.jsonl")
+    if os.path.exists(out):
+        return path
+    os.makedirs(path, exist_ok=True)
+    rng, rows = random.Random(seed), []
+    while len(rows) < n:
+        target, words = rng.randint(150, 200), []
+        prompt = ""
+        while True:
+            text = (f"SUBREDDIT: r/relationships\n\nTITLE: {' '.join(words[:8])}\n\nPOST: {' '.join(words)}"
+                    "\n\nTL;DR:")
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > target:
+                break
+            prompt, words = text, words + [rng.choice(WORDS)]
+        if prompt:
+            rows.append({"prompt": prompt})
+    with open(out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
 def build_assets(root: str, sizes: list[tuple[int, int]]) -> dict:
     """Tokenizer (tiny world BPE + filler tokens up to VOCAB) and one random-init Qwen2 per size, saved under root."""
     import torch
@@ -54,6 +90,8 @@ def build_assets(root: str, sizes: list[tuple[int, int]]) -> dict:
             AutoModelForCausalLM.from_config(config).save_pretrained(path)
             tokenizer.save_pretrained(path)
         paths[(hidden, layers)] = path
+    paths["tiny"] = os.path.join(REPO, "benchmarks", "tiny", "prompts")
+    paths["tldr"] = tldr_prompts(os.path.join(root, "tldr-prompts"), tokenizer)
     return paths
 
 
@@ -61,7 +99,7 @@ def run_ours(a) -> dict:
     import online_dpo
 
     args = online_dpo.Args(
-        model_name_or_path=a.model, dataset_name=os.path.join(REPO, "benchmarks", "tiny", "prompts"), eval_prompts=0,
+        model_name_or_path=a.model, dataset_name=a.data, eval_prompts=0, prefix_sharing=bool(a.share),
         reward_funcs=(os.path.abspath(__file__) + ":low_ids",), output_dir=a.out, use_cpu=True, bf16=bool(a.bf16),
         gradient_checkpointing=a.gc, per_device_train_batch_size=a.batch, max_new_tokens=a.max_new_tokens,
         max_length=256, learning_rate=a.lr, lr_scheduler_type="constant", max_steps=a.steps, logging_steps=1,
@@ -81,8 +119,7 @@ def run_trl(a) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
-    data = datasets.load_dataset("json", data_files=os.path.join(REPO, "benchmarks", "tiny", "prompts", "train.jsonl"),
-                                 split="train")
+    data = datasets.load_dataset("json", data_files=os.path.join(a.data, "train.jsonl"), split="train")
     config = OnlineDPOConfig(
         output_dir=a.out, use_cpu=True, bf16=False, gradient_checkpointing=a.gc, per_device_train_batch_size=a.batch,
         max_new_tokens=a.max_new_tokens, max_length=256, learning_rate=a.lr, lr_scheduler_type="constant",
@@ -124,23 +161,27 @@ def child(a) -> None:
 
 def summary(result: dict) -> dict:
     scores = result["scores"]
-    return {"s/step": statistics.median(result["step"][1:]), "sampling s/step": statistics.median(result["sampling"][1:]),
-            "peak RSS MB": result["peak_rss_mb"], "reward (last 3)": statistics.mean(scores[-3:]),
+    rest = [s - t for s, t in zip(result["step"][1:], result["sampling"][1:])]
+    return {"s/step": statistics.median(result["step"][1:]),
+            "sampling s/step": statistics.median(result["sampling"][1:]),
+            "training s/step": statistics.median(rest), "peak RSS MB": result["peak_rss_mb"],
+            "reward (last 3)": statistics.mean(scores[-3:]),
             "reward gain": statistics.mean(scores[-3:]) - statistics.mean(scores[:3])}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=["256x4", "512x8"], help="policy sizes as HIDDENxLAYERS")
+    parser.add_argument("--workload", choices=["tiny", "tldr"], default="tiny", help="the prompts (see above)")
+    parser.add_argument("--sizes", nargs="+", help="policy sizes as HIDDENxLAYERS (default: 256x4 512x8; tldr: 512x8)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one run per seed and configuration")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--max_new_tokens", type=int, help="default: 64 (tiny), 53 (tldr)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--configs", nargs="+", default=["trl-gc", "ours-gc", "trl", "ours"],
-                        help="trl-gc, ours-gc, trl, ours (-gc: gradient checkpointing on), and ours-bf16 (bf16 autocast, "
-                             "not the same workload: for information)")
+    parser.add_argument("--configs", nargs="+", help="trl-gc, ours-gc, trl, ours (-gc: gradient checkpointing on; "
+                        "default: all four, tldr adds ours-gc-noshare and ours-noshare), -noshare: --prefix_sharing "
+                        "False, and ours-bf16 (bf16 autocast, not the same workload: for information)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "online-dpo-bench-step"))
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -148,7 +189,14 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     parser.add_argument("--bf16", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--share", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     a = parser.parse_args()
+    tldr = a.workload == "tldr"
+    a.sizes = a.sizes or (["512x8"] if tldr else ["256x4", "512x8"])
+    a.max_new_tokens = a.max_new_tokens or (53 if tldr else 64)
+    unshared = ["ours-gc-noshare", "ours-noshare"] if tldr else []
+    a.configs = a.configs or ["trl-gc", "ours-gc", "trl", "ours"] + unshared
     if a.child:
         a.impl = a.child
         return child(a)
@@ -161,12 +209,13 @@ def main() -> None:
         results = {c: [] for c in a.configs}
         for r, seed in enumerate(a.seeds):
             for config in a.configs if r % 2 == 0 else a.configs[::-1]:
-                impl, gc, bf16 = config.split("-")[0], int("-gc" in config), int("-bf16" in config)
+                impl, gc, bf16, share = (config.split("-")[0], int("-gc" in config), int("-bf16" in config),
+                                         int("-noshare" not in config))
                 with tempfile.TemporaryDirectory() as out:
-                    cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--model", paths[size], "--gc", str(gc),
-                           "--out", out, "--steps", str(a.steps), "--batch", str(a.batch), "--max_new_tokens",
-                           str(a.max_new_tokens), "--threads", str(a.threads), "--seed", str(seed), "--lr", str(a.lr),
-                           "--bf16", str(bf16)]
+                    cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--model", paths[size],
+                           "--gc", str(gc), "--out", out, "--steps", str(a.steps), "--batch", str(a.batch),
+                           "--max_new_tokens", str(a.max_new_tokens), "--threads", str(a.threads), "--seed", str(seed),
+                           "--lr", str(a.lr), "--bf16", str(bf16), "--share", str(share), "--data", paths[a.workload]]
                     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
                 if proc.returncode != 0:
                     sys.exit(f"{config} failed:\n{proc.stderr[-3000:]}")
@@ -179,16 +228,20 @@ def main() -> None:
             gains = [x["reward gain"] for x in runs]
             v["gain sd"] = statistics.stdev(gains) if len(gains) > 1 else float("nan")
             rows.append((f"{size[0]}x{size[1]}", config, v))
-    print(f"\n{a.batch} prompts x 2 completions, {a.max_new_tokens} new tokens, fp32, {a.threads} threads, {a.steps} steps, "
-          f"lr {a.lr}, seeds {a.seeds}; medians over seeds, and the reward gain's standard deviation over seeds\n")
-    print("| policy | config | s/step | sampling s/step | peak RSS MB | reward gain (sd) | s/step ours / TRL |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{a.workload} prompts, {a.batch} x 2 completions, {a.max_new_tokens} new tokens, fp32, "
+          f"{a.threads} threads, {a.steps} steps, lr {a.lr}, seeds {a.seeds}; medians over seeds, and the reward "
+          "gain's standard deviation over seeds; training: the step without sampling\n")
+    print("| policy | config | s/step | sampling s/step | training s/step | peak RSS MB | reward gain (sd) | "
+          "s/step ours / TRL | training shared / unshared |")
+    print("|---|---|---|---|---|---|---|---|---|")
     table = {(size, config): v for size, config, v in rows}
     for size, config, v in rows:
-        peer = table.get((size, config.replace("ours", "trl").replace("-bf16", ""))) if config.startswith("ours") else None
-        ratio = f"{v['s/step'] / peer['s/step']:.2f}" if peer else ""
-        print(f"| {size} | {config} | {v['s/step']:.2f} | {v['sampling s/step']:.2f} | {v['peak RSS MB']:.0f} | "
-              f"{v['reward gain']:+.3f} ({v['gain sd']:.3f}) | {ratio} |")
+        peer = table.get((size, config.replace("ours", "trl").replace("-bf16", "").replace("-noshare", "")))
+        ratio = f"{v['s/step'] / peer['s/step']:.2f}" if config.startswith("ours") and peer else ""
+        unshared = table.get((size, config + "-noshare")) if config.startswith("ours") else None
+        shared = f"{v['training s/step'] / unshared['training s/step']:.2f}" if unshared else ""
+        print(f"| {size} | {config} | {v['s/step']:.2f} | {v['sampling s/step']:.2f} | {v['training s/step']:.2f} | "
+              f"{v['peak RSS MB']:.0f} | {v['reward gain']:+.3f} ({v['gain sd']:.3f}) | {ratio} | {shared} |")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import online_dpo  # noqa: E402
 
 
-def fixed_sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, **_):
+def fixed_sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num_samples=1, **_):
     """rows [all first samples, all second samples] as online_dpo lays them out; each row's tokens depend only on
     (prompt, sample index): a length in 1..max_new_tokens, random non-stop tokens, and a stop token for 2 in 3."""
+    prompt_ids, prompt_mask = prompt_ids.repeat(num_samples, 1), prompt_mask.repeat(num_samples, 1)
     N, vocab = prompt_ids.size(0), model.config.vocab_size
     filler = min(set(range(vocab)) - set(stop_ids))
     rows = []
@@ -57,7 +58,9 @@ def main() -> None:
 
     def recording_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest):
         if torch.is_grad_enabled():  # the policy's call, the one that trains
-            trained_on.append({"prompt_ids": prompt_ids.cpu(), "prompt_mask": prompt_mask.cpu(), "completion_ids": completion_ids.cpu()})
+            n = completion_ids.size(0) // prompt_ids.size(0)  # packed pairs: one prompt row for two completions
+            trained_on.append({"prompt_ids": prompt_ids.repeat(n, 1).cpu(),
+                               "prompt_mask": prompt_mask.repeat(n, 1).cpu(), "completion_ids": completion_ids.cpu()})
         return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest)
 
     online_dpo.step_metrics, online_dpo.completion_logprobs = recording_step_metrics, recording_logprobs

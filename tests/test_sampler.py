@@ -1,8 +1,10 @@
-"""The KV-cache sampler against transformers' own generate() and logits warpers."""
+"""The KV-cache sampler against transformers' own generate() and the sampling filters written out."""
+
+import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import AutoModelForCausalLM
 
 from online_dpo import encode_prompts, filter_logits, sample
 from tests import assets
@@ -59,17 +61,29 @@ def test_greedy_with_repetition_penalty_matches_generate(policy, tokenizer):
 
 
 def _reference_filter(logits, top_k, top_p, min_p):
-    scores = logits.double().clone()
-    ids = torch.zeros(scores.shape[0], 1, dtype=torch.long)
-    for warper in [TopKLogitsWarper(top_k) if top_k else None, TopPLogitsWarper(top_p) if top_p < 1 else None,
-                   MinPLogitsWarper(min_p) if min_p else None]:
-        if warper is not None:
-            scores = warper(ids, scores)
-    return torch.isfinite(scores)
+    """Which tokens each filter keeps, written out in float64 row by row: the top_k largest; the smallest set of the
+    likeliest whose mass reaches top_p; those at least min_p times as likely as the likeliest."""
+    keep = torch.ones(logits.shape, dtype=torch.bool)
+    for row, scores in enumerate(logits.double()):
+        order = sorted(range(len(scores)), key=lambda i: -scores[i].item())
+        if top_k:
+            keep[row, order[top_k:]] = False
+        if top_p < 1:
+            probs = torch.where(keep[row], scores, -math.inf).softmax(-1)
+            mass = 0.0
+            for n, i in enumerate(order):
+                mass += probs[i].item()
+                if mass >= top_p:
+                    keep[row, order[n + 1:]] = False
+                    break
+        if min_p:
+            probs = torch.where(keep[row], scores, -math.inf).softmax(-1)
+            keep[row] &= probs >= min_p * probs.max()
+    return keep
 
 
 @pytest.mark.parametrize("top_k,top_p,min_p", [(5, 1.0, None), (0, 0.6, None), (0, 1.0, 0.3), (20, 0.9, 0.05), (1, 0.1, 0.5)])
-def test_filter_logits_keeps_the_same_tokens_as_transformers(top_k, top_p, min_p):
+def test_filter_logits_keeps_the_tokens_each_filter_should(top_k, top_p, min_p):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(16, 300, generator=g, dtype=torch.float64) * 3
     kept = torch.isfinite(filter_logits(logits, top_k, top_p, min_p))

@@ -109,8 +109,8 @@ def test_saves_a_model_transformers_loads(tiny, tmp_path):
 @pytest.mark.parametrize("changes,message", [
     (dict(max_new_tokens=64, max_length=64), "--max_new_tokens \\(64\\) must be smaller than --max_length \\(64\\)"),
     (dict(loss_type="hinge"), "--loss_type must be sigmoid or ipo"),
-    (dict(beta=()), "--beta needs one or more positive values"),
-    (dict(beta=(0.1, -1.0)), "--beta needs one or more positive values"),
+    (dict(beta=()), "--beta needs one or more values"),
+    (dict(beta=(0.1, -1.0)), r"--beta must be > 0, got \(0.1, -1.0\)"),
     (dict(reward_weights=(1.0, 2.0)), "--reward_weights has 2 values but there are 1 rewards"),
     (dict(reward_funcs=(), reward_model_path=()), "no reward"),
     (dict(per_device_train_batch_size=0), "--per_device_train_batch_size must be >= 1"),
