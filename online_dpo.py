@@ -305,7 +305,7 @@ def init_distributed(args):
     return rank, world, device
 
 
-def is_main():  # rank 0 (or the only process) alone prints, writes files and talks to wandb
+def is_main():  # rank 0 (or the only process) alone prints and writes
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -336,7 +336,7 @@ def gathered(model):
     try:
         yield
     finally:
-        for unit in units:  # fully_shard's defaults: layers free their weights after forward, the root keeps them
+        for unit in units:  # fully_shard's defaults: layers reshard after forward, the root does not
             unit.set_reshard_after_forward(unit is not model, recurse=False)
             unit.reshard()
 
@@ -1148,8 +1148,8 @@ def check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs, n=5
 
 
 def check_packing(args, *models):
-    """Packed rows need a 4D mask: eager or sdpa attention, no short sliding window, and a trial in which the
-    rejected tokens (after the first) see their prompt, not the chosen."""
+    """Packed rows need a 4D mask: eager or sdpa, no short sliding window, and a trial in which the rejected
+    tokens (after the first) see their prompt, not the chosen."""
     for model in models if args.prefix_sharing else ():
         config, why = model.config, None
         if config._attn_implementation not in ("eager", "sdpa"):
@@ -1159,13 +1159,15 @@ def check_packing(args, *models):
         else:
             ids = (torch.arange(15, device=next(model.parameters()).device) % config.vocab_size).view(5, 3)
             one = torch.ones_like(ids)
-            try:  # ids: 2 prompts, 2 chosen, 1 rejected; gathered: FSDP2 reshards after
-                with torch.no_grad(), gathered(model):
+            was_training = model.training
+            try:  # ids: 2 prompts, 2 chosen, 1 rejected; eval: no dropout; gathered: FSDP2 reshards after
+                with torch.no_grad(), gathered(model.eval()):
                     a, b, c = (completion_logprobs(model, ids[[p]], one[:1], ids[[k, 4]], one[:2], packed=True)[1, 1:]
                                for p, k in ((0, 2), (0, 3), (1, 2)))
                 why = None if torch.equal(a, b) and not torch.equal(a, c) else "the model does not apply a 4D mask"
             except Exception as e:
                 why = f"the model refuses a 4D attention mask ({type(e).__name__}: {e})"
+            model.train(was_training)
         if why:
             say(f"prefix sharing off in training: {why}")
             return False
@@ -1274,7 +1276,7 @@ def optimizer_step(policy, optimizer, scheduler, args, micro, stop):
     return grad_norm, status, stop
 
 
-MAX_EMPTY_STEPS = 5  # steps in a row with no pair that carries a preference: then the run stops
+MAX_EMPTY_STEPS = 5  # steps in a row without a preference: then the run stops
 EMPTY_CAUSES = {"pairs/unscored": "no reward scored the completions (None or NaN)", "pairs/ties": "the samples tied",
                 "judge/undecided": "the judge was undecided", "judge/invalid": "the judge gave no A or B (is it up?)"}
 

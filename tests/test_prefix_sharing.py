@@ -109,6 +109,15 @@ def test_packing_checks_pass_on_models_that_take_a_4d_mask(models, capsys):
     assert capsys.readouterr().out == ""  # nothing to say
 
 
+def test_the_packing_trial_is_not_fooled_by_dropout(tiny, tokenizer, tmp_path, capsys):
+    """A policy in train mode with dropout (--disable_dropout False): the trial runs in eval mode, so random masks
+    cannot make the rejected log-probs move with the chosen; the model is back in train mode after."""
+    assets.make_causal_lm(str(tmp_path), tokenizer, "qwen2", seed=7)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), attention_dropout=0.5).train()
+    assert check_packing(Args(max_length=64, max_new_tokens=16), model) is True and model.training
+    assert capsys.readouterr().out == ""
+
+
 def test_packing_falls_back_with_one_line_saying_why(models, capsys):
     """A model that drops the 4D mask (its rejected tokens would see the chosen), an attention that cannot take
     one, a forward that refuses it, a sliding window shorter than a packed row: the unshared path, and one line."""
