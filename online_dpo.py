@@ -1,18 +1,17 @@
 """Online DPO in one file: Online AI Feedback (Guo et al. 2024, arXiv 2402.04792).
 
-Each optimizer step, for every prompt of the batch: sample K (2) completions from the *current* policy -> reward
-models and/or functions score them, or an LLM judge compares them -> the better is "chosen", the worse "rejected"
--> DPO (sigmoid) or IPO loss against a frozen reference model.
+Each step, for every prompt of the batch: sample K (2) completions from the *current* policy -> reward models and/or
+functions score them, or an LLM judge compares them -> the better is "chosen", the worse "rejected" -> DPO (sigmoid)
+or IPO loss against a frozen reference model.
 
     python online_dpo.py --preset tiny               # the embedded offline world (later flags override it)
-    python online_dpo.py --preset qwen2-0.5b         # the spec's quick start: Qwen2-0.5B-Instruct on UltraFeedback
     torchrun --nproc_per_node 8 online_dpo.py --beta 0.1    # one process per GPU: DDP, or --distributed fsdp to shard
-    python online_dpo.py --beta 0.1 --resume_from_checkpoint latest   # after a stop: the same flags, plus this
 
-Flags are spelled as in TRL's OnlineDPOConfig and transformers' TrainingArguments. Read main() first: its loop is
-one step in numbered stages; above it, what a step uses, in order; below, what a first reading can skip.
+Flags are spelled as in TRL's OnlineDPOConfig and TrainingArguments. Read main() first: its loop is one step in
+numbered stages; above it, what a step uses, in order; below, what a first reading can skip.
 """
 
+import collections
 import concurrent.futures
 import contextlib
 import difflib
@@ -34,14 +33,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Annotated, Literal
 
 import datasets
+import huggingface_hub
 import numpy as np
-import safetensors
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -52,43 +52,42 @@ from tyro.constructors import PrimitiveConstructorSpec
 
 from kernels import linear_logprobs, naive_token_logprobs
 
-QUICK_START_REWARD_MODEL = "trl-lib/Qwen2-0.5B-Reward"
-TINY_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "tiny")  # benchmarks/tiny_world.py
-OFFLINE_HINT = "no network or no Hub access? `python online_dpo.py --preset tiny` trains the embedded world offline"
+TINY_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "tiny")
+OFFLINE_HINT = "no network or Hub? `python online_dpo.py --preset tiny` trains the embedded world offline"
 
 
 # ---- Args
 
 
 def _parse_bool(words):
-    word = words[0].lower() if words else "true"  # a bare `--flag`: True, as with HfArgumentParser
+    word = words[0].lower() if words else "true"  # a bare `--flag`: True
     if word not in ("true", "1", "yes", "false", "0", "no"):
         raise ValueError(f"expected True or False, got {words[0]!r}")
     return word in ("true", "1", "yes")
 
 
-# Booleans take `--flag`, `--flag True` and `--flag False`, as TRL's commands write them.
-Bool = Annotated[bool, PrimitiveConstructorSpec(nargs=(0, 1), metavar="{True,False}", instance_from_str=_parse_bool,
-                                                is_instance=lambda x: isinstance(x, bool),
-                                                str_from_instance=lambda x: [str(x)])]
+# Booleans take `--flag`, `--flag True` and `--flag False`, as in TRL's commands.
+Bool = Annotated[bool, PrimitiveConstructorSpec(
+    nargs=(0, 1), metavar="{True,False}", instance_from_str=_parse_bool, is_instance=lambda x: isinstance(x, bool),
+    str_from_instance=lambda x: [str(x)])]
 
 
 @dataclass
 class Args:
     preset: Literal["tiny", "qwen2-0.5b", "pythia-1b-tldr"] | None = None
-    """a named setup (online_dpo.PRESETS): its values become the defaults"""
+    """a named setup (PRESETS): its values become the defaults"""
 
     # --- models and data
     model_name_or_path: str = "Qwen/Qwen2-0.5B-Instruct"
     """policy to train: a Hub id or a local directory"""
     ref_model_path: str | None = None
-    """frozen reference model; None: a frozen copy of the policy"""
+    """reference model; None: a frozen copy of the policy"""
     reward_model_path: tuple[str, ...] | None = None
     """reward models (sequence classifiers); None: trl-lib/Qwen2-0.5B-Reward, unless other feedback"""
     reward_funcs: tuple[str, ...] = ()
-    """Python reward functions: `my_rewards:length_penalty` or `path/to/file.py:length_penalty`"""
+    """Python reward functions: `module:function` or `path/to/file.py:function`"""
     reward_weights: tuple[float, ...] | None = None
-    """a weight per reward, reward models first; None: all 1.0"""
+    """a weight per reward, reward models first; None: all 1"""
     dataset_name: str = "trl-lib/ultrafeedback-prompt"
     """prompts: a Hub dataset, a `save_to_disk` directory, or a .json/.jsonl/.parquet/.csv file"""
     dataset_config: str | None = None
@@ -96,117 +95,109 @@ class Args:
     dataset_train_split: str = "train"
     """split to train on"""
     dataset_test_split: str = "test"
-    """split of held-out prompts, on which reference and trained policy are compared"""
+    """split of held-out prompts, to compare reference and trained policy on"""
     eval_prompts: int = 64
-    """held-out prompts in a comparison (0: none)"""
+    """held-out prompts per comparison (0: none)"""
     dataset_prompt_column: str = "prompt"
-    """column of the prompts: text, or lists of {role, content} messages"""
+    """prompt column: text, or lists of {role, content} messages"""
     model_init_kwargs: str | None = None
     """JSON dict for from_pretrained of policy and reference, e.g. '{"attn_implementation": "sdpa"}'"""
     trust_remote_code: Bool = False
-    """let models and tokenizers run code from their Hub repository (trusted sources only)"""
+    """let models and tokenizers run their Hub repository's code (trusted sources only)"""
+
+    # --- LoRA (TRL's ModelConfig)
+    use_peft: Bool = False
+    """train LoRA adapters on the frozen policy; the reference: the policy, adapters off"""
+    lora_r: int = 16
+    """rank of the adapters"""
+    lora_alpha: float = 32
+    """the adapters' output scale is lora_alpha / lora_r"""
+    lora_dropout: float = 0.05
+    """dropout on the adapters' input (with --disable_dropout False only, as in TRL)"""
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    """linear layers to adapt, by name (q_proj v_proj ...); all-linear: every one in the decoder blocks"""
 
     # --- online DPO (OnlineDPOConfig)
     beta: tuple[float, ...] = (0.1,)
-    """KL strength (tau for IPO); several: one per epoch, the last for the rest"""
+    """KL strength (IPO: tau); several: one per epoch, the last for the rest"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid: the DPO loss; ipo: the IPO loss"""
     max_new_tokens: int = 64
-    """maximum number of tokens sampled per completion"""
+    """the most tokens sampled per completion"""
     max_length: int = 256
-    """maximum prompt + completion tokens (prompts cut from the left)"""
+    """the most prompt + completion tokens (prompts cut from the left)"""
     temperature: float = 0.9
     """sampling temperature"""
     top_p: float = 1.0
-    """keep the likeliest tokens that sum to top_p (1.0: off)"""
+    """keep the likeliest tokens that sum to top_p (1: off)"""
     top_k: int = 0
-    """keep only the top_k most likely tokens (0: off)"""
+    """keep the top_k likeliest tokens (0: off)"""
     min_p: float | None = None
     """drop tokens less likely than min_p x the likeliest (None: off)"""
     repetition_penalty: float = 1.0
-    """penalise tokens already in prompt or completion (> 1: fewer repeats, 1.0: off)"""
+    """penalise tokens already in prompt or completion (> 1: fewer repeats; 1: off)"""
     generation_kwargs: str | None = None
-    """JSON dict over the sampling flags above, and do_sample, suppress_tokens, eos_token_id"""
+    """JSON dict over the sampling flags above; also do_sample, suppress_tokens, eos_token_id"""
     missing_eos_penalty: float | None = None
     """subtracted from the score of a completion without EOS"""
     disable_dropout: Bool = True
-    """turn dropout off in the policy and the reference"""
+    """no dropout in the policy and the reference"""
     num_samples: int = 2
     """completions per prompt; the pair: the best and the worst (a judge compares 2)"""
     drop_ties: Bool = False
-    """leave out of the loss (and count) prompts whose best and worst tie (--tie_threshold)"""
-    tie_threshold: float = 0.0
-    """reward difference at or below which best and worst tie"""
+    """leave out of the loss (and count) prompts whose best and worst tie (differ by TIE_THRESHOLD at most)"""
     judge_model_path: str | None = None
     """AI feedback: a causal LM judges which completion is better"""
     judge_prompt: str | None = None
-    """the judge's instruction with {prompt}, {response_a}, {response_b}; None: online_dpo.JUDGE_PROMPT"""
+    """the judge's instruction with {prompt}, {response_a}, {response_b}; None: JUDGE_PROMPT"""
     judge_api_base: str | None = None
     """the judge over an OpenAI-compatible API, e.g. http://localhost:8000/v1 (vLLM)"""
     judge_api_model: str | None = None
-    """model name sent to --judge_api_base"""
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    """environment variable holding the API key (unset: none sent)"""
-    judge_api_concurrency: int = 16
-    """judge requests in flight at once"""
-    judge_api_timeout: float = 60.0
-    """seconds before a judge request is retried"""
-    judge_api_retries: int = 3
-    """retries after a timeout, connection error, 429 or 5xx"""
-    judge_undecided: float = 0.05
-    """|P(first is better) - 0.5| at most this: undecided, out of the loss"""
-    logprob_impl: Literal["fused", "naive"] = "fused"
-    """fused: log-probs tile by tile from hidden states and lm_head (no [N, V] logits); naive: logits"""
+    """model name for --judge_api_base"""
     prefix_sharing: Bool = True
     """each prompt once: one prefill for its K samples, one [prompt | chosen | rejected] row per pair"""
 
     # --- training (TrainingArguments)
     output_dir: str = "Qwen2-0.5B-OnlineDPO"
-    """where the trained model, checkpoints and metrics.jsonl go"""
+    """for the trained model, checkpoints and metrics.jsonl"""
     learning_rate: float = 5e-7
     """AdamW peak learning rate"""
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
-    """decay after warmup: linear to 0, cosine to 0, or constant"""
+    """after warmup: linear to 0, cosine to 0, or constant"""
     warmup_steps: float = 0
-    """linear warmup: steps, or a fraction of all when < 1"""
+    """linear warmup: steps, or a fraction of all if < 1"""
     weight_decay: float = 0.0
-    """AdamW weight decay (not on biases and norm weights)"""
+    """AdamW weight decay (not on biases and norms)"""
     max_grad_norm: float = 1.0
-    """clip the gradient to this global norm (0: no clipping)"""
+    """clip the gradient to this global norm (0: off)"""
     per_device_train_batch_size: int = 8
     """prompts per micro-batch"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     num_train_epochs: float = 3.0
-    """passes over the prompts (ignored when max_steps > 0)"""
+    """passes over the prompts (unless max_steps > 0)"""
     max_steps: int = -1
-    """total optimizer steps; overrides num_train_epochs when > 0"""
+    """optimizer steps; overrides num_train_epochs when > 0"""
     logging_steps: float = 10
-    """log every N steps, or a fraction of all when < 1"""
+    """log every N steps, or a fraction of all if < 1"""
     save_steps: float = 500
-    """save output_dir/checkpoint-N every N steps, or fraction (0: only the final save)"""
+    """save output_dir/checkpoint-N every N steps or fraction (0: the final save only)"""
     eval_steps: float = 0
-    """compare policy and reference every N steps, or fraction (0: at the end)"""
-    log_completions_steps: float = 0
-    """log a micro-batch's pairs (completions.jsonl, wandb) every N steps or fraction (0: never)"""
+    """every N steps or fraction: log the pairs (completions.jsonl, wandb), compare policy and reference (0: end)"""
     save_total_limit: int | None = None
-    """keep only the newest N checkpoints (None: all)"""
+    """keep the newest N checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
     """continue a stopped run exactly: a checkpoint directory, or `latest`"""
     overwrite_output_dir: Bool = False
-    """start afresh in an output_dir that holds an earlier run (replaces it)"""
-    max_nonfinite_steps: int = 10
-    """a step with a NaN/inf loss or gradient is skipped; stop after this many in a row"""
+    """start afresh in an output_dir holding an earlier run (replaces it)"""
     seed: int = 42
-    """seed for the data order, sampling and initialisation"""
+    """seed of the data order, sampling and initialisation"""
     use_cpu: Bool = False
-    """train on the CPU even when a GPU is present (processes talk over gloo)"""
+    """train on the CPU even with a GPU (processes talk over gloo)"""
     distributed: Literal["ddp", "fsdp"] = "ddp"
-    """under torchrun: ddp keeps a whole policy per rank; fsdp shards it (FSDP2)"""
-    shard_frozen_models: Bool = False
-    """with --distributed fsdp: shard the reference and reward models too"""
+    """under torchrun: ddp keeps a whole policy per rank; fsdp shards it and the frozen models"""
     bf16: Bool | None = None
-    """bf16 mixed precision (fp32 master weights); None: where the GPU supports it"""
+    """bf16 mixed precision (fp32 master weights); None: if the GPU supports it"""
     gradient_checkpointing: Bool = True
     """recompute activations in the training forward, to save memory"""
     report_to: Literal["none", "wandb"] = "none"
@@ -220,32 +211,37 @@ class Args:
 
 
 PRESETS = {
-    # The embedded world (benchmarks/tiny_world.py): the reward likes answers positive, short and ended.
-    "tiny": dict(model_name_or_path=f"{TINY_WORLD}/policy", reward_model_path=(f"{TINY_WORLD}/reward",),
-                 dataset_name=f"{TINY_WORLD}/prompts", output_dir="tiny-OnlineDPO", use_cpu=True, bf16=False,
-                 gradient_checkpointing=False, max_new_tokens=64, max_length=128, learning_rate=1e-4,
-                 warmup_steps=0.1, per_device_train_batch_size=16, max_steps=150, logging_steps=10, save_steps=0),
+    # The embedded world (benchmarks/tiny_world.py): the reward likes positive, short, ended answers.
+    "tiny": dict(
+        model_name_or_path=f"{TINY_WORLD}/policy", reward_model_path=(f"{TINY_WORLD}/reward",), use_cpu=True,
+        dataset_name=f"{TINY_WORLD}/prompts", output_dir="tiny-OnlineDPO", bf16=False, gradient_checkpointing=False,
+        max_new_tokens=64, max_length=128, learning_rate=1e-4, warmup_steps=0.1, per_device_train_batch_size=16,
+        max_steps=150, logging_steps=10, save_steps=0),
     # The spec's quick start: the Args defaults.
     "qwen2-0.5b": dict(),
-    # The spec's 1B TL;DR benchmark (add --push_to_hub as it does).
-    "pythia-1b-tldr": dict(model_name_or_path="trl-lib/pythia-1b-deduped-tldr-sft",
-                           reward_model_path=("trl-lib/pythia-1b-deduped-tldr-rm",), dataset_name="trl-lib/tldr",
-                           output_dir="pythia-1b-deduped-tldr-online-dpo", per_device_train_batch_size=8,
-                           gradient_accumulation_steps=2, num_train_epochs=3, max_new_tokens=53, warmup_steps=0.1,
-                           missing_eos_penalty=1.0, save_steps=0.1),
+    # The spec's 1B TL;DR benchmark (it adds --push_to_hub).
+    "pythia-1b-tldr": dict(
+        model_name_or_path="trl-lib/pythia-1b-deduped-tldr-sft", dataset_name="trl-lib/tldr", save_steps=0.1,
+        reward_model_path=("trl-lib/pythia-1b-deduped-tldr-rm",), output_dir="pythia-1b-deduped-tldr-online-dpo",
+        per_device_train_batch_size=8, gradient_accumulation_steps=2, num_train_epochs=3, max_new_tokens=53,
+        warmup_steps=0.1, missing_eos_penalty=1.0),
 }
 
 
 class UsageError(ValueError):
-    """Bad input: the message names the argument and says what to do."""
+    """Bad input: the message names it and says what to do."""
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and what to do."""
+    """Training cannot go on: the message says why and what to do."""
+
+
+def why(e):  # an exception as the error line shows it
+    return f"{type(e).__name__}: {e}"
 
 
 class FeedbackError(UsageError):
-    """A reward function or the judge failed on the completions it was given."""
+    """A reward function or the judge failed on the completions."""
 
 
 # ---- Loading models
@@ -256,19 +252,24 @@ def load_model(auto_class, path, args, **kwargs):
         return auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
     except OSError as e:
         raise unreachable("model", path, e) from None
-    except Exception as e:  # a corrupt weights file, an argument the model refuses
-        raise UsageError(f"could not load the model in {path!r}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # corrupt weights, an argument the model refuses
+        raise UsageError(f"could not load the model in {path!r}: {why(e)}") from None
 
 
-def load_policy(path, args, device, world, bf16):
-    """The model that trains (fp32). -> it, and what forwards with gradient go through (DDP's wrapper, or it)."""
+def load_policy(path, args, device, world, bf16, resume=False):
+    """The model that trains (fp32). -> it, and what forwards with gradient use (DDP's wrapper, or it)."""
     kwargs = {"dtype": torch.float32} | json_dict(args.model_init_kwargs, "model_init_kwargs")
     policy = load_model(AutoModelForCausalLM, path, args, **kwargs)
+    if args.use_peft:  # before disable_dropout, which zeroes the adapters' dropout too (as TRL's does)
+        add_lora(policy, args)
+        if resume:  # a checkpoint: the base weights, adapter/
+            adapter = safetensors.torch.load_file(os.path.join(path, "adapter", "adapter_model.safetensors"))
+            policy.load_state_dict({k.removeprefix("base_model.model."): v for k, v in adapter.items()}, strict=False)
     if args.disable_dropout:
         for module in policy.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    if args.gradient_checkpointing:  # in train mode only: sampling (eval mode) keeps its KV cache
+    if args.gradient_checkpointing:  # train mode only: sampling (eval mode) keeps its KV cache
         policy.activation_checkpointing_enable()
     policy.train()
     fsdp = world > 1 and args.distributed == "fsdp"
@@ -280,16 +281,59 @@ def load_policy(path, args, device, world, bf16):
 
 
 def load_frozen(auto_class, path, args, device, shard, bf16, **kwargs):
-    """A model that only runs forward: no gradients, eval mode, bf16 when the policy's matmuls are."""
+    """A forward-only model: no gradients, eval mode, bf16 when the policy's matmuls are."""
     kwargs = {"dtype": torch.float32} | kwargs | ({"dtype": torch.bfloat16} if bf16 else {})
     return place(load_model(auto_class, path, args, **kwargs).requires_grad_(False).eval(), device, shard)
 
 
-# ---- Several processes: torchrun, DDP, FSDP2 (with one process, no-ops)
+class LoRALinear(torch.nn.Linear):
+    """W x + b + (alpha / r) B A dropout(x), from an nn.Linear in place (same weights and names): W, b frozen;
+    A (r, in) Kaiming-uniform (nn.Linear's init), B (out, r) zeros: it starts as the base layer."""
+    on = True  # False: every adapter off (AdaptersOff)
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale if LoRALinear.on else out
+
+
+def add_lora(model, args):
+    """--use_peft: adapters on the targeted linear layers of the decoder blocks; all other weights frozen."""
+    names, blocks = set(args.lora_target_modules) - {"all-linear"}, getattr(model, "_no_split_modules", None) or ()
+    layers = [m for block in model.modules() if type(block).__name__ in blocks for n, m in block.named_modules()
+              if type(m) is torch.nn.Linear and (not names or n.split(".")[-1] in names)]
+    if not layers:
+        raise UsageError(f"--lora_target_modules {' '.join(names)}: no linear layer in the decoder blocks is named so")
+    model.requires_grad_(False)
+    for layer in layers:
+        kw = dict(bias=False, device=layer.weight.device, dtype=layer.weight.dtype)
+        layer.__class__, layer.scale, layer.lora_dropout = LoRALinear, args.lora_alpha / args.lora_r, \
+            torch.nn.Dropout(args.lora_dropout)
+        layer.lora_A, layer.lora_B = torch.nn.Linear(layer.in_features, args.lora_r, **kw), \
+            torch.nn.Linear(args.lora_r, layer.out_features, **kw)
+        torch.nn.init.zeros_(layer.lora_B.weight)
+
+
+class AdaptersOff(torch.nn.Module):
+    """--use_peft's reference: the policy with its adapters off, in eval mode (no second copy of the weights)."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.module, self.config = policy, policy.config
+
+    def forward(self, **kwargs):
+        was_training, LoRALinear.on = self.module.training, False
+        try:
+            return self.module.eval()(**kwargs)
+        finally:
+            LoRALinear.on = True
+            self.module.train(was_training)
+
+
+# ---- Several processes: torchrun, DDP, FSDP2 (one process: no-ops)
 
 
 def init_distributed(args):
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one device per rank. -> rank, world size, device."""
+    """torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; one device per rank. -> rank, world size, device."""
     rank, local_rank = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and not args.use_cpu
@@ -298,14 +342,14 @@ def init_distributed(args):
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():  # started by torchrun, not with a stale WORLD_SIZE
+    if world > 1 and not dist.is_initialized():  # torchrun, not a stale WORLD_SIZE
         if missing := [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]:
             raise UsageError(f"WORLD_SIZE is {world} but {', '.join(missing)} not set: unset it, or use torchrun")
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return rank, world, device
 
 
-def is_main():  # rank 0 (or the only process) alone prints and writes
+def is_main():  # rank 0 alone prints and writes
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -336,13 +380,13 @@ def gathered(model):
     try:
         yield
     finally:
-        for unit in units:  # fully_shard's defaults: layers reshard after forward, the root does not
-            unit.set_reshard_after_forward(unit is not model, recurse=False)
+        for unit in units:  # fully_shard's defaults: layers reshard after forward, not the root
+            unit.set_reshard_after_forward(unit is not getattr(model, "module", model), recurse=False)
             unit.reshard()
 
 
 def sync_gradients(model, sync):
-    """Gradient accumulation: the all-reduce (DDP) or reduce-scatter (FSDP2) only when sync is set."""
+    """Gradient accumulation: all-reduce (DDP) or reduce-scatter (FSDP2) only when sync is set."""
     if isinstance(model, DDP):
         model.require_backward_grad_sync = sync  # what DDP's no_sync() context sets
     elif isinstance(model, FSDPModule):
@@ -367,14 +411,11 @@ def is_conversational(prompt):
 
 
 def prompt_token_ids(tokenizer, prompts):
-    """Each prompt's token ids, whole: conversations through the chat template, assistant turn opened."""
-    texts = []
-    for p in prompts:
-        if is_conversational(p):
-            if tokenizer.chat_template is None:
-                raise UsageError("conversational prompts need a tokenizer with a chat template; this one has none")
-            p = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-        texts.append(p)
+    """Each prompt's token ids, whole: conversations through the chat template, assistant turn open."""
+    if is_conversational(prompts[0]) and tokenizer.chat_template is None:
+        raise UsageError("conversational prompts need a tokenizer with a chat template; this one has none")
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if is_conversational(p)
+             else p for p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     if min(map(len, ids)) == 0:
         raise UsageError("a prompt is empty after tokenization")
@@ -382,7 +423,7 @@ def prompt_token_ids(tokenizer, prompts):
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_len):
-    """Chat template for conversations, then the last max_prompt_len tokens. -> ids, mask (N, P) left-padded."""
+    """The last max_prompt_len tokens of each prompt. -> ids, mask (N, P) left-padded."""
     seqs = [ids[-max_prompt_len:] for ids in prompt_token_ids(tokenizer, prompts)]
     # Left padding: every row ends in a real token, so decoding appends in step.
     batch = tokenizer.pad({"input_ids": seqs}, padding_side="left", return_tensors="pt")
@@ -400,21 +441,21 @@ def positions(mask):  # (N, L) left-padded rows: 0 at each row's first real toke
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num_samples=1, temperature=1.0, top_k=0,
            top_p=1.0, min_p=None, repetition_penalty=1.0, do_sample=True, suppress_tokens=None, generator=None):
     """Batched decoding over a preallocated KV cache, K = num_samples per prompt. -> completion ids, mask (K*N, T),
-    rows [all 1st samples, ..., all K-th]: a row ends at its stop token."""
+    rows [all 1st samples, ..., all K-th], each ending at its stop token."""
     (N, P), device, K = prompt_ids.shape, prompt_ids.device, num_samples
     stop = torch.tensor(stop_ids, device=device)
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
     mask = torch.cat([prompt_mask, prompt_mask.new_zeros(N, max_new_tokens)], 1)  # (N, P+T): a column opens per step
     logits = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(prompt_mask), cache=cache,
                    logits_to_keep=1).logits[:, -1]
-    if K > 1:  # each prompt prefilled once; its keys and values copied to its K samples' rows, N -> K*N
+    if K > 1:  # each prompt prefilled once, its keys and values copied to its K samples' rows: N -> K*N
         for layer in cache.layers:
             layer.keys, layer.values = layer.keys.repeat(K, 1, 1, 1), layer.values.repeat(K, 1, 1, 1)
         prompt_ids, prompt_mask, mask, logits = (x.repeat(K, 1) for x in (prompt_ids, prompt_mask, mask, logits))
         N *= K
     next_position = prompt_mask.sum(-1, keepdim=True)  # (N, 1)
     seen = None
-    if repetition_penalty != 1.0:  # tokens already in the prompt or completion, padding aside
+    if repetition_penalty != 1.0:  # tokens in the prompt or completion, padding aside
         seen = torch.zeros(N, logits.size(-1), dtype=torch.bool, device=device)
         seen.scatter_(1, prompt_ids.where(prompt_mask.bool(), prompt_ids[:, -1:]), True)
     tokens = prompt_ids.new_full((N, max_new_tokens), pad_id)
@@ -449,7 +490,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num
 
 @dataclass
 class Rollout:
-    """What sampling and feedback need; main() sets it up."""
+    """What sampling and feedback need (from main())."""
     args: Args
     tokenizer: object
     rank: int
@@ -460,12 +501,9 @@ class Rollout:
     stop_ids: list[int]
     reward_models: list  # (model, tokenizer) pairs
     reward_funcs: list
-    judge: tuple | None  # a local judge: model, tokenizer, ids of "A" and "B"
-    packed: bool = False  # training forwards: one row per pair (check_packing)
-
-    @property
-    def judged(self):  # preferences from an LLM judge, not rewards
-        return bool(self.args.judge_model_path or self.args.judge_api_base)
+    judge: tuple | None  # a local judge: model, tokenizer, ids of "A", "B"
+    packed: bool = False  # training: one row per pair (check_packing)
+    judged: bool = False  # preferences from a judge, not rewards
 
 
 @dataclass
@@ -478,12 +516,12 @@ class Samples:
     has_eos: torch.Tensor  # (K*B,) ended with a stop token
     token_ids: list[list[int]]  # each completion's real tokens
     texts: list[str]
-    completions: list  # what rewards read: the texts, or assistant messages
+    completions: list  # for rewards: the texts, or assistant messages
 
-    def rows(self, pick, packed):  # pick (2B,): chosen, then rejected
-        n = 1 if packed else 2  # a prompt row per pair, or per completion
-        return (self.prompt_ids.repeat(n, 1), self.prompt_mask.repeat(n, 1), self.completion_ids[pick],
-                self.completion_mask[pick])
+    def rows(self, pick, packed):  # pick (2B,): chosen, then rejected; a prompt row per pair, or per completion
+        n = 1 if packed else 2
+        return self.prompt_ids.repeat(n, 1), self.prompt_mask.repeat(n, 1), self.completion_ids[pick], \
+            self.completion_mask[pick]
 
 
 def rollout(run, model, prompts, generator, k=1, window=None):
@@ -493,11 +531,11 @@ def rollout(run, model, prompts, generator, k=1, window=None):
     ids, mask = ids.to(run.device), mask.to(run.device)
     was_training, t0 = model.training, time.perf_counter()
     model.eval()
-    n = 1 if args.prefix_sharing else k  # unshared: each sample prefills its own copy of its prompt
+    n = 1 if args.prefix_sharing else k  # unshared: each sample prefills its own prompt copy
     with gathered(model), run.autocast:
-        completion_ids, completion_mask = sample(model, ids.repeat(n, 1), mask.repeat(n, 1), args.max_new_tokens,
-                                                 run.stop_ids, run.tokenizer.pad_token_id, k // n,
-                                                 generator=generator, **run.generation)
+        completion_ids, completion_mask = sample(
+            model, ids.repeat(n, 1), mask.repeat(n, 1), args.max_new_tokens, run.stop_ids, run.tokenizer.pad_token_id,
+            k // n, generator=generator, **run.generation)
     model.train(was_training)
     if window is not None:
         window.sampling += time.perf_counter() - t0
@@ -516,13 +554,10 @@ def rollout(run, model, prompts, generator, k=1, window=None):
 def score_completions(prompts, completions, completion_ids, extra_columns, reward_models, reward_funcs, weights,
                       when=""):
     """Every reward of each (prompt, completion), weighted, NaN-summed. -> total (N,), per reward (N, R)."""
-    device = weights.device
-    columns = []
+    device, columns, chat = weights.device, [], is_conversational(prompts[0])
     for model, tokenizer in reward_models:
-        if is_conversational(prompts[0]):
-            texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
-        else:
-            texts = [p + c for p, c in zip(prompts, completions)]
+        texts = [tokenizer.apply_chat_template(p + c, tokenize=False) if chat else p + c
+                 for p, c in zip(prompts, completions)]
         batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
         columns.append(model(**batch.to(device)).logits[:, 0].float())
     for func in reward_funcs:
@@ -530,20 +565,20 @@ def score_completions(prompts, completions, completion_ids, extra_columns, rewar
             out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **extra_columns)
         except Exception as e:
             name = getattr(func, "__name__", func)
-            raise FeedbackError(f"reward function {name} fails{when}: {type(e).__name__}: {e}") from None
+            raise FeedbackError(f"reward function {name} fails{when}: {why(e)}") from None
         columns.append(reward_column(out, func, len(prompts), device))
     per_reward = torch.stack(columns, 1)  # (N, R)
-    total = (per_reward * weights).nansum(1)  # what no reward scored stays NaN: it ranks last
+    total = (per_reward * weights).nansum(1)  # none scored it: NaN, ranks last
     return total.masked_fill(per_reward.isnan().all(1), math.nan), per_reward
 
 
 def score(run, prompts, samples, columns):
-    """(N,) the weighted rewards, minus --missing_eos_penalty where a completion has no stop token."""
+    """(N,) weighted rewards, minus --missing_eos_penalty where a completion has no stop token."""
     n = len(run.reward_models) + len(run.reward_funcs)
     weights = torch.tensor(run.args.reward_weights or [1.0] * n, device=run.device)
     with run.autocast:
-        scores, _ = score_completions(prompts, samples.completions, samples.token_ids, columns, run.reward_models,
-                                      run.reward_funcs, weights)
+        scores, _ = score_completions(
+            prompts, samples.completions, samples.token_ids, columns, run.reward_models, run.reward_funcs, weights)
     if run.args.missing_eos_penalty is not None:
         scores = scores - run.args.missing_eos_penalty * (~samples.has_eos).float()
     return scores
@@ -552,6 +587,7 @@ def score(run, prompts, samples, columns):
 # ---- Feedback from an LLM judge (the paper's annotator)
 
 JUDGE_MIN_MASS = 0.5  # P(A) + P(B) below this in either order: invalid
+JUDGE_UNDECIDED = 0.05  # |P(first is better) - 0.5| at most this: undecided, out of the loss
 
 
 def judge_decisions(q, mass, undecided):
@@ -563,7 +599,7 @@ def judge_decisions(q, mass, undecided):
 
 
 def judge(run, prompts, first, second):
-    """Each pair asked in both orders, locally or over HTTP. -> p, valid, decided (N,), failed (2N,)."""
+    """Each pair in both orders, locally or over HTTP. -> p, valid, decided (N,), failed (2N,)."""
     args = run.args
     texts = judge_texts(args.judge_prompt or JUDGE_PROMPT, prompts, first, second)
     if args.judge_api_base:
@@ -573,10 +609,13 @@ def judge(run, prompts, first, second):
         with run.autocast:
             q, mass = judge_locally(model, tokenizer, texts, answer_ids, 2 * args.per_device_train_batch_size)
         failed = torch.zeros(len(texts), dtype=torch.bool)
-    return *judge_decisions(q.to(run.device), mass.to(run.device), args.judge_undecided), failed.to(run.device)
+    return *judge_decisions(q.to(run.device), mass.to(run.device), JUDGE_UNDECIDED), failed.to(run.device)
 
 
 # ---- Pairing
+
+
+TIE_THRESHOLD = 0.0  # best and worst scores this close or closer: a tie (--drop_ties)
 
 
 def pair(scores, num_samples=2, tie_threshold=0.0):
@@ -594,26 +633,25 @@ class Pairs:
     chosen: torch.Tensor  # (B,) each prompt's chosen completion
     rejected: torch.Tensor  # (B,) and its rejected one
     kept: torch.Tensor  # (B,) bool: the pair goes into the loss
-    scores: torch.Tensor | None  # (2B,) of the chosen, then the rejected; None: a judge decided
-    metrics: dict  # per-pair feedback metrics: pairs/*, or judge/*
+    scores: torch.Tensor | None  # (2B,) chosen, then rejected; None: a judge decided
+    metrics: dict  # per-pair feedback metrics: pairs/* or judge/*
     logged: dict  # (B,) each, for completions.jsonl
 
 
 def preferences(run, prompts, samples, columns):
-    """Stages 3-4 for K*B samples of B prompts. The one place that knows where preferences come from."""
+    """Stages 3-4 for K*B samples of B prompts: the one place that knows where preferences come from."""
     args, B = run.args, len(prompts)
     if run.judged:
         p, valid, kept, failed = judge(run, prompts, samples.texts[:B], samples.texts[B:])
         rows, first, p_chosen = torch.arange(B, device=run.device), p >= 0.5, torch.maximum(p, 1 - p)
         metrics = {"judge/p_chosen": p_chosen[kept], "judge/invalid": (~valid).float(),
-                   "judge/undecided": (valid & ~kept).float()}
-        if args.judge_api_base:
-            metrics["judge/api_failures"] = failed.float()
+                   "judge/undecided": (valid & ~kept).float()} | (
+            {"judge/api_failures": failed.float()} if args.judge_api_base else {})
         return Pairs(torch.where(first, rows, rows + B), torch.where(first, rows + B, rows), kept, None, metrics,
                      {"p_chosen": p_chosen})
     scores = score(run, prompts * args.num_samples, samples, columns)  # (K*B,)
-    chosen, rejected, tie = pair(scores, args.num_samples, args.tie_threshold)
-    unscored = scores[chosen].isnan()  # the best is unscored: so are all its prompt's samples
+    chosen, rejected, tie = pair(scores, args.num_samples, TIE_THRESHOLD)
+    unscored = scores[chosen].isnan()  # the best unscored: so are all its prompt's samples
     kept = ~unscored & ~(tie & args.drop_ties)
     return Pairs(chosen, rejected, kept, scores[torch.cat([chosen, rejected])],
                  {"pairs/ties": tie.float(), "pairs/unscored": unscored.float()},
@@ -625,11 +663,11 @@ def preferences(run, prompts, samples, columns):
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, impl="fused", packed=False):
     """Per-token log p of the completion tokens, (N, T), 0 at padding; fused: no logits at all (kernels/).
-    packed: the N = 2B completions are B pairs (chosen, then rejected), one row each."""
-    ids, mask, position_ids, row, column = training_rows(prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                                         packed)
-    inner = getattr(model, "module", model)  # DDP wraps the model; FSDP2 shards it in place
-    if mask.dim() == 4:  # additive: 0 where a query may look, the dtype's min elsewhere
+    packed: the N = 2B completions are B pairs (chosen, then rejected), a row each."""
+    ids, mask, position_ids, row, column = training_rows(
+        prompt_ids, prompt_mask, completion_ids, completion_mask, packed)
+    inner = getattr(model, "module", model)  # DDP wraps the model; FSDP2 shards in place
+    if mask.dim() == 4:  # additive: 0 where a query may look, else the dtype's min
         dtype = inner.dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=ids.device).masked_fill(~mask, torch.finfo(dtype).min)
     real = completion_mask.bool()
@@ -643,7 +681,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
                 output_hidden_states=not naive)
     if naive:
         logps = naive_token_logprobs(out.logits[row, column - first], targets)
-    else:  # head.weight read after the forward: FSDP2's root keeps it gathered until backward
+    else:  # head.weight after the forward: FSDP2's root keeps it gathered until backward
         logps = linear_logprobs(out.hidden_states[-1][row, column], head.weight, targets)  # after the final norm
     return logps.new_zeros(completion_ids.shape).index_put((real,), logps)
 
@@ -651,7 +689,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 def training_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, packed):
     """-> ids, mask, position ids, and per completion token (N, T) the row and column whose output predicts it.
     Unpacked: N rows [prompt | completion]. Packed: B prompts, 2B completions (chosen, then rejected) -> B rows
-    [prompt | chosen | rejected]; the rejected see the prompt and themselves, positions restarting after the prompt."""
+    [prompt | chosen | rejected]; the rejected see the prompt and themselves, positions restart after the prompt."""
     (B, P), (N, T), device = prompt_ids.shape, completion_ids.shape, prompt_ids.device
     L, t = P + 2 * T, torch.arange(T, device=device)
     if not packed:
@@ -663,7 +701,7 @@ def training_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, pack
     part = (i >= P).long() + (i >= P + T).long()  # (L,) 0: prompt, 1: chosen, 2: rejected
     sees = (i[None] <= i[:, None]) & ~((part[:, None] == 2) & (part[None] == 1))  # (L, L) query x key
     mask = sees & real[:, None, :] | torch.eye(L, dtype=torch.bool, device=device)  # a query always sees itself
-    start = prompt_mask.sum(1, keepdim=True)  # (B, 1) each completion's first position
+    start = prompt_mask.sum(1, keepdim=True)  # (B, 1) first completion position
     position_ids = torch.cat([positions(prompt_mask), start + t, start + t], 1)
     # Chosen token t is predicted at column P-1+t; rejected token t at P+T-1+t, but its first at P-1 too.
     column = torch.stack([P - 1 + t, torch.where(t == 0, P - 1, P + T - 1 + t)]).repeat_interleave(B, 0)  # (2B, T)
@@ -672,7 +710,7 @@ def training_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, pack
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type):
-    """Per-pair loss (B,); h: how much more than the reference the policy prefers the chosen completion."""
+    """Per-pair loss (B,); h: how much more than the reference the policy prefers the chosen."""
     h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     if loss_type == "ipo":  # squared distance of h from 1 / (2 beta)
         return (h - 1 / (2 * beta)) ** 2
@@ -690,11 +728,8 @@ def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, ha
     non_score_reward = -beta * kl
     reward_chosen = beta * (logp[chosen] - ref_logp[chosen])
     reward_rejected = beta * (logp[rejected] - ref_logp[rejected])
-    scored = {} if scores is None else {
-        "objective/rlhf_reward": scores + non_score_reward,
-        "objective/scores": scores,
-        "objective/scores_margin": scores[chosen] - scores[rejected],
-    }
+    scored = {} if scores is None else {"objective/rlhf_reward": scores + non_score_reward, "objective/scores": scores,
+                                        "objective/scores_margin": scores[chosen] - scores[rejected]}
     return {
         "loss": losses.detach(),
         "objective/kl": kl,
@@ -717,10 +752,10 @@ def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, ha
 
 
 def make_optimizer(policy, args, plan):
-    """AdamW, no weight decay on biases and norms; linear warmup, then --lr_scheduler_type's (transformers')."""
-    decay = [p for p in policy.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in policy.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW, no weight decay on biases and norms; linear warmup, then --lr_scheduler_type (transformers')."""
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=next(policy.parameters()).device.type == "cuda")
     kind = {"constant": "constant_with_warmup"}.get(args.lr_scheduler_type, args.lr_scheduler_type)
     return optimizer, get_scheduler(kind, optimizer, num_warmup_steps=plan.warmup, num_training_steps=plan.total)
@@ -730,52 +765,52 @@ def make_optimizer(policy, args, plan):
 
 
 def main(args):
-    """Train; returns the policy (sharded under FSDP2). Under torchrun every rank runs this."""
-    # 0. Check what can be checked before a model loads: flags, files, data, models, rewards, the judge.
+    """Train; -> the policy (sharded under FSDP2). Under torchrun every rank runs this."""
+    # 0. Check before any model loads: flags, files, data, models, rewards, the judge.
     check_args(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_output_dir(args)
-    resume = resume_point(args, world)  # the checkpoint to continue from, or None
+    resume = resume_point(args, world)  # the checkpoint to continue, or None
     reward_funcs = [load_reward_func(spec) for spec in args.reward_funcs]
     dataset, test_set = load_prompts(args)
     tokenizer, config = load_tokenizer(resume or args.model_name_or_path, args, "--model_name_or_path")
     check_loading(args, config)
     reward_tokenizers = [load_tokenizer(path, args, "--reward_model_path")[0] for path in args.reward_model_path]
     check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs)
-    judge_tokenizer = load_tokenizer(args.judge_model_path, args, "--judge_model_path")[0] if args.judge_model_path \
-        else None
-    answer_ids = judge_answer_ids(judge_tokenizer) if judge_tokenizer else None
+    judge_tokenizer = args.judge_model_path and load_tokenizer(args.judge_model_path, args, "--judge_model_path")[0]
     if args.judge_api_base:
         check_judge_api(args)
     plan = make_plan(args, len(dataset), world)
     B, GA, K = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_samples
 
-    # One process per device; rank 0 alone prints and writes (is_main()).
+    # One process per device; rank 0 alone prints and writes.
     rank, world, device = init_distributed(args)
-    set_seed(args.seed)  # Python, NumPy and torch: reward functions may draw too
+    set_seed(args.seed)  # Python, NumPy, torch: reward functions may draw
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
 
-    # 1. Models: the policy (resumed: from its checkpoint), the frozen reference, the reward models or judge.
-    policy, train_model = load_policy(resume or args.model_name_or_path, args, device, world, bf16)
-    frozen = dict(args=args, device=device, shard=world > 1 and args.shard_frozen_models, bf16=bf16)
-    ref = load_frozen(AutoModelForCausalLM, args.ref_model_path or args.model_name_or_path, **frozen,
-                      **json_dict(args.model_init_kwargs, "model_init_kwargs"))
+    # 1. Models: the policy (or its checkpoint), the frozen reference, the reward models or judge.
+    policy, train_model = load_policy(resume or args.model_name_or_path, args, device, world, bf16, bool(resume))
+    frozen = dict(args=args, device=device, shard=world > 1 and args.distributed == "fsdp", bf16=bf16)
+    ref = AdaptersOff(policy) if args.use_peft else load_frozen(
+        AutoModelForCausalLM, args.ref_model_path or args.model_name_or_path, **frozen,
+        **json_dict(args.model_init_kwargs, "model_init_kwargs"))
     reward_models = [(load_frozen(AutoModelForSequenceClassification, path, **frozen, num_labels=1,
                                   pad_token_id=tok.pad_token_id), tok)  # it finds rows' ends by the pad id
                      for path, tok in zip(args.reward_model_path, reward_tokenizers)]
-    judge_model = load_frozen(AutoModelForCausalLM, args.judge_model_path, **frozen) if judge_tokenizer else None
+    judge = judge_tokenizer and (load_frozen(AutoModelForCausalLM, args.judge_model_path, **frozen), judge_tokenizer,
+                                 judge_answer_ids(judge_tokenizer))
     run = Rollout(args, tokenizer, rank, world, device, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
-                  *sampling_settings(args, tokenizer, policy), reward_models, reward_funcs,
-                  (judge_model, judge_tokenizer, answer_ids) if judge_model else None, check_packing(args, policy, ref))
+                  *sampling_settings(args, tokenizer, policy), reward_models, reward_funcs, judge or None,
+                  check_packing(args, policy, ref), bool(args.judge_model_path or args.judge_api_base))
     feedback = args.judge_model_path or args.judge_api_model or " + ".join(args.reward_model_path + args.reward_funcs)
     say(f"preferences from {'the judge' if run.judged else f'the best and worst of {K} samples by'} {feedback}")
     generator = torch.Generator(device).manual_seed(args.seed + rank)  # each rank samples its own completions
     optimizer, scheduler = make_optimizer(policy, args, plan)
 
-    state = {"step": 0, "epoch": 0.0, "micro_batches_done": 0, "world_size": world, "nonfinite_steps": 0,
-             "empty_steps": 0, "wandb_id": None}  # trainer_state.json
+    state = dict(step=0, epoch=0.0, micro_batches_done=0, world_size=world, nonfinite_steps=0, empty_steps=0,
+                 wandb_id=None)  # trainer_state.json
     window = Window()  # the metrics since the last log
-    if resume:  # where the checkpoint left: optimizer, schedule, data, random streams, sums
+    if resume:  # optimizer, schedule, data, random streams, sums
         state, window = load_checkpoint(resume, policy, optimizer, scheduler, generator, rank, device)
     start_output_dir(args, resume, state)
     log = Log(args, plan, state, resume is not None)
@@ -787,7 +822,7 @@ def main(args):
         for step in range(state["step"] + 1, plan.total + 1):
             beta = args.beta[min((step - 1) // plan.per_epoch, len(args.beta) - 1)]  # one per epoch, then the last
             micro = Window()  # this step's metrics
-            last_good = rank_state(generator, window)  # what a broken reward function or judge rewinds to
+            last_good = rank_state(generator, window)  # where a broken reward function or judge rewinds
             for micro_step in range(GA):
                 batch = next(data)
                 prompts = batch.pop(args.dataset_prompt_column)
@@ -795,12 +830,12 @@ def main(args):
                 # 2. Sample K completions per prompt from the policy as it is now: rows [all 1st samples, ..., K-th].
                 samples = rollout(run, policy, prompts, generator, K, window)
 
-                # 3-4. Feedback and pairs: per prompt the best and the worst sample by reward, or the judge's choice.
+                # 3-4. Feedback and pairs: per prompt the best and worst sample by reward, or the judge's choice.
                 try:
                     pairs = preferences(run, prompts, samples, {k: v * K for k, v in batch.items()})
-                except FeedbackError as e:  # one process: save the step before (a resume is exact)
-                    saved = world == 1 and step > 1 and save_checkpoint(policy, optimizer, scheduler, tokenizer, args,
-                                                                       progress(state, step - 1, plan, args), last_good)
+                except FeedbackError as e:  # one process: save the step before (resume is exact)
+                    saved = world == 1 and step > 1 and save_checkpoint(
+                        policy, optimizer, scheduler, tokenizer, args, progress(state, step - 1, plan, args), last_good)
                     raise TrainingError(f"step {step}: {e}; " + (f"saved {saved}: fix it, then resume with "
                                         "--resume_from_checkpoint latest" if saved else "nothing saved")) from None
                 pick = torch.cat([pairs.chosen, pairs.rejected])  # (2B,) rows: chosen completions, then rejected
@@ -809,11 +844,11 @@ def main(args):
                 sync_gradients(train_model, micro_step == GA - 1)  # ranks average gradients in the last backward
                 sampled = samples.rows(pick, run.packed)
                 with run.autocast:
-                    logps = completion_logprobs(train_model, *sampled, args.logprob_impl, run.packed)
+                    logps = completion_logprobs(train_model, *sampled, packed=run.packed)
                     with torch.no_grad():
-                        ref_logps = completion_logprobs(ref, *sampled, args.logprob_impl, run.packed)
+                        ref_logps = completion_logprobs(ref, *sampled, packed=run.packed)
 
-                # 6. Loss: DPO or IPO per pair, averaged over the pairs kept (none: 0, and backward keeps DDP in step).
+                # 6. Loss: DPO or IPO per pair, mean over the pairs kept (none: 0, and backward keeps DDP in step).
                 logp, ref_logp = logps.sum(1), ref_logps.sum(1)  # (2B,)
                 losses = dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], beta, args.loss_type)  # (B,)
                 kept = pairs.kept
@@ -832,28 +867,28 @@ def main(args):
 
             # 8. Log (means over all ranks since the last log), the completions, an evaluation, a checkpoint.
             if step % plan.log == 0 or step == plan.total or halt:
-                log.line(step, window.means(learning_rate=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                                            epoch=step / plan.per_epoch, nonfinite_steps=state["nonfinite_steps"],
-                                            empty_steps=state["empty_steps"]))
+                log.line(step, window.means(
+                    learning_rate=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), epoch=step / plan.per_epoch,
+                    nonfinite_steps=state["nonfinite_steps"], empty_steps=state["empty_steps"]))
                 window = Window()
-            if plan.completions and step % plan.completions == 0:
-                log.pairs(step, prompts, samples.texts, pairs)  # the last micro-batch's
-            if plan.eval and step % plan.eval == 0 and step < plan.total and eval_prompts:
-                log.line(step, *evaluate(run, policy, ref, eval_prompts, eval_columns, reference))
+            if plan.eval and step % plan.eval == 0:  # the last micro-batch's pairs; policy against reference
+                log.pairs(step, prompts, samples.texts, pairs)
+                if step < plan.total and eval_prompts:
+                    log.line(step, *evaluate(run, policy, ref, eval_prompts, eval_columns, reference))
             if (plan.save and step % plan.save == 0 and step < plan.total) or stopping or halt:
                 state = progress(state, step, plan, args)
-                saved = save_checkpoint(policy, optimizer, scheduler, tokenizer, args, state,
-                                        rank_state(generator, window))
+                mine = rank_state(generator, window)
+                saved = save_checkpoint(policy, optimizer, scheduler, tokenizer, args, state, mine)
             if halt:
                 log.close()
                 raise TrainingError(f"{halt}; saved {saved}")
             if stopping:
                 say(f"stopped by a signal after step {step}; saved {saved}: go on with --resume_from_checkpoint latest")
                 log.close()
-                del train_model  # DDP's reducer goes now: freed at interpreter exit, it can deadlock with gloo
+                del train_model  # DDP's reducer goes now: freed at exit, it can deadlock gloo
                 raise SystemExit(128 + signal.SIGINT if signal.SIGINT in signals else 0)
 
-    # 9. Save the policy where from_pretrained(output_dir) finds it.
+    # 9. Save the policy for from_pretrained(output_dir).
     save_final(policy, optimizer, scheduler, tokenizer, args, progress(state, plan.total, plan, args),
                rank_state(generator, window), plan)
     say(f"saved the trained model to {args.output_dir}")
@@ -875,19 +910,17 @@ def main(args):
 # ---- Checks of the inputs
 
 GENERATION_KEYS = "temperature top_k top_p min_p repetition_penalty do_sample suppress_tokens eos_token_id".split()
-GE0, GE1, GT0, FINITE = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1"), (lambda v: v > 0, "> 0"), (
-    lambda v: True, "finite")
-RULES = {  # the values a numeric flag may take (never NaN or infinite)
-    "max_new_tokens": GE1, "per_device_train_batch_size": GE1, "gradient_accumulation_steps": GE1, "beta": GT0,
-    "num_samples": (lambda v: v >= 2, ">= 2 (a pair needs two completions)"), "temperature": GT0,
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "top_k": GE0, "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "repetition_penalty": GT0, "missing_eos_penalty": GE0,
-    "tie_threshold": GE0, "judge_undecided": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "judge_api_concurrency": GE1,
-    "judge_api_retries": GE0, "judge_api_timeout": GT0, "reward_weights": FINITE, "learning_rate": GE0,
-    "warmup_steps": GE0, "weight_decay": GE0, "max_grad_norm": GE0, "num_train_epochs": FINITE, "logging_steps": GT0,
-    "save_steps": GE0, "eval_steps": GE0, "log_completions_steps": GE0, "save_total_limit": GE1,
-    "max_nonfinite_steps": GE1, "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"), "eval_prompts": GE0,
-}
+RULES = {flag: (ok, what) for flags, ok, what in [  # a numeric flag's allowed values (never NaN or inf)
+    ("max_new_tokens per_device_train_batch_size gradient_accumulation_steps save_total_limit lora_r",
+     lambda v: v >= 1, ">= 1"),
+    ("beta temperature repetition_penalty logging_steps lora_alpha", lambda v: v > 0, "> 0"),
+    ("top_k missing_eos_penalty learning_rate warmup_steps weight_decay max_grad_norm save_steps "
+     "eval_steps eval_prompts", lambda v: v >= 0, ">= 0"),
+    ("reward_weights num_train_epochs", lambda v: True, "finite"),
+    ("num_samples", lambda v: v >= 2, ">= 2 (a pair needs two completions)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)")] for flag in flags.split()}
 
 
 def bad_number(flag, value):
@@ -912,22 +945,21 @@ def check_args(args):
     """The flags alone. Fills in the default reward model."""
     judge = args.judge_model_path or args.judge_api_base
     if args.reward_model_path is None:
-        args.reward_model_path = () if args.reward_funcs or judge else (QUICK_START_REWARD_MODEL,)
+        args.reward_model_path = () if args.reward_funcs or judge else ("trl-lib/Qwen2-0.5B-Reward",)  # quick start
     n_rewards = len(args.reward_model_path) + len(args.reward_funcs)
     json_dict(args.model_init_kwargs, "model_init_kwargs")
     generation = json_dict(args.generation_kwargs, "generation_kwargs")
     unknown = sorted(set(generation) - set(GENERATION_KEYS))
-    template = args.judge_prompt or JUDGE_PROMPT
     try:
-        filled = template.format(prompt="\0p", response_a="\0a", response_b="\0b")
+        filled = (args.judge_prompt or JUDGE_PROMPT).format(prompt="\0p", response_a="\0a", response_b="\0b")
         bad_template = not all(f"\0{k}" in filled for k in "pab")
     except (KeyError, IndexError, ValueError):
         bad_template = True
     problems = [
         (args.loss_type not in ("sigmoid", "ipo"), f"--loss_type must be sigmoid or ipo, got {args.loss_type!r}"),
         (not args.beta, "--beta needs one or more values"),
-        (args.max_new_tokens >= args.max_length, f"--max_new_tokens ({args.max_new_tokens}) must be smaller than "
-                                                 f"--max_length ({args.max_length})"),
+        (args.max_new_tokens >= args.max_length,
+         f"--max_new_tokens ({args.max_new_tokens}) must be smaller than --max_length ({args.max_length})"),
         (n_rewards == 0 and not judge, "no reward: give --reward_model_path and/or --reward_funcs, or a judge"),
         (judge and n_rewards > 0, "a judge and rewards both given: drop one"),
         (args.judge_model_path and args.judge_api_base, "--judge_model_path and --judge_api_base: give one judge"),
@@ -940,35 +972,31 @@ def check_args(args):
         (args.resume_from_checkpoint is not None and args.overwrite_output_dir,
          "--resume_from_checkpoint and --overwrite_output_dir: give one of them"),
         (os.path.isfile(args.output_dir), f"--output_dir {args.output_dir!r} is a file; give a directory"),
-        (args.shard_frozen_models and args.distributed != "fsdp",
-         "--shard_frozen_models shards with FSDP2: add --distributed fsdp"),
+        (args.use_peft and args.ref_model_path, "--ref_model_path with --use_peft: the reference is the policy, "
+         "adapters off; drop one"),
         *[(True, "--" + p) for flag in RULES if (p := bad_number(flag, getattr(args, flag)))],
         (unknown, f"--generation_kwargs: unsupported keys {unknown}; supported: {', '.join(GENERATION_KEYS)}"),
         *[(True, f"--generation_kwargs {p}") for k, v in generation.items() if k in RULES and (p := bad_number(k, v))],
         (type(generation.get("top_k", 0)) is not int, "--generation_kwargs top_k must be an integer"),
         (generation.get("do_sample", True) is not True, "--generation_kwargs do_sample must be true, got "
-         f"{generation.get('do_sample')!r}: greedy decoding makes both samples the same, so nothing is learnt"),
+         f"{generation.get('do_sample')!r}: greedy decoding makes both samples the same"),
         (bad_template, "--judge_prompt must contain {prompt}, {response_a} and {response_b}, and no other braces "
-                       "(literal ones: {{ and }})"),
+         "(literal ones: {{ and }})"),
     ]
     if message := next((m for bad, m in problems if bad), None):
         raise UsageError(message)
-    if args.push_to_hub:
-        import huggingface_hub
-
-        if huggingface_hub.get_token() is None:
-            raise UsageError("--push_to_hub needs a Hub token: run `hf auth login` or set HF_TOKEN")
+    if args.push_to_hub and huggingface_hub.get_token() is None:
+        raise UsageError("--push_to_hub needs a Hub token: run `hf auth login` or set HF_TOKEN")
 
 
 def check_output_dir(args):
-    """Writable, and no input in it: the run would overwrite it."""
+    """Writable, and holding no input (the run would overwrite it)."""
     out = os.path.realpath(args.output_dir)
-    for flag, path in [("--model_name_or_path", args.model_name_or_path), ("--ref_model_path", args.ref_model_path),
-                       ("--judge_model_path", args.judge_model_path), ("--dataset_name", args.dataset_name),
-                       *[("--reward_model_path", p) for p in args.reward_model_path]]:
+    paths = [(k, getattr(args, k)) for k in "model_name_or_path ref_model_path judge_model_path dataset_name".split()]
+    for flag, path in paths + [("reward_model_path", p) for p in args.reward_model_path]:
         real = os.path.realpath(path) if path and os.path.exists(path) else None
         if real == out or real and args.overwrite_output_dir and real.startswith(out + os.sep):
-            raise UsageError(f"{flag} {path!r} is in --output_dir, which this run would overwrite: give another")
+            raise UsageError(f"--{flag} {path!r} is in --output_dir, which this run would overwrite: give another")
     try:  # every rank: on several nodes each has its own disk
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()
@@ -977,19 +1005,17 @@ def check_output_dir(args):
 
 
 def load_reward_func(spec):
-    """`module:function` (importable from the working directory) or `path/to/file.py:function`."""
+    """`module:function` (from the working directory) or `path/to/file.py:function`."""
     module_name, _, func_name = spec.rpartition(":")
     if not module_name or not func_name:
         raise UsageError(f"--reward_funcs {spec!r}: expected `module:function` or `file.py:function`")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    load = runpy.run_path if module_name.endswith(".py") else lambda name: vars(importlib.import_module(name))
     try:
-        if module_name.endswith(".py"):
-            names = runpy.run_path(module_name)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            names = vars(importlib.import_module(module_name))
+        names = load(module_name)
     except Exception as e:
-        raise UsageError(f"--reward_funcs {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e})") from None
+        raise UsageError(f"--reward_funcs {spec!r}: cannot import {module_name!r} ({why(e)})") from None
     if not callable(func := names.get(func_name)):
         raise UsageError(f"--reward_funcs {spec!r}: {module_name!r} has no function {func_name!r}")
     return func
@@ -1003,19 +1029,19 @@ def reward_column(out, func, n, device):
     try:
         return torch.tensor([math.nan if r is None else float(r) for r in out], device=device)
     except (TypeError, ValueError):
-        raise FeedbackError(f"reward function {name} returned something that is not a number or None: "
-                            f"{out[:4]}...") from None
+        raise FeedbackError(f"reward function {name} returned something that is not a number or None: {out[:4]}...") \
+            from None
 
 
 def load_prompts(args):
-    """Train and held-out prompts (None without a test split) from a data file or directory, or the Hub."""
-    name, train_split, test_split, column = (args.dataset_name, args.dataset_train_split, args.dataset_test_split,
-                                             args.dataset_prompt_column)
+    """Train and held-out prompts (None: no test split): a data file, a saved dataset, or the Hub."""
+    name, train_split, test_split = args.dataset_name, args.dataset_train_split, args.dataset_test_split
+    column = args.dataset_prompt_column
     ext, file = os.path.splitext(name)[1].lower(), os.path.isfile(name)
     saved = os.path.isdir(name) and {"dataset_dict.json", "state.json"} & set(os.listdir(name))
     if file and ext not in (".json", ".jsonl", ".parquet", ".csv"):
         raise UsageError(f"--dataset_name {name!r}: a data file must be .json, .jsonl, .parquet or .csv")
-    if file and os.path.getsize(name) == 0:  # datasets fails on it with a bare StopIteration
+    if file and os.path.getsize(name) == 0:  # datasets: a bare StopIteration
         raise UsageError(f"--dataset_name {name!r} is an empty file")
     try:
         if file:
@@ -1026,14 +1052,13 @@ def load_prompts(args):
             splits = splits if isinstance(splits, datasets.DatasetDict) else {train_split: splits}
         else:
             splits = datasets.load_dataset(name, args.dataset_config)
-    except Exception as e:  # a malformed file, a saved dataset without rows, no Hub
+    except Exception as e:  # a malformed file, no rows, no Hub
         while e.__cause__ or e.__context__:
             e = e.__cause__ or e.__context__
-        why = f"{type(e).__name__}: {e}"
         raise UsageError(f"--dataset_name {name!r}: " + (
-            f"datasets could not read it ({why}); check that it is a valid {ext[1:]} file" if file else
-            f"datasets could not read this saved dataset ({why}); check that it holds prompts" if saved else
-            f"could not load it ({why}). Give a Hub dataset you can reach, or a local one; " + OFFLINE_HINT)) from None
+            f"could not read it ({why(e)}); is it a valid {ext[1:]} file?" if file else
+            f"could not read this saved dataset ({why(e)}); check that it holds prompts" if saved else
+            f"could not load it ({why(e)}). Give a reachable Hub dataset or a local one; " + OFFLINE_HINT)) from None
     if train_split not in splits:
         raise UsageError(f"--dataset_train_split {train_split!r} is not a split of {name!r}; splits: {list(splits)}")
     train, test = splits[train_split], splits.get(test_split) if test_split != train_split else None
@@ -1063,13 +1088,13 @@ def unreachable(what, path, error):
 
 
 def load_tokenizer(path, args, flag):
-    """-> the tokenizer (EOS pads if no pad token is in the embedding), the model's config."""
+    """-> the tokenizer (EOS pads if the pad token is not embedded), the model's config."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:  # ValueError: a directory without tokenizer files
+    except (OSError, ValueError) as e:  # ValueError: no tokenizer files
         raise unreachable("the tokenizer of", path, e) from None
     if not tokenizer("Hello world.", add_special_tokens=False)["input_ids"]:  # a directory without its files
-        raise UsageError(f"could not load the tokenizer of {path!r}: it has no vocabulary; save it next to the model")
+        raise UsageError(f"could not load the tokenizer of {path!r}: it has no vocabulary; save it with the model")
     config = model_config(path, args, flag)
     vocab = getattr(config, "vocab_size", None) or math.inf
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= vocab:
@@ -1080,16 +1105,16 @@ def load_tokenizer(path, args, flag):
 
 
 def model_config(path, args, flag):
-    """A reward model must be a classifier with one output, the others causal LMs (else a random head)."""
+    """Reward models: classifiers with one output; the others: causal LMs (else a random head)."""
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:  # ValueError: a directory without a model config
+    except (OSError, ValueError) as e:  # ValueError: no model config
         raise unreachable("model", path, e) from None
     kinds, reward = config.architectures or [], flag == "--reward_model_path"
     heads = [k.endswith("ForSequenceClassification") for k in kinds]
     if kinds and (not any(heads) if reward else all(heads)):
         raise UsageError(f"{flag} {path!r} is a {kinds[0]}, not a {'reward model' if reward else 'causal LM'}: loaded "
-                         "as one it would run a randomly initialised head")
+                         "as one it would run a random head")
     if reward and config.num_labels != 1:
         raise UsageError(f"--reward_model_path {path!r} has a head with {config.num_labels} outputs, not 1")
     return config
@@ -1121,7 +1146,7 @@ def check_loading(args, config):
 
 
 def check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs, n=512):
-    columns = dataset[: min(n, len(dataset))]
+    columns = dataset[:n]
     prompts = columns.pop(args.dataset_prompt_column)
     chat = is_conversational(prompts[0])
     for path, reward_tokenizer in zip(args.reward_model_path, reward_tokenizers):
@@ -1133,12 +1158,9 @@ def check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs, n=5
     except UsageError as e:
         raise UsageError(f"--dataset_name {args.dataset_name!r} with the tokenizer of {args.model_name_or_path!r}: "
                          f"{e}") from None
-    limit = args.max_length - args.max_new_tokens
-    if min(lengths) > limit:
+    if min(lengths) > (limit := args.max_length - args.max_new_tokens):
         raise UsageError(f"all {len(lengths)} prompts checked are longer than --max_length - --max_new_tokens = "
                          f"{limit} tokens (the shortest: {min(lengths)}): raise --max_length")
-    if cut := sum(length > limit for length in lengths):
-        say(f"note: {cut} of the first {len(lengths)} prompts are longer than {limit} tokens: cut from the left")
     texts = ["A placeholder answer."] * min(2, len(prompts))
     completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
     for func in reward_funcs:
@@ -1148,42 +1170,34 @@ def check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs, n=5
 
 
 def check_packing(args, *models):
-    """Packed rows need a 4D mask: eager or sdpa, no short sliding window, and a trial in which the rejected
-    tokens (after the first) see their prompt, not the chosen."""
+    """Packed rows need a 4D mask: eager or sdpa, no short sliding window, a trial where rejected tokens see their
+    prompt, not the chosen."""
     for model in models if args.prefix_sharing else ():
-        config, why = model.config, None
+        config, reason = model.config, None
         if config._attn_implementation not in ("eager", "sdpa"):
-            why = f"attn_implementation {config._attn_implementation} takes no 4D attention mask"
+            reason = f"attn_implementation {config._attn_implementation} takes no 4D attention mask"
         elif (getattr(config, "sliding_window", None) or math.inf) < 2 * args.max_length:
-            why = f"its sliding window ({config.sliding_window} tokens) may be shorter than a row"
+            reason = f"its sliding window ({config.sliding_window} tokens) may be shorter than a row"
         else:
             ids = (torch.arange(15, device=next(model.parameters()).device) % config.vocab_size).view(5, 3)
             one = torch.ones_like(ids)
             was_training = model.training
-            try:  # ids: 2 prompts, 2 chosen, 1 rejected; eval: no dropout; gathered: FSDP2 reshards after
+            try:  # 2 prompts, 2 chosen, 1 rejected; eval: no dropout; gathered: FSDP2 reshards after
                 with torch.no_grad(), gathered(model.eval()):
                     a, b, c = (completion_logprobs(model, ids[[p]], one[:1], ids[[k, 4]], one[:2], packed=True)[1, 1:]
                                for p, k in ((0, 2), (0, 3), (1, 2)))
-                why = None if torch.equal(a, b) and not torch.equal(a, c) else "the model does not apply a 4D mask"
+                reason = None if torch.equal(a, b) and not torch.equal(a, c) else "the model does not apply a 4D mask"
             except Exception as e:
-                why = f"the model refuses a 4D attention mask ({type(e).__name__}: {e})"
+                reason = f"the model refuses a 4D attention mask ({why(e)})"
             model.train(was_training)
-        if why:
-            say(f"prefix sharing off in training: {why}")
+        if reason:
+            say(f"prefix sharing off in training: {reason}")
             return False
     return args.prefix_sharing
 
 
-@dataclass
-class Plan:
-    """Steps per epoch, in all, of warmup; every how many to log, save, evaluate, log completions (0: never)."""
-    per_epoch: int
-    total: int
-    warmup: int
-    log: int
-    save: int
-    eval: int
-    completions: int
+# Steps per epoch, in all, of warmup; every how many to log, save, evaluate (0: never).
+Plan = collections.namedtuple("Plan", "per_epoch total warmup log save eval")
 
 
 def make_plan(args, n_prompts, world):
@@ -1192,30 +1206,24 @@ def make_plan(args, n_prompts, world):
         raise UsageError(f"the dataset has {n_prompts} prompts but one optimizer step needs per_device_train_batch_size"
                          f" x gradient_accumulation_steps x processes = {B} x {GA} x {world} = {B * GA * world}")
     total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
-    steps = [steps_of(v, total) for v in (args.warmup_steps, args.logging_steps, args.save_steps, args.eval_steps,
-                                          args.log_completions_steps)]
+    steps = [steps_of(v, total) for v in (args.warmup_steps, args.logging_steps, args.save_steps, args.eval_steps)]
     return Plan(per_epoch, total, steps[0], max(1, steps[1]), *steps[2:])
 
 
-def steps_of(value, total):  # TrainingArguments' convention: a value < 1 is a fraction of all
+def steps_of(value, total):  # as TrainingArguments: a value < 1 is a fraction of all
     return math.ceil(value * total) if 0 < value < 1 else int(value)
 
 
 def sampling_settings(args, tokenizer, policy):
+    """-> sample()'s keyword arguments, the stop ids: --generation_kwargs' eos_token_id, or the tokenizer's EOS and
+    the generation config's (chat models' end-of-turn)."""
     generation = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
                   "repetition_penalty": args.repetition_penalty, "do_sample": True, "suppress_tokens": None}
     generation |= json_dict(args.generation_kwargs, "generation_kwargs")
-    eos = generation.pop("eos_token_id", None)
-    stop_ids = stop_token_ids(tokenizer, policy) if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return generation, stop_ids
-
-
-def stop_token_ids(tokenizer, model):
-    """The tokenizer's EOS and the generation config's EOS ids (chat models' end-of-turn)."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    return sorted(i for i in ids if i is not None)
+    if (eos := generation.pop("eos_token_id", None)) is None:
+        eos = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+        eos = sorted(i for i in {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+    return generation, [eos] if isinstance(eos, int) else list(eos)
 
 
 # ---- Faults during training
@@ -1239,9 +1247,9 @@ class Window:
         """Each metric's mean over all ranks' samples (one all_reduce), then `extra` and the times."""
         elapsed, keys = time.perf_counter() - self.start, list(self.sums)
         means, tokens = {}, 0.0
-        if keys:  # none when every step since the last log was skipped (on every rank)
-            device = self.sums[keys[0]].device
-            counts = torch.tensor([float(self.counts[k]) for k in keys], dtype=torch.float64, device=device)
+        if keys:  # none: every step since the last log was skipped
+            counts = torch.tensor([float(self.counts[k]) for k in keys], dtype=torch.float64,
+                                  device=self.sums[keys[0]].device)
             packed = torch.stack([torch.stack([self.sums[k].double() for k in keys]), counts])  # (2, metrics)
             if dist.is_initialized():
                 dist.all_reduce(packed)
@@ -1256,10 +1264,8 @@ def optimizer_step(policy, optimizer, scheduler, args, micro, stop):
     """Clip, AdamW, schedule; skipped on all ranks for a NaN/inf loss or grad, or no pair kept anywhere."""
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-    device = grad_norm.device
     flags = torch.stack([~torch.isfinite(micro.sums["loss"]) | ~torch.isfinite(grad_norm),
-                         torch.tensor(micro.counts["loss"] > 0, device=device),
-                         torch.tensor(stop, device=device)]).float()
+                         *torch.tensor([micro.counts["loss"] > 0, stop], device=grad_norm.device)]).float()
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     nonfinite, kept, stop = (bool(f) for f in flags.tolist())
@@ -1276,7 +1282,7 @@ def optimizer_step(policy, optimizer, scheduler, args, micro, stop):
     return grad_norm, status, stop
 
 
-MAX_EMPTY_STEPS = 5  # steps in a row without a preference: then the run stops
+MAX_EMPTY_STEPS, MAX_NONFINITE_STEPS = 5, 10  # steps in a row without a preference, or NaN/inf: the run stops
 EMPTY_CAUSES = {"pairs/unscored": "no reward scored the completions (None or NaN)", "pairs/ties": "the samples tied",
                 "judge/undecided": "the judge was undecided", "judge/invalid": "the judge gave no A or B (is it up?)"}
 
@@ -1287,8 +1293,8 @@ def count_steps(state, status, step, args, micro):
         state[f"{kind}_in_a_row"] = state.get(f"{kind}_in_a_row", 0) + 1 if status == kind else 0
     if status == "broken":
         raise TrainingError(f"the update of step {step} made the weights NaN/inf (not saved); latest checkpoint: "
-                            f"{latest_checkpoint(args)}")
-    if state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
+                            + latest_checkpoint(args))
+    if state["nonfinite_in_a_row"] >= MAX_NONFINITE_STEPS:
         return (f"the loss or gradient was NaN/inf in {state['nonfinite_in_a_row']} steps in a row (up to step "
                 f"{step}): lower --learning_rate or check the rewards and data")
     if state["empty_in_a_row"] >= MAX_EMPTY_STEPS:
@@ -1313,9 +1319,8 @@ def latest_checkpoint(args):
 
 # Args that change neither completions nor updates: a resumed run may change them.
 RESUMABLE_CHANGES = set("""preset output_dir resume_from_checkpoint overwrite_output_dir logging_steps save_steps
-    save_total_limit max_nonfinite_steps eval_prompts report_to run_name push_to_hub hub_model_id bf16
-    gradient_checkpointing distributed shard_frozen_models logprob_impl prefix_sharing eval_steps log_completions_steps
-    judge_api_key_env judge_api_concurrency judge_api_timeout judge_api_retries""".split())
+    save_total_limit eval_prompts report_to run_name push_to_hub hub_model_id bf16
+    gradient_checkpointing distributed prefix_sharing eval_steps""".split())
 CHECKPOINT_FILES = ("trainer_state.json", "online_dpo_args.json", "config.json", "optimizer.pt", "rank_states.pt")
 
 
@@ -1340,35 +1345,34 @@ def resume_point(args, world):
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
         what = "not a checkpoint of online_dpo.py" if os.path.isdir(path) else "no such directory"
         raise UsageError(f"--resume_from_checkpoint {path!r}: {what}; give output_dir/checkpoint-N, or `latest`")
-    name = CHECKPOINT_FILES[0]
-    try:  # every file a resume reads is there and whole
-        for name in CHECKPOINT_FILES + tuple(f for f in os.listdir(path) if f.endswith(".safetensors")):
+    name, adapter = CHECKPOINT_FILES[0], ("adapter/adapter_model.safetensors",) if args.use_peft else ()
+    try:  # every file a resume reads is whole
+        for name in CHECKPOINT_FILES + adapter + tuple(f for f in os.listdir(path) if f.endswith(".safetensors")):
             file = os.path.join(path, name)
             if name.endswith(".json"):
                 read_json(file)
             elif name.endswith(".pt"):
                 torch.load(file, weights_only=True, mmap=True)
             else:
-                with safetensors.safe_open(file, "pt"):
-                    pass
+                safetensors.safe_open(file, "pt")
     except Exception as e:
         step = int(m.group(1)) if (m := re.search(r"checkpoint-(\d+)$", path.rstrip("/"))) else math.inf
         before = [int(d[11:]) for d in os.listdir(os.path.dirname(os.path.abspath(path)))
                   if re.fullmatch(r"checkpoint-\d+", d) and int(d[11:]) < step]
-        raise UsageError(f"--resume_from_checkpoint {path!r}: {name} is missing or damaged ({type(e).__name__}: {e}); "
-                         + (f"resume from checkpoint-{max(before)}, the one before" if before else "and it is the "
-                            "first checkpoint")) from None
+        hint = f"resume from checkpoint-{max(before)}, the one before" if before else "and there is none before it"
+        raise UsageError(f"--resume_from_checkpoint {path!r}: {name} is missing or damaged ({why(e)}); "
+                         + hint) from None
     saved, ran_on = (read_json(os.path.join(path, f)) for f in ("online_dpo_args.json", "trainer_state.json"))
     differ = [f"--{k} is {saved.get(k)!r} there and {v!r} here" for k, v in json.loads(json.dumps(asdict(args))).items()
               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
-    if ran_on["world_size"] != world:  # the data order and the random streams are per rank
+    if ran_on["world_size"] != world:  # data order and random streams are per rank
         differ.append(f"it ran on {ran_on['world_size']} processes and this run has {world}")
     if differ:
         raise UsageError(f"--resume_from_checkpoint {path!r} belongs to another run: {'; '.join(differ)}")
     return path
 
 
-def start_output_dir(args, resume, state):  # overwriting: earlier checkpoints go once this run has saved its own
+def start_output_dir(args, resume, state):  # overwriting: old checkpoints go once this run saved one
     if resume and is_main():
         replace_file(os.path.join(args.output_dir, "latest"), os.path.basename(os.path.normpath(resume)))
     elif args.overwrite_output_dir:
@@ -1376,9 +1380,8 @@ def start_output_dir(args, resume, state):  # overwriting: earlier checkpoints g
 
 
 def remove_earlier(args, state, keep):
-    for name in state.pop("earlier", []) if is_main() else ():
-        if name not in (keep, "latest" if keep else ""):
-            remove(os.path.join(args.output_dir, name))
+    for name in set(state.pop("earlier", []) if is_main() else ()) - {keep, "latest" if keep else ""}:
+        remove(os.path.join(args.output_dir, name))
 
 
 def gather_lists(items):
@@ -1399,58 +1402,74 @@ def rank_state(generator, window):
 def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, trainer_state, mine):
     """output_dir/checkpoint-{step}, complete before it takes its name; then `latest`. Rank 0 writes."""
     state_dict = full_state_dict(policy)
-    if is_main() or isinstance(policy, FSDPModule):  # FSDP2: a collective; DDP: the other ranks' copies are the same
+    if is_main() or isinstance(policy, FSDPModule):  # FSDP2: a collective; DDP: all ranks hold the same
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optimizer_state = get_optimizer_state_dict(policy, optimizer, options=options)
     ranks = gather_lists([mine | {"sums": {k: v.cpu() for k, v in mine["sums"].items()}}])
     step, earlier = trainer_state["step"], {"earlier": trainer_state.pop("earlier", [])}
-    name = f"checkpoint-{step}"
     if not is_main():
-        return name
+        return f"checkpoint-{step}"
+    name = f"checkpoint-{step}"
     try:
         with written_in_place(os.path.join(args.output_dir, name)) as tmp:
             write_model(policy, state_dict, tokenizer, args, tmp)
-            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
-                       os.path.join(tmp, "optimizer.pt"))
-            torch.save(ranks, os.path.join(tmp, "rank_states.pt"))
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, f"{tmp}/optimizer.pt")
+            torch.save(ranks, f"{tmp}/rank_states.pt")
+            with open(f"{tmp}/trainer_state.json", "w") as f:
                 json.dump(trainer_state, f, indent=2)
         replace_file(os.path.join(args.output_dir, "latest"), name)
     except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError
-        raise TrainingError(f"could not write {name} ({type(e).__name__}: {e}); the latest checkpoint is intact "
+        raise TrainingError(f"could not write {name} ({why(e)}); the latest checkpoint is intact "
                             f"({latest_checkpoint(args)})") from None
     remove_earlier(args, earlier, name)
-    if args.save_total_limit:
-        steps = sorted(int(d[11:]) for d in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+", d))
-        for old in steps[: -args.save_total_limit]:
-            if old != step:
-                remove(os.path.join(args.output_dir, f"checkpoint-{old}"))
+    steps = sorted(int(d[11:]) for d in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+", d))
+    for old in set(steps[: -args.save_total_limit] if args.save_total_limit else ()) - {step}:
+        remove(os.path.join(args.output_dir, f"checkpoint-{old}"))
     return name
 
 
 def load_checkpoint(path, policy, optimizer, scheduler, generator, rank, device):
-    saved = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, mmap=True)
+    saved = torch.load(f"{path}/optimizer.pt", weights_only=True, mmap=True)
     set_optimizer_state_dict(policy, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(saved["scheduler"])
-    mine = torch.load(os.path.join(path, "rank_states.pt"), weights_only=True)[rank]
+    mine = torch.load(f"{path}/rank_states.pt", weights_only=True)[rank]
     name, keys, pos, has_gauss, gauss = mine["numpy"]
     set_global_streams((mine["python"], (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss), mine["torch"]))
     if mine["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda"])
     generator.set_state(mine["sampling"])
-    state = read_json(os.path.join(path, "trainer_state.json"))
+    state = read_json(f"{path}/trainer_state.json")
     say(f"resuming from {path} at step {state['step']}")
     return state, Window({k: v.to(device) for k, v in mine["sums"].items()}, mine["counts"])
 
 
-def write_model(model, state_dict, tokenizer, args, directory):
-    """save_pretrained layout (safetensors) plus the tokenizer and the Args. Refuses NaN/inf weights."""
+def write_model(model, state_dict, tokenizer, args, directory, merge=False):
+    """save_pretrained's layout, the tokenizer and the Args; refuses NaN/inf weights. --use_peft: the base weights
+    (merge: W + (alpha / r) B A), and the adapters in peft's layout in adapter/."""
     tensors = state_dict if state_dict is not None else model.state_dict()
     if bad := [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
         raise TrainingError(f"refusing to save weights with NaN/inf ({', '.join(bad[:3])}...)")
-    model.save_pretrained(directory, state_dict=state_dict)
+    merged, scale = [], args.lora_alpha / args.lora_r  # merged: (W, B, A) per adapted layer
+    if args.use_peft:
+        adapter = {"base_model.model." + k: v.contiguous() for k, v in tensors.items() if ".lora_" in k}
+        state_dict = {k: v for k, v in tensors.items() if ".lora_" not in k}
+        merged = [(state_dict[k.replace("lora_A.", "")], tensors[k.replace("_A", "_B")], tensors[k])
+                  for k in tensors if merge and k.endswith("lora_A.weight")]
+        os.makedirs(where := os.path.join(directory, "adapter"))
+        safetensors.torch.save_file(adapter, os.path.join(where, "adapter_model.safetensors"))
+        replace_file(os.path.join(where, "adapter_config.json"), json.dumps(
+            {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": args.model_name_or_path,
+             "r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+             "target_modules": sorted({k.split(".")[-3] for k in adapter})}, indent=2))
+    try:
+        for w, b, a in merged:  # in place: no second copy of the weights (7B: 28 GB in fp32)
+            w.addmm_(b, a, alpha=scale)
+        model.save_pretrained(directory, state_dict=state_dict)
+    finally:  # and back, to float rounding: the reference needs them
+        for w, b, a in merged:
+            w.addmm_(b, a, alpha=-scale)
     tokenizer.save_pretrained(directory)
-    with open(os.path.join(directory, "online_dpo_args.json"), "w") as f:
+    with open(f"{directory}/online_dpo_args.json", "w") as f:
         json.dump(asdict(args), f, indent=2)
 
 
@@ -1461,7 +1480,7 @@ def full_state_dict(model):
 
 
 def save_final(policy, optimizer, scheduler, tokenizer, args, state, mine, plan):
-    """The model into output_dir (unless every step was skipped), or if that fails (a full disk) a checkpoint."""
+    """The model into output_dir (unless every step was skipped); if that fails (a full disk), a checkpoint."""
     if state["nonfinite_steps"] + state["empty_steps"] >= plan.total:
         raise TrainingError(f"every one of the {plan.total} steps was skipped ({state['nonfinite_steps']} NaN/inf, "
                             f"{state['empty_steps']} with no preference): nothing to save")
@@ -1469,10 +1488,10 @@ def save_final(policy, optimizer, scheduler, tokenizer, args, state, mine, plan)
     try:
         if is_main():
             with written_in_place(args.output_dir, merge=True) as tmp:
-                write_model(policy, state_dict, tokenizer, args, tmp)
+                write_model(policy, state_dict, tokenizer, args, tmp, merge=True)
     except (OSError, RuntimeError) as e:
-        error = f"{type(e).__name__}: {e}"
-    if error := next(filter(None, gather_lists([error])), None):  # rank 0 writes; every rank learns how it went
+        error = why(e)
+    if error := next(filter(None, gather_lists([error])), None):  # rank 0 wrote; every rank learns how
         try:
             where = f"they are in {save_checkpoint(policy, optimizer, scheduler, tokenizer, args, state, mine)}"
         except TrainingError:
@@ -1483,7 +1502,7 @@ def save_final(policy, optimizer, scheduler, tokenizer, args, state, mine, plan)
 
 @contextlib.contextmanager
 def written_in_place(path, merge=False):
-    """Write at the yielded path; at the end it takes `path`'s place in one rename: old or new, never part."""
+    """Write at the yielded path, which then takes `path`'s place in one rename: old or new, never part."""
     tmp = path.rstrip("/") + ".tmp"
     remove(tmp)  # left by a crash
     try:
@@ -1498,7 +1517,7 @@ def written_in_place(path, merge=False):
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
         os.rmdir(tmp)
     else:
-        if os.path.isdir(path):  # a step saved again after resuming from an earlier one
+        if os.path.isdir(path):  # saved again after resuming from an earlier one
             remove(path)
         os.replace(tmp, path)
 
@@ -1525,19 +1544,7 @@ def fsync_tree(path):  # a file, or a directory and its files, on disk
     os.close(fd)
 
 
-def open_log(path, keep_to_step):
-    kept = []
-    if keep_to_step is not None and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):
-                    if json.loads(line)["step"] <= keep_to_step:
-                        kept.append(line)
-    replace_file(path, "".join(kept))
-    return open(path, "a")
-
-
-STOP: list[int] = []  # the signals that came during stop_signals()
+STOP: list[int] = []  # signals received in stop_signals()
 
 
 @contextlib.contextmanager
@@ -1562,7 +1569,7 @@ def stop_signals():
 
 
 def filter_logits(logits, top_k=0, top_p=1.0, min_p=None):
-    """Logits outside top_k / top_p / min_p to -inf, in that order, by transformers' warpers (as in generate())."""
+    """Logits outside top_k / top_p / min_p to -inf, in that order, by transformers' warpers (as generate())."""
     for warper in (top_k and TopKLogitsWarper(top_k), top_p < 1 and TopPLogitsWarper(top_p),
                    min_p and MinPLogitsWarper(min_p)):
         logits = warper(None, logits) if warper else logits
@@ -1575,9 +1582,12 @@ JUDGE_PROMPT = ("Which of the two responses below answers the request better: mo
                 "Request:\n{prompt}\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
                 "Answer with one letter, A or B.")
 JUDGE_WAIT_S = 30
+# HTTP judge: requests in flight, seconds before a retry, retries (timeout, connection error, 429, 5xx). The key:
+# $OPENAI_API_KEY (unset: none sent).
+JUDGE_API_CONCURRENCY, JUDGE_API_TIMEOUT_S, JUDGE_API_RETRIES = 16, 60.0, 3
 
 
-def as_text(x):  # as the judge reads it: messages as `role: content` lines
+def as_text(x):  # as the judge reads it: `role: content` lines
     return "\n".join(f"{m['role']}: {m['content']}" for m in x) if is_conversational(x) else x
 
 
@@ -1590,7 +1600,7 @@ def judge_texts(template, prompts, first, second):
 
 
 def judge_answer_ids(tokenizer):
-    """The tokens A and B as an answer starts (after the assistant header, or after 'Answer:')."""
+    """The tokens A and B as an answer starts (after the assistant header, or 'Answer:')."""
     lead = "" if tokenizer.chat_template is not None else " "
     return [tokenizer.encode(lead + letter, add_special_tokens=False)[-1] for letter in "AB"]
 
@@ -1598,52 +1608,46 @@ def judge_answer_ids(tokenizer):
 @torch.no_grad()
 def judge_locally(model, tokenizer, texts, answer_ids, batch_size):
     """One forward per question. -> q = P(A) / (P(A) + P(B)), mass = P(A) + P(B), (M,) each."""
-    chat = tokenizer.chat_template is not None
-    if chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                               add_generation_prompt=True) for t in texts]
-    else:
-        texts = [t + "\nAnswer:" for t in texts]
-    q, mass = [], []
-    device = next(model.parameters()).device
+    chat, p = tokenizer.chat_template is not None, []
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+             if chat else t + "\nAnswer:" for t in texts]
     for i in range(0, len(texts), batch_size):
         batch = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="left",
-                          add_special_tokens=not chat).to(device)
+                          add_special_tokens=not chat).to(next(model.parameters()).device)
         logits = model(**batch, position_ids=positions(batch["attention_mask"]), use_cache=False,
                        logits_to_keep=1).logits[:, -1].float()
-        p = logits.softmax(-1)[:, answer_ids]  # (b, 2)
-        q.append(p[:, 0] / p.sum(1).clamp(min=1e-30))
-        mass.append(p.sum(1))
-    return torch.cat(q), torch.cat(mass)
+        p.append(logits.softmax(-1)[:, answer_ids])  # (b, 2)
+    p = torch.cat(p)
+    return p[:, 0] / p.sum(1).clamp(min=1e-30), p.sum(1)
 
 
 def judge_over_http(texts, args):
-    pool = concurrent.futures.ThreadPoolExecutor(args.judge_api_concurrency)
+    pool = concurrent.futures.ThreadPoolExecutor(JUDGE_API_CONCURRENCY)
     futures = [pool.submit(judge_request, text, args) for text in texts]
     start = noted = time.perf_counter()
     while (waiting := concurrent.futures.wait(futures, timeout=1.0).not_done) and not STOP:
-        if time.perf_counter() - noted >= JUDGE_WAIT_S:  # a step that waits on the judge says why
+        if time.perf_counter() - noted >= JUDGE_WAIT_S:  # a step waiting on the judge says why
             noted = time.perf_counter()
             say(f"waiting for the judge at {args.judge_api_base}: {len(futures) - len(waiting)} of {len(futures)} "
-                f"answers in {noted - start:.0f} s (a request times out after {args.judge_api_timeout:g} s)")
+                f"answers in {noted - start:.0f} s (timeout: {JUDGE_API_TIMEOUT_S:g} s)")
     pool.shutdown(wait=False, cancel_futures=True)
     answers = [f.result() if f.done() and not f.cancelled() and f.exception() is None else None for f in futures]
-    letters = [(a or "").strip() for a in answers]  # not exactly A or B, or no answer: invalid, never guessed
+    letters = [(a or "").strip() for a in answers]  # not exactly A or B, or none: invalid, never guessed
     q, mass = (torch.tensor([float(x in ok) for x in letters]) for ok in ("A", ("A", "B")))
     return q, mass, torch.tensor([a is None for a in answers])
 
 
 def judge_request(text, args):
-    key = os.environ.get(args.judge_api_key_env)
+    key = os.environ.get("OPENAI_API_KEY")
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     body = json.dumps({"model": args.judge_api_model, "messages": [{"role": "user", "content": text}],
                        "temperature": 0, "max_tokens": 4}).encode()
-    for attempt in range(args.judge_api_retries + 1):
+    for attempt in range(JUDGE_API_RETRIES + 1):
         if attempt:
             time.sleep(min(0.25 * 2 ** attempt, 8.0) * (0.5 + random.random()))
         try:
             request = urllib.request.Request(args.judge_api_base.rstrip("/") + "/chat/completions", body, headers)
-            with urllib.request.urlopen(request, timeout=args.judge_api_timeout) as response:
+            with urllib.request.urlopen(request, timeout=JUDGE_API_TIMEOUT_S) as response:
                 return str(json.load(response)["choices"][0]["message"]["content"])
         except urllib.error.HTTPError as e:
             error = e
@@ -1660,11 +1664,10 @@ def check_judge_api(args):
     """A trial question before any model loads: a wrong URL, model or key ends the run now."""
     say(f"asking the judge at {args.judge_api_base} a trial question")
     try:
-        question = (args.judge_prompt or JUDGE_PROMPT).format(prompt="2 + 2?", response_a="4", response_b="5")
-        judge_request(question, args)
+        judge_request((args.judge_prompt or JUDGE_PROMPT).format(prompt="2 + 2?", response_a="4", response_b="5"), args)
     except Exception as e:
-        raise UsageError(f"--judge_api_base {args.judge_api_base!r}: a trial question failed ({type(e).__name__}: {e});"
-                         f" is it running? Check --judge_api_model and ${args.judge_api_key_env}") from None
+        raise UsageError(f"--judge_api_base {args.judge_api_base!r}: a trial question failed ({why(e)});"
+                         " is it running? Check --judge_api_model and $OPENAI_API_KEY") from None
 
 
 # ---- Evaluation
@@ -1678,7 +1681,7 @@ def held_out(args, test_set, rank, world):
     return columns.pop(args.dataset_prompt_column, []), columns
 
 
-def global_streams():  # Python's, NumPy's and torch's random states: reward functions may draw
+def global_streams():  # Python, NumPy and torch: reward functions may draw
     return random.getstate(), np.random.get_state(), torch.get_rng_state()
 
 
@@ -1695,10 +1698,8 @@ def answers(run, model, prompts, columns, seed):
         chunk = slice(i, i + n)
         samples = rollout(run, model, prompts[chunk], generator)
         texts += samples.texts
-        if run.judged:
-            scores += [math.nan] * len(samples.texts)
-        else:
-            scores += score(run, prompts[chunk], samples, {k: v[chunk] for k, v in columns.items()}).tolist()
+        scores += [math.nan] * len(samples.texts) if run.judged else score(
+            run, prompts[chunk], samples, {k: v[chunk] for k, v in columns.items()}).tolist()
     return texts, torch.tensor(scores, dtype=torch.float64)
 
 
@@ -1712,14 +1713,12 @@ def evaluate(run, policy, ref, prompts, columns, reference):
         p, counted, decided, _ = (t.cpu() for t in judge(run, prompts, texts, ref_texts))
         wins = torch.where(decided, (p > 0.5).double(), 0.5)
     else:
-        wins = (scores > ref_scores).double() + 0.5 * (scores == ref_scores).double()
-        counted = ~(scores.isnan() | ref_scores.isnan())
+        wins, counted = (scores > ref_scores) + 0.5 * (scores == ref_scores), ~(scores.isnan() | ref_scores.isnan())
     set_global_streams(streams)
-    records = gather_lists([{"prompt": pr[-1]["content"] if is_conversational(pr) else pr,  # the question asked
-                             "reference": rt, "reference_reward": float(rs), "trained": t, "trained_reward": float(s),
-                             "win": float(w) if c else math.nan}
-                            for pr, rt, rs, t, s, w, c in zip(prompts, ref_texts, ref_scores, texts, scores, wins,
-                                                              counted)])
+    records = gather_lists([  # "prompt": the question asked
+        {"prompt": pr[-1]["content"] if is_conversational(pr) else pr, "reference": rt, "reference_reward": float(rs),
+         "trained": t, "trained_reward": float(s), "win": float(w) if c else math.nan}
+        for pr, rt, rs, t, s, w, c in zip(prompts, ref_texts, ref_scores, texts, scores, wins, counted)])
     won = [r["win"] for r in records if not math.isnan(r["win"])]
     logs = {"eval/win_rate": sum(won) / len(won) if won else math.nan, "eval/judged": len(won) / len(records)}
     if not run.judged:
@@ -1736,7 +1735,7 @@ class Log:
 
     def __init__(self, args, plan, state, resumed):
         self.on, self.total, self.wandb, self.files, self.dir = is_main(), plan.total, None, {}, args.output_dir
-        self.keep = state["step"] if resumed else None  # a resumed run keeps the lines up to its checkpoint
+        self.keep = state["step"] if resumed else None
         if self.on and args.report_to == "wandb":
             import wandb
 
@@ -1747,8 +1746,15 @@ class Log:
                         disable=not self.on)
 
     def write(self, name, records):
-        if name not in self.files:
-            self.files[name] = open_log(os.path.join(self.dir, name), self.keep)
+        if name not in self.files:  # resumed: the lines up to its checkpoint stay
+            path, kept = os.path.join(self.dir, name), []
+            if self.keep is not None and os.path.exists(path):
+                with open(path) as f:
+                    for line in f:
+                        with contextlib.suppress(ValueError):
+                            kept += [line] if json.loads(line)["step"] <= self.keep else []
+            replace_file(path, "".join(kept))
+            self.files[name] = open(path, "a")
         for r in records:
             r = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
             self.files[name].write(json.dumps(r, allow_nan=False) + "\n")
@@ -1758,8 +1764,8 @@ class Log:
         if self.on:
             self.bar.write(f"step {step}/{self.total} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
             self.write("metrics.jsonl", [{"step": step, **logs}])
-        if self.on and self.wandb:
-            self.wandb.log(logs | ({"eval/completions": self.table(records)} if records else {}), step=step)
+            if self.wandb:
+                self.wandb.log(logs | ({"eval/completions": self.table(records)} if records else {}), step=step)
 
     def pairs(self, step, prompts, texts, pairs):
         records = [{"step": step, "prompt": as_text(prompts[i]), "chosen": texts[pairs.chosen[i]],
@@ -1767,8 +1773,8 @@ class Log:
                    | {k: float(v[i]) for k, v in pairs.logged.items()} for i in range(len(prompts))]
         if self.on:
             self.write("completions.jsonl", records)
-        if self.on and self.wandb:
-            self.wandb.log({"completions": self.table(records)}, step=step)
+            if self.wandb:
+                self.wandb.log({"completions": self.table(records)}, step=step)
 
     def table(self, records):
         return self.wandb.Table(columns=list(records[0]), data=[list(r.values()) for r in records])
@@ -1781,12 +1787,13 @@ class Log:
             self.wandb.finish()
 
 
+def cut(text, n=100):
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def before_after(records, show=4):
     """Some held-out prompts with both answers, both mean rewards, the win rate."""
-    def cut(text):
-        text = " ".join(text.split())
-        return text if len(text) <= 100 else text[:97] + "..."
-
     rewarded = ", reward in brackets" if not math.isnan(records[0]["reference_reward"]) else ""
     lines = [f"before (reference) / after (trained) on held-out prompts{rewarded}:"]
     for i, r in enumerate(records[:show]):
@@ -1794,12 +1801,9 @@ def before_after(records, show=4):
         for name in ("reference", "trained"):
             reward = "" if math.isnan(r[name + "_reward"]) else f"({r[name + '_reward']:+.2f})  "
             lines.append(f"    {name:9} {reward}{cut(r[name])}")
-    a, b = (torch.tensor([r[k] for r in records if not math.isnan(r[k])], dtype=torch.float64)
-            for k in ("reference_reward", "trained_reward"))
-    if len(a):  # two independent samples: the variances add
-        stderr = math.sqrt(a.var() / len(a) + b.var() / len(b)) if min(len(a), len(b)) > 1 else math.nan
-        lines.append(f"mean reward over {len(records)} held-out prompts: reference {a.mean():+.3f}, trained "
-                     f"{b.mean():+.3f} (difference {b.mean() - a.mean():+.3f} +- {stderr:.3f} standard error)")
+    if rewarded:
+        a, b = (np.nanmean([r[k] for r in records]) for k in ("reference_reward", "trained_reward"))
+        lines.append(f"mean reward over {len(records)} held-out prompts: reference {a:+.3f}, trained {b:+.3f}")
     if won := [r["win"] for r in records if not math.isnan(r["win"])]:
         lines.append(f"win rate of the trained policy over the reference: {sum(won) / len(won):.3f} on {len(won)} "
                      f"prompts (a tie counts 1/2)")
@@ -1807,11 +1811,9 @@ def before_after(records, show=4):
 
 
 def push_to_hub(args):
-    from huggingface_hub import HfApi
-
-    repo = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    HfApi().create_repo(repo, exist_ok=True)
-    HfApi().upload_folder(folder_path=args.output_dir, repo_id=repo, ignore_patterns=["checkpoint-*", "latest"])
+    api, repo = huggingface_hub.HfApi(), args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(folder_path=args.output_dir, repo_id=repo, ignore_patterns=["checkpoint-*", "latest"])
     print(f"pushed to https://huggingface.co/{repo}")
 
 

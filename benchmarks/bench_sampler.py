@@ -85,7 +85,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO, "benchmarks", "tiny", "policy"))
     model = make_model(a, tokenizer)
-    stop_ids = online_dpo.stop_token_ids(tokenizer, model)
+    stop_ids = online_dpo.sampling_settings(online_dpo.Args(), tokenizer, model)[1]
     rows = []
     for B in a.batches:
         ids, mask = (t.to(a.device) for t in online_dpo.encode_prompts(tokenizer, prompts(B), 192))

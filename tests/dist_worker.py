@@ -56,12 +56,12 @@ def main() -> None:
         records.append({k: v.detach().cpu() for k, v in zip(names, values)} | {"beta": beta} | trained_on.pop())
         return step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta)
 
-    def recording_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest):
+    def recording_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest, **kw):
         if torch.is_grad_enabled():  # the policy's call, the one that trains
             n = completion_ids.size(0) // prompt_ids.size(0)  # packed pairs: one prompt row for two completions
             trained_on.append({"prompt_ids": prompt_ids.repeat(n, 1).cpu(),
                                "prompt_mask": prompt_mask.repeat(n, 1).cpu(), "completion_ids": completion_ids.cpu()})
-        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest)
+        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest, **kw)
 
     online_dpo.step_metrics, online_dpo.completion_logprobs = recording_step_metrics, recording_logprobs
     if mode == "fixed":

@@ -230,8 +230,9 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_when_they_persist(tiny, 
     assert "loss" in logs[0] and "loss" not in logs[1] and "loss" not in logs[2]
     calls.clear()
     monkeypatch.setattr(online_dpo, "dpo_loss", lambda *a, **kw: sometimes_nan(*a, nan_calls=(2, 3, 4), **kw))
+    monkeypatch.setattr(online_dpo, "MAX_NONFINITE_STEPS", 3)
     with pytest.raises(TrainingError, match="NaN/inf in 3 steps in a row \\(up to step 4\\)"):
-        main(_args(tiny, tmp_path / "stop", max_steps=6, max_nonfinite_steps=3, **common))
+        main(_args(tiny, tmp_path / "stop", max_steps=6, **common))
 
 
 def test_weights_with_nan_are_never_saved(tiny, tmp_path):

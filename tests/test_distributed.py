@@ -45,10 +45,13 @@ def _run(out, mode, flags, nproc):
     return logs, [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(nproc)], proc
 
 
-def _full(ranks, name):
+def _full(ranks, name, shape=None):
     """A parameter as one tensor: FSDP2 shards every parameter in equal row blocks along dim 0, so the shards of the
-    ranks, in rank order, concatenate back to it (an independent reading of what get_model_state_dict gathers)."""
+    ranks, in rank order, concatenate back to it (an independent reading of what get_model_state_dict gathers).
+    Replicas (DDP) are equal; so are the shards of a frozen all-zero bias: given the full shape, that one tells."""
     parts = [r["params"][name] for r in ranks]
+    if shape is not None:
+        return parts[0] if parts[0].shape == shape else torch.cat(parts, 0)
     return parts[0] if len(ranks) == 1 or all(p.shape == parts[0].shape and torch.equal(p, parts[0]) for p in parts) \
         else torch.cat(parts, 0)
 
@@ -92,7 +95,7 @@ def _compare_with_one_process(one_process, logs, ranks):
         assert not set(halves[0]) & set(halves[1])  # disjoint shards
     # The same update.
     for name, value in one["params"].items():
-        full = _full(ranks, name)
+        full = _full(ranks, name, value.shape)
         assert full.dtype == torch.float64
         torch.testing.assert_close(full, value, rtol=0, atol=1e-10, msg=name)
     # The same logged metrics (times aside).
@@ -118,7 +121,7 @@ def test_ddp_two_ranks_train_like_one_process_with_the_global_batch(tiny, tmp_pa
 
 def test_fsdp2_two_ranks_train_like_one_process_and_save_the_gathered_weights(tiny, tmp_path, one_process):
     out = str(tmp_path / "fsdp")
-    flags = _flags(tiny, out, per_device_train_batch_size=2, distributed="fsdp", shard_frozen_models=True)
+    flags = _flags(tiny, out, per_device_train_batch_size=2, distributed="fsdp")
     logs, ranks, _ = _run(out, "fixed", flags, nproc=2)
     shapes = {name: p.shape for name, p in ranks[0]["params"].items()}
     assert any(ranks[1]["params"][n].shape != s or not torch.equal(ranks[1]["params"][n], p)
@@ -130,6 +133,35 @@ def test_fsdp2_two_ranks_train_like_one_process_and_save_the_gathered_weights(ti
     assert type(saved).__name__ == "Qwen2ForCausalLM"
     for name, value in saved.named_parameters():
         assert torch.equal(value.detach(), _full(ranks, name)), name
+
+
+LORA = dict(use_peft=True, lora_r=4, lora_dropout=0.0, learning_rate=1e-2)
+
+
+@pytest.fixture(scope="module")
+def one_process_lora(tiny, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("one_lora"))
+    return _run(out, "fixed", _flags(tiny, out, per_device_train_batch_size=4, **LORA), nproc=1)
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_lora_on_two_ranks_trains_like_one_process(tiny, tmp_path, one_process_lora, distributed):
+    """--use_peft under DDP and FSDP2: the same adapters, the same metrics as one process with the global batch, and
+    the base weights do not move (but for float rounding: the final save merges the adapters into them in place and
+    takes them out again). No adapter dropout here: its masks are drawn per rank."""
+    out = str(tmp_path / distributed)
+    flags = _flags(tiny, out, per_device_train_batch_size=2, distributed=distributed, **LORA)
+    logs, ranks, _ = _run(out, "fixed", flags, nproc=2)
+    _compare_with_one_process(one_process_lora, logs, ranks)
+    initial = AutoModelForCausalLM.from_pretrained(tiny["policy"], dtype=torch.float64).state_dict()
+    names = list(ranks[0]["params"])
+    assert any(".lora_B." in n for n in names)
+    for name in names:
+        full = _full(ranks, name, one_process_lora[1][0]["params"][name].shape)
+        if ".lora_" not in name:
+            torch.testing.assert_close(full, initial[name], rtol=1e-13, atol=0, msg=name)
+        elif ".lora_B." in name:
+            assert full.abs().max() > 1e-4, name  # the adapters trained
 
 
 def test_metrics_of_two_ranks_are_the_formulas_over_the_global_batch(tiny, tmp_path):
@@ -170,7 +202,7 @@ def test_fsdp2_sampling_with_ranks_that_finish_early_and_sharded_frozen_models(t
     shutil.copy(tiny["prompts.jsonl"], data / "train.jsonl")
     shutil.copy(tiny["prompts.jsonl"], data / "test.jsonl")
     out = str(tmp_path / "fsdp_sampled")
-    flags = _flags(tiny, out, dataset_name=str(data), per_device_train_batch_size=4, distributed="fsdp", shard_frozen_models=True,
+    flags = _flags(tiny, out, dataset_name=str(data), per_device_train_batch_size=4, distributed="fsdp",
                    reward_model_path=tiny["reward"], model_init_kwargs="{}", bf16=True, max_new_tokens=24,
                    eval_prompts=9, max_steps=3, save_steps=2,
                    generation_kwargs=json.dumps({"eos_token_id": list(range(60))}))  # frequent stops: uneven lengths
@@ -207,8 +239,6 @@ def test_two_ranks_resume_where_they_stopped(tiny, tmp_path, distributed):
     """Sampled completions (each rank its own random stream), 4 steps with a checkpoint at 2; a second run resumes from
     it. Steps 3 and 4 must be the same: metrics, and every rank's weights (FSDP2: its shard)."""
     extra = dict(per_device_train_batch_size=2, max_steps=4, save_steps=2, distributed=distributed)
-    if distributed == "fsdp":
-        extra["shard_frozen_models"] = True
     whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
     logs, ranks, _ = _run(whole, "sampled", _flags(tiny, whole, **extra), nproc=2)
     shutil.copytree(os.path.join(whole, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))

@@ -227,7 +227,7 @@ def test_steps_without_a_preference_stop_the_run_and_say_why(tiny, tmp_path, cap
 
 def test_infinite_rewards_keep_metrics_jsonl_valid_json(tiny, tmp_path):
     out = tmp_path / "out"
-    argv = _flags(tiny, out, "--log_completions_steps", "1", reward=("--reward_funcs", "tests.rewards:infinite"))
+    argv = _flags(tiny, out, "--eval_steps", "1", reward=("--reward_funcs", "tests.rewards:infinite"))
     assert online_dpo.run([str(a) for a in argv]) == 0
 
     def refuse(token):
@@ -241,12 +241,14 @@ def test_infinite_rewards_keep_metrics_jsonl_valid_json(tiny, tmp_path):
 
 # ---- judges
 
-def test_an_api_judge_that_is_not_there_is_refused_before_loading(tiny, tmp_path, capsys, no_models):
+def test_an_api_judge_that_is_not_there_is_refused_before_loading(tiny, tmp_path, capsys, no_models, monkeypatch):
+    monkeypatch.setattr(online_dpo, "JUDGE_API_RETRIES", 1)
+    monkeypatch.setattr(online_dpo, "JUDGE_API_TIMEOUT_S", 0.5)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there now
-    judge = ("--judge_api_model", "judge", "--judge_api_retries", "1")
+    judge = ("--judge_api_model", "judge")
     _refused(capsys, _flags(tiny, tmp_path / "out", "--judge_api_base", f"http://127.0.0.1:{port}/v1", *judge, reward=()),
              "--judge_api_base", "a trial question failed", "is it running?")
     mute = socket.socket()  # accepts connections, never answers
@@ -254,7 +256,7 @@ def test_an_api_judge_that_is_not_there_is_refused_before_loading(tiny, tmp_path
     mute.listen()
     try:
         _refused(capsys, _flags(tiny, tmp_path / "out", "--judge_api_base", f"http://127.0.0.1:{mute.getsockname()[1]}/v1",
-                                "--judge_api_timeout", "0.5", *judge, reward=()), "a trial question failed", "timed out")
+                                *judge, reward=()), "a trial question failed", "timed out")
     finally:
         mute.close()
 
@@ -370,10 +372,10 @@ def test_a_full_disk_at_the_final_save_keeps_the_trained_weights(tiny, tmp_path,
     out = tmp_path / "out"
     write = online_dpo.write_model
 
-    def full_disk(model, state_dict, tokenizer, args, directory):
+    def full_disk(model, state_dict, tokenizer, args, directory, **kw):
         if directory.endswith("out.tmp"):  # the final save, not a checkpoint
             raise OSError(28, "No space left on device")
-        return write(model, state_dict, tokenizer, args, directory)
+        return write(model, state_dict, tokenizer, args, directory, **kw)
 
     monkeypatch.setattr(online_dpo, "write_model", full_disk)
     _refused(capsys, _flags(tiny, out), "could not write the trained model", "No space left on device",

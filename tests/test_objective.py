@@ -111,7 +111,7 @@ def test_lr_schedule_warms_up_then_decays(kind):
     total, warmup, peak = 50, 7, 0.3
     policy = torch.nn.Linear(2, 2)
     args = online_dpo.Args(learning_rate=peak, lr_scheduler_type=kind)
-    optimizer, scheduler = online_dpo.make_optimizer(policy, args, online_dpo.Plan(50, total, warmup, 1, 0, 0, 0))
+    optimizer, scheduler = online_dpo.make_optimizer(policy, args, online_dpo.Plan(50, total, warmup, 1, 0, 0))
     for step in range(total):
         decayed = (step - warmup) / (total - warmup)
         expected = step / warmup if step < warmup else {"linear": 1 - decayed, "constant": 1.0,

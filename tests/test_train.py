@@ -60,7 +60,7 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(tiny, tmp_path):
 
 
 def test_stop_tokens_include_the_generation_configs_end_of_turn(tokenizer, policy):
-    assert online_dpo.stop_token_ids(tokenizer, policy) == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")})
+    assert online_dpo.sampling_settings(online_dpo.Args(), tokenizer, policy)[1] == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")})
 
 
 def test_beta_per_epoch_ipo_and_the_eos_penalty(tiny, tmp_path):
@@ -121,7 +121,6 @@ def test_saves_a_model_transformers_loads(tiny, tmp_path):
     (dict(generation_kwargs='{"num_beams": 4}'), "unsupported keys \\['num_beams'\\]"),
     (dict(model_init_kwargs="{bad json"), "--model_init_kwargs must be a JSON object"),
     (dict(eval_prompts=-1), "--eval_prompts must be >= 0"),
-    (dict(shard_frozen_models=True), "--shard_frozen_models shards with FSDP2: add --distributed fsdp"),
 ])
 def test_bad_arguments_fail_with_a_message_naming_them(tiny, tmp_path, changes, message):
     with pytest.raises(UsageError, match=message):
@@ -288,7 +287,7 @@ def test_wandb_offline_run_records_the_metrics(tiny, tmp_path, monkeypatch):
     for split in ("train", "test"):
         shutil.copy(tiny["prompts.jsonl"], data_dir / f"{split}.jsonl")
     main(_args(tiny, tmp_path, report_to="wandb", run_name="tiny-test", dataset_name=str(data_dir), eval_prompts=8,
-               log_completions_steps=1))
+               eval_steps=1))
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1
     files = os.listdir(tmp_path / "wandb" / runs[0])
@@ -296,10 +295,10 @@ def test_wandb_offline_run_records_the_metrics(tiny, tmp_path, monkeypatch):
     assert data and os.path.getsize(tmp_path / "wandb" / runs[0] / data[0]) > 0
     content = (tmp_path / "wandb" / runs[0] / data[0]).read_bytes()
     assert b"objective/rlhf_reward" in content and b"rewards/accuracies" in content
-    assert b"eval/win_rate" in content  # and the two tables, as wandb writes them next to the run
+    assert b"eval/win_rate" in content  # and the tables (each step's pairs and comparison), next to the run
     tables = {os.path.relpath(os.path.join(d, f), tmp_path / "wandb" / runs[0] / "files" / "media" / "table"): os.path.join(d, f)
               for d, _, fs in os.walk(tmp_path / "wandb" / runs[0]) for f in fs if f.endswith(".table.json")}
-    assert sum(t.startswith("completions_") for t in tables) == 2 and sum(t.startswith("eval/completions_") for t in tables) == 1
+    assert sum(t.startswith("completions_") for t in tables) == 2 and sum(t.startswith("eval/completions_") for t in tables) == 2
     with open(next(path for t, path in tables.items() if t.startswith("completions_1_"))) as f:
         table = json.load(f)
     with open(tmp_path / "out" / "completions.jsonl") as f:
