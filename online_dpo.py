@@ -1644,7 +1644,7 @@ def judge_request(text, args):
                        "temperature": 0, "max_tokens": 4}).encode()
     for attempt in range(JUDGE_API_RETRIES + 1):
         if attempt:
-            time.sleep(min(0.25 * 2 ** attempt, 8.0) * (0.5 + random.random()))
+            time.sleep(min(0.25 * 2 ** attempt, 8.0) * (0.5 + random.Random().random()))  # not the saved stream
         try:
             request = urllib.request.Request(args.judge_api_base.rstrip("/") + "/chat/completions", body, headers)
             with urllib.request.urlopen(request, timeout=JUDGE_API_TIMEOUT_S) as response:
