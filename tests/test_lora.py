@@ -125,6 +125,22 @@ def test_a_resumed_lora_run_is_the_uninterrupted_one_bit_for_bit(tiny, tmp_path)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_damaged_adapter_is_named_before_a_resume_loads_anything(tiny, tmp_path, monkeypatch):
+    """A checkpoint whose adapter/adapter_model.safetensors is cut short: the resume stops in stage 0, naming it."""
+    main(_args(tiny, tmp_path / "run"))
+    checkpoint = tmp_path / "damaged" / "checkpoint-3"
+    shutil.copytree(tmp_path / "run" / "checkpoint-3", checkpoint)
+    adapter = checkpoint / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+
+    def no_loading(*a, **kw):
+        raise AssertionError("a model was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(online_dpo, "load_model", no_loading)
+    with pytest.raises(online_dpo.UsageError, match="adapter/adapter_model.safetensors is missing or damaged"):
+        main(_args(tiny, tmp_path / "damaged", resume_from_checkpoint=str(checkpoint)))
+
+
 def test_lora_flags_are_checked(tiny, tmp_path):
     with pytest.raises(online_dpo.UsageError, match="--ref_model_path with --use_peft"):
         main(_args(tiny, tmp_path / "a", ref_model_path=tiny["policy"]))
