@@ -3,7 +3,7 @@
 - linear_logprobs(hidden, weight, targets): fused with the lm_head, what online_dpo.py uses; never materialises
   the logits. The element-wise work on each logits tile runs in PyTorch, or in Triton on CUDA (triton_tiles.py).
 - naive_linear_logprobs, naive_token_logprobs: the oracles (float32 logits, log_softmax, gather), kept for the tests
-  and for `--logprob_impl naive`.
+  and for models whose head transforms its logits (online_dpo.completion_logprobs falls back to them there).
 """
 
 from kernels.logprobs import linear_logprobs, naive_linear_logprobs, naive_token_logprobs

@@ -8,8 +8,9 @@ float32 (bf16 inputs are multiplied into float32 tiles, so logits are never roun
 log-sum-exp: that rounding, not the log-sum-exp, is what costs precision with bf16 weights). Only the log-sum-exp
 (N,) is kept for backward, which recomputes each tile and turns it into softmax - onehot.
 
-This is the PyTorch path, the one the CPU runs; the naive functions are the oracles for the tests and the
-`--logprob_impl naive` A/B path."""
+This is the PyTorch path, the one the CPU runs. The naive functions are the oracles for the tests, the A/B path of
+benchmarks/bench_logprobs.py, and what online_dpo.completion_logprobs(impl="naive") uses (also for a model whose
+head has a bias, a softcap or a logit scale, which the fused path leaves out)."""
 
 import torch
 

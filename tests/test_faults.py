@@ -241,14 +241,12 @@ def test_infinite_rewards_keep_metrics_jsonl_valid_json(tiny, tmp_path):
 
 # ---- judges
 
-def test_an_api_judge_that_is_not_there_is_refused_before_loading(tiny, tmp_path, capsys, no_models, monkeypatch):
-    monkeypatch.setattr(online_dpo, "JUDGE_API_RETRIES", 1)
-    monkeypatch.setattr(online_dpo, "JUDGE_API_TIMEOUT_S", 0.5)
+def test_an_api_judge_that_is_not_there_is_refused_before_loading(tiny, tmp_path, capsys, no_models):
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there now
-    judge = ("--judge_api_model", "judge")
+    judge = ("--judge_api_model", "judge", "--judge_api_retries", "1", "--judge_api_timeout", "0.5")
     _refused(capsys, _flags(tiny, tmp_path / "out", "--judge_api_base", f"http://127.0.0.1:{port}/v1", *judge, reward=()),
              "--judge_api_base", "a trial question failed", "is it running?")
     mute = socket.socket()  # accepts connections, never answers

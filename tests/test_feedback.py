@@ -93,8 +93,6 @@ def test_training_with_the_local_judge_trains_on_its_choices(tiny, tmp_path, rul
 
 
 def test_http_judge_retries_drops_and_counts(tiny, monkeypatch):
-    for name, value in [("JUDGE_API_TIMEOUT_S", 0.5), ("JUDGE_API_RETRIES", 2), ("JUDGE_API_CONCURRENCY", 4)]:
-        monkeypatch.setattr(online_dpo, name, value)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     server = JudgeServer(slow_s=1.5)
     try:
@@ -102,9 +100,10 @@ def test_http_judge_retries_drops_and_counts(tiny, monkeypatch):
         prompts = [f"{n} request" for n in names]
         first = ["good good answer", "good", "good", "good", "good", "good", "good", "meh"]
         second = ["meh", "meh", "meh", "meh", "meh", "meh", "meh", "good"]
-        args = Args(judge_api_base=server.url, judge_api_model="judge")
+        args = Args(judge_api_base=server.url, judge_api_model="judge", judge_api_timeout=0.5, judge_api_retries=2,
+                    judge_api_concurrency=4)
         q, mass, failed = judge_over_http(judge_texts(online_dpo.JUDGE_PROMPT, prompts, first, second), args)
-        p, valid, decided = judge_decisions(q, mass, online_dpo.JUDGE_UNDECIDED)
+        p, valid, decided = judge_decisions(q, mass, args.judge_undecided)
         by = dict(zip(names, range(8)))
         ok = [by[n] for n in ("plain", "slow", "flaky", "badjson", "plain two")]
         assert valid[ok].all() and decided[ok].all()
@@ -173,6 +172,51 @@ def test_k_samples_train_on_the_best_and_the_worst_and_drop_ties(tiny, tmp_path,
         else:
             assert "loss" not in logs[step]  # no pair in the loss: no loss to log (and the step is skipped)
     assert any(p[1][2].any() for p in paired) and not all(p[1][2].all() for p in paired)
+
+
+def test_tie_threshold_from_the_command_line_counts_near_ties(tiny, tmp_path, monkeypatch):
+    """--tie_threshold 0.5 with 2-token completions: low_token_ids scores 0, 0.5 or 1, so best and worst tie unless
+    they differ by 1; tied prompts stay out of the loss with --drop_ties."""
+    paired, pair = [], online_dpo.pair
+
+    def recording(*a):
+        paired.append((a, pair(*a)))
+        return paired[-1][1]
+
+    monkeypatch.setattr(online_dpo, "pair", recording)
+    argv = ["--model_name_or_path", tiny["policy"], "--dataset_name", tiny["prompts.jsonl"], "--output_dir",
+            str(tmp_path / "out"), "--reward_funcs", "tests.rewards:low_token_ids", "--max_new_tokens", "2",
+            "--max_length", "48", "--per_device_train_batch_size", "4", "--max_steps", "3", "--logging_steps", "1",
+            "--save_steps", "0", "--eval_prompts", "0", "--num_samples", "4", "--drop_ties", "--tie_threshold", "0.5",
+            "--generation_kwargs", '{"suppress_tokens": [1, 2, 3]}']
+    assert online_dpo.run(argv) == 0
+    logs = _lines(str(tmp_path / "out" / "metrics.jsonl"))
+    for ((scores, K, threshold), (chosen, rejected, tie)), log in zip(paired, logs):
+        assert threshold == 0.5
+        spread = scores.view(K, -1).max(0).values - scores.view(K, -1).min(0).values
+        assert torch.equal(tie, spread <= 0.5)
+        assert log["pairs/ties"] == pytest.approx(tie.double().mean().item())
+    assert len(paired) == 3 and any(o[2].any() for _, o in paired)
+
+
+def test_judge_undecided_from_the_flag(tiny, tmp_path, rule_judge, monkeypatch):
+    """--judge_undecided 0.45: only judgements beyond 0.95 (or below 0.05) are decided, and only they train."""
+    path, _ = rule_judge
+    seen, decisions = [], online_dpo.judge_decisions
+
+    def recording(q, mass, undecided):
+        seen.append((undecided, decisions(q, mass, undecided)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(online_dpo, "judge_decisions", recording)
+    args = _args(tiny, tmp_path / "out", reward_funcs=(), judge_model_path=path, judge_prompt=TEMPLATE, max_steps=2,
+                 eval_steps=1, max_new_tokens=6, judge_undecided=0.45)
+    main(args)
+    pairs = _lines(os.path.join(args.output_dir, "completions.jsonl"))
+    assert [u for u, _ in seen] == [0.45, 0.45]
+    for (_, (p, valid, decided)), step in zip(seen, (1, 2)):
+        assert torch.equal(decided, valid & ((p - 0.5).abs() > 0.45))
+        assert [r["in_loss"] for r in pairs if r["step"] == step] == decided.tolist()
 
 
 def test_every_pair_tied_trains_nothing_and_saves_nothing(tiny, tmp_path):

@@ -121,6 +121,11 @@ def test_saves_a_model_transformers_loads(tiny, tmp_path):
     (dict(generation_kwargs='{"num_beams": 4}'), "unsupported keys \\['num_beams'\\]"),
     (dict(model_init_kwargs="{bad json"), "--model_init_kwargs must be a JSON object"),
     (dict(eval_prompts=-1), "--eval_prompts must be >= 0"),
+    (dict(tie_threshold=-0.1), "--tie_threshold must be >= 0"),
+    (dict(judge_undecided=0.5), r"--judge_undecided must be in \[0, 0.5\)"),
+    (dict(judge_api_timeout=0.0), "--judge_api_timeout must be > 0"),
+    (dict(judge_api_concurrency=0), "--judge_api_concurrency must be >= 1"),
+    (dict(judge_api_retries=-1), "--judge_api_retries must be >= 0"),
 ])
 def test_bad_arguments_fail_with_a_message_naming_them(tiny, tmp_path, changes, message):
     with pytest.raises(UsageError, match=message):
