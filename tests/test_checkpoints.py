@@ -91,6 +91,21 @@ def test_resume_continues_exactly(tiny, tmp_path, uninterrupted):
     assert _latest(str(out)) == str(out / "checkpoint-3")  # steps 4 and 5 are not saved; 6 is the final save
 
 
+def test_a_checkpoint_from_before_a_flag_existed_resumes_as_if_it_had_the_default(tiny, tmp_path, uninterrupted):
+    """online_dpo_args.json of an older version lacks the flags added since (here --tie_threshold and the HTTP
+    judge's): a resume reads them as their defaults, and refuses a value other than the default."""
+    out = tmp_path / "out"
+    shutil.copytree(os.path.join(uninterrupted, "checkpoint-3"), out / "checkpoint-3")
+    shutil.copy(os.path.join(uninterrupted, "metrics.jsonl"), out / "metrics.jsonl")
+    saved_args = out / "checkpoint-3" / "online_dpo_args.json"
+    older = {k: v for k, v in json.load(open(saved_args)).items() if not k.startswith(("tie_", "judge_api_"))}
+    saved_args.write_text(json.dumps(older))
+    with pytest.raises(UsageError, match="--tie_threshold is 0.0 there and 0.5 here"):
+        main(_args(tiny, out, resume_from_checkpoint=str(out / "checkpoint-3"), tie_threshold=0.5))
+    main(_args(tiny, out, resume_from_checkpoint=str(out / "checkpoint-3")))
+    _assert_same_run(str(out), uninterrupted)
+
+
 def test_checkpoints_are_complete_kept_to_the_limit_and_not_overwritten(tiny, tmp_path):
     out = tmp_path / "out"
     main(_args(tiny, out, save_steps=1, save_total_limit=2))
