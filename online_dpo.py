@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import time
+import unittest.mock
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -211,6 +212,8 @@ class Args:
     """bf16 mixed precision (fp32 master weights); None: if the GPU supports it"""
     gradient_checkpointing: Bool = True
     """recompute activations in the training forward, to save memory"""
+    torch_compile: Bool = False
+    """compile the policy's one-token decode step (torch.compile; on a GPU replayed as CUDA graphs)"""
     report_to: Literal["none", "wandb"] = "none"
     """also send metrics to Weights & Biases (project: $WANDB_PROJECT or online-dpo)"""
     run_name: str | None = None
@@ -268,12 +271,7 @@ def load_policy(path, args, device, world, bf16, resume=False):
     # LoRA goes in before dropout is turned off, so that the adapters' dropout
     # is turned off too (as in TRL).
     if args.use_peft:
-        add_lora(policy, args)
-        if resume:  # a checkpoint holds the base weights, and the adapters in adapter/
-            adapter_file = os.path.join(path, "adapter", "adapter_model.safetensors")
-            adapter = safetensors.torch.load_file(adapter_file)
-            weights = {name.removeprefix("base_model.model."): w for name, w in adapter.items()}
-            policy.load_state_dict(weights, strict=False)
+        add_lora(policy, args, resume=path if resume else None)
     if args.disable_dropout:
         for module in policy.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -327,10 +325,7 @@ def init_distributed(args):
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        # torchrun sets all four; a WORLD_SIZE alone is left over from something else.
-        missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-        if missing:
-            raise UsageError(f"WORLD_SIZE is {world} but {', '.join(missing)} not set: unset it, or use torchrun")
+        check_torchrun(world)
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return rank, world, device
 
@@ -443,30 +438,63 @@ def positions(mask):
 # ---- Sampling with a KV cache
 
 
+def next_logits(model, token, mask, position_ids, cache):
+    """One decode step: the next-token logits (N, V) after `token` (N,), whose keys and values the
+    cache then holds too."""
+    out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids, cache=cache)
+    return out.logits[:, -1]
+
+
+class Decoder:
+    """How sample() runs its decode steps, by default: eagerly, with a fresh cache per call as wide
+    as the batch's longest prompt plus T. CompiledDecoder (--torch_compile) compiles the step."""
+    check_every = 1  # tokens between the checks whether every row has stopped (a host sync)
+
+    def width(self, model, prompt_len, max_new_tokens):
+        """The columns of the KV cache and of the attention mask."""
+        return prompt_len + max_new_tokens
+
+    def decode_cache(self, model, cache, K):
+        """The cache to decode from after the prefill of N prompts into `cache`: each prompt's keys
+        and values copied to the rows of its K samples, N -> K*N."""
+        if K > 1:
+            for layer in cache.layers:
+                layer.keys = layer.keys.repeat(K, 1, 1, 1)
+                layer.values = layer.values.repeat(K, 1, 1, 1)
+        return cache
+
+    def __call__(self, model, token, mask, position_ids, cache):
+        return next_logits(model, token, mask, position_ids, cache)
+
+    def stats(self):
+        """What the log lines report of it (nothing, when eager)."""
+        return {}
+
+
+EAGER = Decoder()
+
+
 @torch.no_grad()
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num_samples=1, temperature=1.0, top_k=0,
-           top_p=1.0, min_p=None, repetition_penalty=1.0, do_sample=True, suppress_tokens=None, generator=None):
-    """Sample K = num_samples completions of each of N prompts, all rows at
-    once, over a preallocated KV cache.
-
-    Returns completion ids and mask (K*N, T), with the rows in the order [all 1st samples, ..., all
-    K-th samples]. Each row ends at its first stop token; padding follows it."""
+           top_p=1.0, min_p=None, repetition_penalty=1.0, do_sample=True, suppress_tokens=None, generator=None,
+           decoder=EAGER):
+    """Sample K = num_samples completions of each of N prompts, all rows at once, over a KV cache.
+    Returns completion ids and mask (K*N, T), rows [all 1st samples, ..., all K-th samples]; each
+    row ends at its first stop token, and padding follows it."""
     N, P = prompt_ids.shape
     K = num_samples
     device = prompt_ids.device
     stop = torch.tensor(stop_ids, device=device)
-    cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
-    # One attention mask for the whole decode, (N, P+T): each new token opens the next column.
-    mask = torch.cat([prompt_mask, prompt_mask.new_zeros(N, max_new_tokens)], 1)
+    width = decoder.width(model, P, max_new_tokens)
+    cache = StaticCache(config=model.config, max_cache_len=width)
+    # One attention mask for the whole decode, (N, width): each new token opens the next column.
+    mask = torch.cat([prompt_mask, prompt_mask.new_zeros(N, width - P)], 1)
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(prompt_mask), cache=cache,
                 logits_to_keep=1)
     logits = out.logits[:, -1]  # (N, V)
+    # Each prompt was prefilled once; the rows of its K samples decode from copies of its cache.
+    cache = decoder.decode_cache(model, cache, K)
     if K > 1:
-        # Each prompt was prefilled once; its keys and values are copied to the
-        # rows of its K samples: N -> K*N.
-        for layer in cache.layers:
-            layer.keys = layer.keys.repeat(K, 1, 1, 1)
-            layer.values = layer.values.repeat(K, 1, 1, 1)
         prompt_ids = prompt_ids.repeat(K, 1)
         prompt_mask = prompt_mask.repeat(K, 1)
         mask = mask.repeat(K, 1)
@@ -494,17 +522,20 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num
         token = token.masked_fill(done, pad_id)  # (N,)
         tokens[:, t] = token
         done |= torch.isin(token, stop)
-        if t == max_new_tokens - 1 or done.all():
+        if t == max_new_tokens - 1:
+            break
+        if t % decoder.check_every == decoder.check_every - 1 and done.all():
             break
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         mask[:, P + t] = 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position + t, cache=cache)
-        logits = out.logits[:, -1]
-    tokens = tokens[:, : t + 1]
+        logits = decoder(model, token, mask, next_position + t, cache)
     is_stop = torch.isin(tokens, stop).long()
     after_stop = (is_stop.cumsum(-1) - is_stop) > 0
-    return tokens.masked_fill(after_stop, pad_id), (~after_stop).long()
+    completion_mask = (~after_stop).long()
+    # The longest completion: a decoder that checks for the end every few tokens may have gone past it.
+    T = int(completion_mask.sum(1).max())
+    return tokens.masked_fill(after_stop, pad_id)[:, :T], completion_mask[:, :T]
 
 
 def filter_logits(logits, top_k=0, top_p=1.0, min_p=None):
@@ -535,6 +566,7 @@ class Rollout:
     judge: tuple | None  # a local judge: its model, its tokenizer, the ids of "A" and "B"
     packed: bool = False  # training packs each pair into one row (check_packing)
     judged: bool = False  # a judge compares the completions; rewards do not score them
+    decoder: Decoder = EAGER  # the decode step: eager, or compiled (--torch_compile)
 
 
 # What a training forward takes: prompts (left-padded) and completions (right-padded).
@@ -580,7 +612,7 @@ def rollout(run, model, prompts, generator, k=1, window=None):
     with gathered(model), run.autocast:
         completion_ids, completion_mask = sample(
             model, ids.repeat(copies, 1), mask.repeat(copies, 1), args.max_new_tokens, run.stop_ids,
-            run.tokenizer.pad_token_id, k // copies, generator=generator, **run.generation)
+            run.tokenizer.pad_token_id, k // copies, generator=generator, decoder=run.decoder, **run.generation)
     model.train(was_training)
     if window is not None:
         window.sampling += time.perf_counter() - t0
@@ -602,10 +634,9 @@ def rollout(run, model, prompts, generator, k=1, window=None):
 @torch.no_grad()
 def score_completions(prompts, completions, completion_ids, extra_columns, reward_models, reward_funcs, weights,
                       when=""):
-    """Score each (prompt, completion) with every reward model and reward function. The
-    score is their weighted sum, as in TRL, with a reward's NaN (None from a function)
-    counted as 0; a completion that no reward scored gets NaN, which ranks last. Returns the
-    scores (N,) and each reward (N, R)."""
+    """Each (prompt, completion)'s score: the weighted sum of every reward model and function, as in
+    TRL, a NaN (None) counting 0; NaN if no reward scored it, which ranks last. Returns the scores
+    (N,) and each reward (N, R)."""
     device = weights.device
     chat = is_conversational(prompts[0])
     columns = []
@@ -663,12 +694,10 @@ JUDGE_MIN_MASS = 0.5  # P(A) + P(B) below this in either order: no answer A or B
 
 
 def judge_decisions(q, mass, undecided):
-    """Combine the judge's answers to both orders of N pairs. q (2N,) is P(A) / (P(A) + P(B)) and
-    mass (2N,) is P(A) + P(B), first for each pair as (first, second), then swapped.
-
-    Returns p = P(first is better) (N,), averaged over the two orders so that a judge biased towards
-    one position gives 0.5; valid, where the judge answered A or B in both orders; decided, where p
-    is also further than `undecided` from 0.5."""
+    """q = P(A) / (P(A) + P(B)) and mass = P(A) + P(B), (2N,): each pair as (first, second), then
+    swapped. Returns p = P(first is better) (N,), averaged over both orders so that a judge biased
+    to one position gives 0.5; valid (A or B in both orders); decided (p further than `undecided`
+    from 0.5)."""
     N = q.numel() // 2
     p = (q[:N] + 1 - q[N:]) / 2
     valid = (mass[:N] >= JUDGE_MIN_MASS) & (mass[N:] >= JUDGE_MIN_MASS)
@@ -752,12 +781,9 @@ def preferences(run, prompts, samples, columns):
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, impl="fused", packed=False):
-    """Per-token log-probs of the completions under `model`, (N, T), 0 on padding.
-
-    fused, the default, takes them from the last hidden states and the output embedding, tile by
-    tile (kernels/), so that the (tokens, vocabulary) logits never exist; naive takes them from the
-    logits. packed: the N = 2B completions are B pairs (chosen, then rejected), each pair in one row
-    with its prompt (training_rows())."""
+    """Per-token log-probs of the completions under `model`, (N, T), 0 on padding. fused: from the
+    last hidden states and the output embedding, tile by tile (kernels/), so that no (tokens,
+    vocabulary) logits exist; naive: from the logits. packed: a row per pair (training_rows())."""
     ids, mask, position_ids, row, column = training_rows(
         prompt_ids, prompt_mask, completion_ids, completion_mask, packed)
     inner = getattr(model, "module", model)  # DDP wraps the model; FSDP2 shards it in place
@@ -795,14 +821,11 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 
 
 def training_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, packed):
-    """Lay out a training forward. Returns its ids, attention mask and position ids, and for each
-    completion token (N, T) the row and the column whose output predicts it.
-
-    Unpacked: N rows [prompt | completion] with a 2D mask. Packed: B prompts and 2B completions
-    (chosen, then rejected) make B rows [prompt | chosen | rejected] with a 4D mask (B, 1, L, L), in
-    which the rejected tokens see the prompt and each other but not the chosen ones, and their
-    positions restart after the prompt. Each completion is then computed as if it followed its
-    prompt alone, and the prompt is computed once per pair."""
+    """A training forward's ids, attention mask and position ids, and for each completion token
+    (N, T) the row and column whose output predicts it. Unpacked: N rows [prompt | completion].
+    Packed: B rows [prompt | chosen | rejected], a 4D mask (B, 1, L, L) in which the rejected see
+    the prompt but not the chosen, positions restarting after the prompt: each completion is
+    computed as if it followed its prompt alone, and the prompt once per pair."""
     B, P = prompt_ids.shape
     N, T = completion_ids.shape
     device = prompt_ids.device
@@ -935,12 +958,10 @@ def make_optimizer(policy, args, plan):
 
 
 def optimizer_step(policy, optimizer, scheduler, args, micro, stop):
-    """Stage 7: clip the gradient, then step AdamW and the schedule.
-
-    Every rank skips the update if any rank's loss or gradient is NaN/inf, or if no rank kept
-    a pair, so that replicas stay equal. Returns the gradient norm, what happened (trained,
-    nonfinite, empty, or broken when the update itself made a weight NaN/inf), and whether
-    any rank got a stop signal."""
+    """Stage 7: clip, AdamW, schedule. Every rank skips the update if any rank's loss or gradient
+    is NaN/inf or no rank kept a pair, so that replicas stay equal. Returns the gradient norm, the
+    status (trained, nonfinite, empty; broken: the update made a weight NaN/inf), and whether any
+    rank got a stop signal."""
     max_norm = args.max_grad_norm if args.max_grad_norm else float("inf")  # 0: the norm only
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -1019,9 +1040,7 @@ def main(args):
     check_loading(args, config)
     reward_tokenizers = [load_tokenizer(path, args, "--reward_model_path")[0] for path in args.reward_model_path]
     check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs)
-    judge_tokenizer = None
-    if args.judge_model_path:
-        judge_tokenizer, _ = load_tokenizer(args.judge_model_path, args, "--judge_model_path")
+    judge_tokenizer = load_judge_tokenizer(args)  # None without a local judge
     if args.judge_api_base:
         check_judge_api(args)
     plan = make_plan(args, len(dataset), world)
@@ -1046,10 +1065,11 @@ def main(args):
     judge = load_judge(args, judge_tokenizer, frozen)  # a local judge, or None
     generation, stop_ids = sampling_settings(args, tokenizer, policy)
     packed = check_packing(args, policy, ref)  # a trial forward: do the models apply a 4D attention mask?
+    decoder = make_decoder(args, policy, device)  # eager, or the policy's decode step compiled
     run = Rollout(args=args, tokenizer=tokenizer, rank=rank, world=world, device=device,
                   autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), generation=generation,
                   stop_ids=stop_ids, reward_models=reward_models, reward_funcs=reward_funcs, judge=judge,
-                  packed=packed, judged=bool(args.judge_model_path or args.judge_api_base))
+                  packed=packed, judged=bool(args.judge_model_path or args.judge_api_base), decoder=decoder)
     say(feedback_line(args))
     generator = torch.Generator(device).manual_seed(args.seed + rank)  # each rank samples completions of its own
     optimizer, scheduler = make_optimizer(policy, args, plan)
@@ -1119,7 +1139,7 @@ def main(args):
             if step % plan.log == 0 or step == plan.total or halt:
                 log.line(step, window.means(
                     learning_rate=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), epoch=step / plan.per_epoch,
-                    nonfinite_steps=state["nonfinite_steps"], empty_steps=state["empty_steps"]))
+                    nonfinite_steps=state["nonfinite_steps"], empty_steps=state["empty_steps"], **decoder.stats()))
                 window = Window()
             if plan.eval and step % plan.eval == 0:  # the last micro-batch's pairs; the policy against the reference
                 log.pairs(step, prompts, samples.texts, pairs)
@@ -1176,9 +1196,9 @@ class LoRALinear(torch.nn.Linear):
         return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
 
 
-def add_lora(model, args):
-    """--use_peft: adapters on the targeted linear layers of the decoder blocks;
-    every other weight is frozen."""
+def add_lora(model, args, resume=None):
+    """--use_peft: adapters on the targeted linear layers of the decoder blocks; every other weight
+    is frozen. resume: a checkpoint, which holds the base weights and the adapters in adapter/."""
     names = set(args.lora_target_modules) - {"all-linear"}  # empty: every linear layer
     layers = []
     for block in decoder_blocks(model):
@@ -1196,6 +1216,10 @@ def add_lora(model, args):
         layer.lora_A = torch.nn.Linear(layer.in_features, args.lora_r, **kw)
         layer.lora_B = torch.nn.Linear(args.lora_r, layer.out_features, **kw)
         torch.nn.init.zeros_(layer.lora_B.weight)
+    if resume:
+        adapter = safetensors.torch.load_file(os.path.join(resume, "adapter", "adapter_model.safetensors"))
+        weights = {name.removeprefix("base_model.model."): w for name, w in adapter.items()}
+        model.load_state_dict(weights, strict=False)
 
 
 class AdaptersOff(torch.nn.Module):
@@ -1216,6 +1240,127 @@ class AdaptersOff(torch.nn.Module):
         finally:
             LoRALinear.on = True
             self.module.train(was_training)
+
+
+# ---- --torch_compile: the policy's decode step compiled
+
+STOP_CHECK_EVERY = 8  # compiled, on CUDA: tokens between the checks whether every row has stopped
+WIDTH_STEP = 32  # compiled, on CUDA: cache widths are P + T rounded up to a multiple of this
+
+
+def make_decoder(args, policy, device):
+    """Eager, or with --torch_compile the compiled decoder, unless the policy cannot be (says why)."""
+    if not args.torch_compile:
+        return EAGER
+    reason = compile_problem(policy)
+    if reason:
+        say(f"torch_compile: decoding eagerly, {reason}")
+        return EAGER
+    return CompiledDecoder(policy, args.max_length, device)
+
+
+def compile_problem(model):
+    """Why the model's decode step cannot be compiled over a static cache, or None."""
+    config = model.config
+    if not getattr(model, "_can_compile_fullgraph", False):
+        return f"transformers' {type(model).__name__} does not support torch.compile with a static cache"
+    if config._attn_implementation not in ("eager", "sdpa"):
+        return f"attn_implementation {config._attn_implementation} cannot be compiled over a static cache here"
+    if any(layer.is_sliding for layer in StaticCache(config=config, max_cache_len=8).layers):
+        return "its sliding-window cache layers count tokens in a Python int, which recompiles every token"
+    return None
+
+
+class CompiledDecoder(Decoder):
+    """The policy's decode step compiled once, with dynamic shapes (new prompt lengths and row counts
+    do not recompile); on CUDA in mode reduce-overhead: a CUDA graph per shape, replayed, one launch
+    per token. Prefill, sampling and other models stay eager. A graph uses fixed addresses: the KV
+    cache of each row count is allocated once, max_width wide, each width a view of it, and logits
+    are copied out before the next replay. On CUDA, widths are rounded up to WIDTH_STEP (few graphs)
+    and the end checked every STOP_CHECK_EVERY tokens (a check stalls the host); the CPU, which
+    neither replays nor waits, takes exact widths and checks every token (faster, as measured)."""
+
+    def __init__(self, policy, max_width, device, width_step=None, check_every=1):
+        self.policy = policy
+        self.max_width = max_width
+        self.cuda = device.type == "cuda"
+        self.width_step = WIDTH_STEP if self.cuda else 1
+        self.check_every = STOP_CHECK_EVERY if self.cuda else 1
+        if width_step is not None:  # the tests run CUDA's settings on the CPU
+            self.width_step = width_step
+            self.check_every = check_every
+        fullgraph = not isinstance(policy, FSDPModule)  # FSDP2's hooks stay out: graphs between them
+        mode = "reduce-overhead" if self.cuda else None
+        self.step = torch.compile(next_logits, fullgraph=fullgraph, dynamic=True, mode=mode)
+        self.failed = False
+        self.tensors = {}  # (rows, dtype): each layer's keys and values, max_width wide
+        self.caches = {}  # (rows, dtype, width): a StaticCache whose layers view those
+        self.graphs = 0
+        self.compile_seconds = 0.0
+
+    def compiles(self, model):
+        return model is self.policy and not self.failed
+
+    def width(self, model, prompt_len, max_new_tokens):
+        needed = prompt_len + max_new_tokens
+        if not self.compiles(model):
+            return needed
+        return max(needed, min(math.ceil(needed / self.width_step) * self.width_step, self.max_width))
+
+    def decode_cache(self, model, cache, K):
+        if not self.compiles(model):
+            return super().decode_cache(model, cache, K)
+        first = cache.layers[0].keys
+        key = (first.size(0) * K, first.dtype)
+        width = first.size(2)
+        if key not in self.tensors:  # apart for each layer's keys and values: aliased inputs would be copied
+            shape = (key[0], first.size(1), max(width, self.max_width), first.size(3))  # (rows, heads, width, dim)
+            self.tensors[key] = [first.new_zeros(shape) for _ in range(2 * len(cache.layers))]
+        if key + (width,) not in self.caches:
+            views = StaticCache(config=model.config, max_cache_len=width)
+            tensors = self.tensors[key]
+            for layer, keys, values in zip(views.layers, tensors[0::2], tensors[1::2]):
+                keys = keys[:, :, :width]
+                values = values[:, :, :width]
+                layer.lazy_initialization(keys, values)  # the layer's sizes
+                layer.keys = keys
+                layer.values = values
+                torch._dynamo.mark_static_address(keys)  # so that a CUDA graph may write to it
+                torch._dynamo.mark_static_address(values)
+            self.caches[key + (width,)] = views
+        views = self.caches[key + (width,)]
+        for layer, prefilled in zip(views.layers, cache.layers):  # each prompt's cache to its K samples' rows
+            layer.keys.unflatten(0, (K, -1)).copy_(prefilled.keys.expand(K, *prefilled.keys.shape))
+            layer.values.unflatten(0, (K, -1)).copy_(prefilled.values.expand(K, *prefilled.values.shape))
+            layer.cumulative_length.copy_(prefilled.cumulative_length)
+        return views
+
+    def __call__(self, model, token, mask, position_ids, cache):
+        if not self.compiles(model):
+            return super().__call__(model, token, mask, position_ids, cache)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        start = time.perf_counter()
+        if self.cuda:  # the last step's outputs are read no more
+            torch.compiler.cudagraph_mark_step_begin()
+        # CPU: sdpa's own grouped-query attention (transformers' switch, read by the trace), as inductor's copy
+        # of the KV heads (repeat_kv) is slow there.
+        gqa = {} if self.cuda else {"TRANSFORMERS_SDPA_FORCE_GQA": "1"}
+        try:
+            with unittest.mock.patch.dict(os.environ, gqa):
+                logits = self.step(model, token, mask, position_ids, cache)
+        except Exception as e:  # an unsupported model or torch: on eagerly
+            self.failed = True
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            say(f"torch_compile: decoding eagerly, the decode step did not compile ({type(e).__name__}: {first_line})")
+            return super().__call__(model, token, mask, position_ids, cache)
+        new = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+        if new:
+            self.graphs += new
+            self.compile_seconds += time.perf_counter() - start
+        return logits.clone() if self.cuda else logits
+
+    def stats(self):
+        return {"compile/graphs": self.graphs, "time/compile": self.compile_seconds}
 
 
 # ---- Checks of the inputs
@@ -1437,6 +1582,13 @@ def is_chat_prompt(prompt):
                and m["content"].strip() for m in prompt)
 
 
+def check_torchrun(world):
+    """torchrun sets all four; a WORLD_SIZE alone is left over from something else."""
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise UsageError(f"WORLD_SIZE is {world} but {', '.join(missing)} not set: unset it, or use torchrun")
+
+
 def load_model(auto_class, path, args, **kwargs):
     """from_pretrained, with a failure turned into one line that names the path."""
     try:
@@ -1480,9 +1632,8 @@ def load_tokenizer(path, args, flag):
 
 
 def model_config(path, args, flag):
-    """The model's config, checked for its role: a reward model is a classifier with
-    one output, the others are causal LMs. Loaded in the wrong role, a model would run
-    a freshly initialised head."""
+    """The model's config, checked for its role (a reward model: a classifier with one output; else a
+    causal LM): in the wrong role a model would run a random head."""
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: no model config
@@ -1562,8 +1713,7 @@ def check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs, n=5
 
 
 def check_packing(args, *models):
-    """Whether training can pack each pair into one row (training_rows()); if
-    it cannot, one line says why."""
+    """Whether training can pack each pair into one row (training_rows()); if not, one line says why."""
     if not args.prefix_sharing:
         return False
     for model in models:
@@ -1627,9 +1777,8 @@ def steps_of(value, total):
 
 
 def sampling_settings(args, tokenizer, policy):
-    """sample()'s keyword arguments, and the stop ids: --generation_kwargs' eos_token_id if it
-    has one, else the tokenizer's EOS and the generation config's (chat models end their turn
-    with a token of their own)."""
+    """sample()'s keyword arguments, and the stop ids: --generation_kwargs' eos_token_id, else the
+    tokenizer's EOS and the generation config's (a chat model's end of turn)."""
     generation = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
                   "repetition_penalty": args.repetition_penalty, "do_sample": True, "suppress_tokens": None}
     generation |= json_dict(args.generation_kwargs, "generation_kwargs")
@@ -1649,7 +1798,8 @@ def sampling_settings(args, tokenizer, policy):
 # Args that change neither completions nor updates: a resumed run may change them.
 RESUMABLE_CHANGES = set("""preset output_dir resume_from_checkpoint overwrite_output_dir logging_steps save_steps
     save_total_limit eval_prompts report_to run_name push_to_hub hub_model_id bf16 gradient_checkpointing
-    distributed prefix_sharing eval_steps judge_api_concurrency judge_api_timeout judge_api_retries""".split())
+    distributed prefix_sharing eval_steps judge_api_concurrency judge_api_timeout judge_api_retries
+    torch_compile""".split())
 CHECKPOINT_FILES = ("trainer_state.json", "online_dpo_args.json", "config.json", "optimizer.pt", "rank_states.pt")
 
 
@@ -1672,10 +1822,9 @@ def read_json(path):
 
 
 def resume_point(args, world):
-    """The checkpoint to resume from, or None to start afresh. The checkpoint must be whole
-    and belong to this run (the same flags, apart from RESUMABLE_CHANGES, and the same
-    number of processes). An output_dir that holds an earlier run is refused unless this run
-    resumes it or overwrites it."""
+    """The checkpoint to resume from (None: start afresh), whole and of this run: the same flags but
+    RESUMABLE_CHANGES, the same number of processes. An earlier run's output_dir is refused unless
+    this run resumes or overwrites it."""
     out = args.output_dir
     latest = latest_checkpoint(args)
     if args.resume_from_checkpoint is None:
@@ -1737,9 +1886,8 @@ def check_checkpoint_files(path, args):
 
 
 def start_output_dir(args, resume, state):
-    """Resuming: `latest` names the checkpoint resumed. Overwriting: the earlier run's
-    checkpoints are noted, to be removed once this run has saved one of its own, so that a
-    failure before then loses nothing."""
+    """Resuming: `latest` names the checkpoint resumed. Overwriting: the earlier run's checkpoints go
+    once this run has saved one, so that a failure before then loses nothing."""
     if resume and is_main():
         replace_file(os.path.join(args.output_dir, "latest"), os.path.basename(os.path.normpath(resume)))
     elif args.overwrite_output_dir:
@@ -1854,8 +2002,7 @@ def write_model(model, state_dict, tokenizer, args, directory, merge=False):
 
 
 def full_state_dict(model):
-    """FSDP2: the whole model's weights, gathered onto the CPU (a collective). Otherwise
-    None: save them as they are."""
+    """FSDP2: the whole model's weights, gathered onto the CPU (a collective); otherwise None."""
     if isinstance(model, FSDPModule):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return None
@@ -1979,6 +2126,12 @@ def judge_texts(template, prompts, first, second):
     return [template.format(**f) for f in fill + swapped]
 
 
+def load_judge_tokenizer(args):
+    if not args.judge_model_path:
+        return None
+    return load_tokenizer(args.judge_model_path, args, "--judge_model_path")[0]
+
+
 def load_judge(args, tokenizer, frozen):
     """A local judge: its model, its tokenizer, and the ids of the answers
     "A" and "B". None without one."""
@@ -1997,9 +2150,8 @@ def judge_answer_ids(tokenizer):
 
 @torch.no_grad()
 def judge_locally(model, tokenizer, texts, answer_ids, batch_size):
-    """The local judge reads each question and, in one forward, gives its next-token
-    probabilities of A and B. Returns q = P(A) / (P(A) + P(B)) and mass = P(A) + P(B), (M,)
-    each: no text is generated."""
+    """One forward per question, no generation: the next-token probabilities of A and B. Returns
+    q = P(A) / (P(A) + P(B)) and mass = P(A) + P(B), (M,) each."""
     chat = tokenizer.chat_template is not None
     if chat:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
@@ -2101,8 +2253,7 @@ def set_global_streams(streams):
 
 
 def answers(run, model, prompts, columns, seed):
-    """One answer from `model` to each prompt, in chunks of 2B prompts, and
-    its score (NaN under a judge)."""
+    """One answer from `model` to each prompt, in chunks of 2B, and its score (NaN under a judge)."""
     texts = []
     scores = []
     chunk_size = 2 * run.args.per_device_train_batch_size

@@ -206,10 +206,12 @@ def test_metrics_of_two_ranks_are_the_formulas_over_the_global_batch(tiny, tmp_p
             assert log[k] == pytest.approx(float(v), rel=1e-6, abs=1e-9), k
 
 
-def test_fsdp2_sampling_with_ranks_that_finish_early_and_sharded_frozen_models(tiny, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fsdp2_sampling_with_ranks_that_finish_early_and_sharded_frozen_models(tiny, tmp_path, compiled):
     """Real sampling with a reward model, bf16 mixed precision, sharded reference and reward model, and the
     before/after comparison, which samples the sharded reference: ranks whose completions end at different steps
-    must not wait on each other."""
+    must not wait on each other. compiled: the same with --torch_compile, whose graphs (in pieces between FSDP2's
+    hooks) compile in step 1 and never again."""
     data = tmp_path / "prompts"
     data.mkdir()
     shutil.copy(tiny["prompts.jsonl"], data / "train.jsonl")
@@ -218,8 +220,12 @@ def test_fsdp2_sampling_with_ranks_that_finish_early_and_sharded_frozen_models(t
     flags = _flags(tiny, out, dataset_name=str(data), per_device_train_batch_size=4, distributed="fsdp",
                    reward_model_path=tiny["reward"], model_init_kwargs="{}", bf16=True, max_new_tokens=24,
                    eval_prompts=9, max_steps=3, save_steps=2,
-                   generation_kwargs=json.dumps({"eos_token_id": list(range(60))}))  # frequent stops: uneven lengths
+                   generation_kwargs=json.dumps({"eos_token_id": list(range(60))}),  # frequent stops: uneven lengths
+                   torch_compile=compiled)
     logs, ranks, proc = _run(out, "sampled", flags, nproc=2)
+    if compiled:
+        assert "decoding eagerly" not in proc.stdout
+        assert len({m["compile/graphs"] for m in logs[:-1]}) == 1 and logs[0]["compile/graphs"] >= 1
     widths = [[rec["completion_ids"].shape[1] for rec in r["records"]] for r in ranks]
     assert widths[0] != widths[1], "no micro-step where one rank stopped decoding before the other: nothing was tested"
     _assert_pairs_from_one_prompt(ranks)
