@@ -298,7 +298,13 @@ def test_wandb_offline_run_records_the_metrics(tiny, tmp_path, monkeypatch):
     files = os.listdir(tmp_path / "wandb" / runs[0])
     data = [f for f in files if f.endswith(".wandb")]
     assert data and os.path.getsize(tmp_path / "wandb" / runs[0] / data[0]) > 0
-    content = (tmp_path / "wandb" / runs[0] / data[0]).read_bytes()
+    # wandb's service process writes the run's files on its own: on a loaded machine it may lag behind finish().
+    for _ in range(60):
+        content = (tmp_path / "wandb" / runs[0] / data[0]).read_bytes()
+        written = [f for _, _, fs in os.walk(tmp_path / "wandb" / runs[0]) for f in fs if f.endswith(".table.json")]
+        if b"eval/win_rate" in content and len(written) >= 4:
+            break
+        time.sleep(0.5)
     assert b"objective/rlhf_reward" in content and b"rewards/accuracies" in content
     assert b"eval/win_rate" in content  # and the tables (each step's pairs and comparison), next to the run
     tables = {os.path.relpath(os.path.join(d, f), tmp_path / "wandb" / runs[0] / "files" / "media" / "table"): os.path.join(d, f)
