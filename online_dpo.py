@@ -28,7 +28,6 @@ import signal
 import sys
 import tempfile
 import time
-import unittest.mock
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -1246,6 +1245,7 @@ class AdaptersOff(torch.nn.Module):
 
 STOP_CHECK_EVERY = 8  # compiled, on CUDA: tokens between the checks whether every row has stopped
 WIDTH_STEP = 32  # compiled, on CUDA: cache widths are P + T rounded up to a multiple of this
+GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 def make_decoder(args, policy, device):
@@ -1313,9 +1313,10 @@ class CompiledDecoder(Decoder):
         first = cache.layers[0].keys
         key = (first.size(0) * K, first.dtype)
         width = first.size(2)
-        if key not in self.tensors:  # apart for each layer's keys and values: aliased inputs would be copied
-            shape = (key[0], first.size(1), max(width, self.max_width), first.size(3))  # (rows, heads, width, dim)
+        if key not in self.tensors or self.tensors[key][0].size(2) < width:  # (rows, heads, width, dim) each
+            shape = (key[0], first.size(1), max(width, self.max_width), first.size(3))  # apart: no aliased inputs
             self.tensors[key] = [first.new_zeros(shape) for _ in range(2 * len(cache.layers))]
+            self.caches = {k: c for k, c in self.caches.items() if k[:2] != key}
         if key + (width,) not in self.caches:
             views = StaticCache(config=model.config, max_cache_len=width)
             tensors = self.tensors[key]
@@ -1344,14 +1345,23 @@ class CompiledDecoder(Decoder):
             torch.compiler.cudagraph_mark_step_begin()
         # CPU: sdpa's own grouped-query attention (transformers' switch, read by the trace), as inductor's copy
         # of the KV heads (repeat_kv) is slow there.
-        gqa = {} if self.cuda else {"TRANSFORMERS_SDPA_FORCE_GQA": "1"}
+        before = os.environ.get(GQA_SWITCH)
+        if not self.cuda:
+            os.environ[GQA_SWITCH] = "1"
+        error = None
         try:
-            with unittest.mock.patch.dict(os.environ, gqa):
-                logits = self.step(model, token, mask, position_ids, cache)
+            logits = self.step(model, token, mask, position_ids, cache)
         except Exception as e:  # an unsupported model or torch: on eagerly
+            error = e
+        if before is None:  # as it was, for the eager forwards
+            os.environ.pop(GQA_SWITCH, None)
+        else:
+            os.environ[GQA_SWITCH] = before
+        if error is not None:
             self.failed = True
-            first_line = (str(e).strip().splitlines() or [""])[0][:200]
-            say(f"torch_compile: decoding eagerly, the decode step did not compile ({type(e).__name__}: {first_line})")
+            first_line = (str(error).strip().splitlines() or [""])[0][:200]
+            say(f"torch_compile: decoding eagerly, the decode step did not compile ({type(error).__name__}: "
+                f"{first_line})")
             return super().__call__(model, token, mask, position_ids, cache)
         new = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
         if new:

@@ -157,6 +157,7 @@ def test_a_step_that_does_not_compile_decodes_eagerly_with_one_line(tiny, tmp_pa
     assert printed.count("torch_compile: decoding eagerly, the decode step did not compile (RuntimeError: no C++ "
                          "compiler)") == 1
     assert len(_metrics(tmp_path / "out")) == 2
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ  # the CPU's switch is for the compiled step alone
 
 
 def test_a_model_that_cannot_be_compiled_says_so(tiny, tmp_path, capsys, monkeypatch):
