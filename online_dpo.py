@@ -15,8 +15,12 @@ what a first reading can skip.
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import difflib
+import fcntl
+import functools
 import importlib
+import io
 import json
 import math
 import os
@@ -25,6 +29,7 @@ import re
 import runpy
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -250,6 +255,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on: the message says why and what to do."""
 
 
+USER_FAULTS = (Exception, SystemExit, KeyboardInterrupt)  # a reward function's sys.exit() too
+
+
 def why(e):  # an exception as the error line shows it
     return f"{type(e).__name__}: {e}"
 
@@ -324,7 +332,6 @@ def init_distributed(args):
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        check_torchrun(world)
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return rank, world, device
 
@@ -647,9 +654,12 @@ def score_completions(prompts, completions, completion_ids, extra_columns, rewar
         batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
         columns.append(model(**batch.to(device)).logits[:, 0].float())
     for func in reward_funcs:
+        # Copies: a function that edits its arguments changes nothing here.
+        given = copy.deepcopy(dict(extra_columns, prompts=prompts, completions=completions,
+                                   completion_ids=completion_ids))
         try:
-            out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **extra_columns)
-        except Exception as e:
+            out = func(**given)
+        except USER_FAULTS as e:
             name = getattr(func, "__name__", func)
             raise FeedbackError(f"reward function {name} fails{when}: {why(e)}") from None
         columns.append(reward_column(out, func, len(prompts), device))
@@ -666,11 +676,13 @@ def reward_column(out, func, n, device):
     if not isinstance(out, (list, tuple)) or len(out) != n:
         raise FeedbackError(f"reward function {name} must return a list of {n} numbers (one per completion), got "
                             f"{type(out).__name__} {str(out)[:40]}")
+    numbers = all(not isinstance(r, (str, bytes, bool)) for r in out)  # float() takes "1.5" and True
     try:
         values = [math.nan if r is None else float(r) for r in out]
     except (TypeError, ValueError):
-        raise FeedbackError(f"reward function {name} returned something that is not a number or None: {out[:4]}...") \
-            from None
+        numbers = False
+    if not numbers:
+        raise FeedbackError(f"reward function {name} returned something that is not a number or None: {out[:4]}...")
     return torch.tensor(values, device=device)
 
 
@@ -1015,10 +1027,12 @@ def count_steps(state, status, step, args, micro):
     if state["nonfinite_in_a_row"] >= MAX_NONFINITE_STEPS:
         return (f"the loss or gradient was NaN/inf in {state['nonfinite_in_a_row']} steps in a row (up to step "
                 f"{step}): lower --learning_rate or check the rewards and data")
-    if state["empty_in_a_row"] >= MAX_EMPTY_STEPS:
+    if status == "empty":  # kept for the message of this stop and of save_final()'s
         share = {k: float(micro.sums[k]) / micro.counts[k] for k in EMPTY_CAUSES if micro.counts.get(k)}
+        state["empty_cause"] = EMPTY_CAUSES[max(share, key=share.get)]
+    if state["empty_in_a_row"] >= MAX_EMPTY_STEPS:
         return (f"no pair carried a preference in {MAX_EMPTY_STEPS} steps in a row (up to step {step}): "
-                + EMPTY_CAUSES[max(share, key=share.get)])
+                + state["empty_cause"])
     return None
 
 
@@ -1027,9 +1041,9 @@ def count_steps(state, status, step, args, micro):
 
 def main(args):
     """Train, and return the policy (sharded under FSDP2). Under torchrun every rank runs this."""
-    # 0. Check before any model loads: the flags, files, data, models, rewards and the judge.
+    # 0. Check before any model loads: flags, files, data, models, rewards, the judge.
     check_args(args)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = check_torchrun()
     check_output_dir(args)
     resume = resume_point(args, world)  # the checkpoint to continue from, or None
     policy_path = resume or args.model_name_or_path
@@ -1038,7 +1052,7 @@ def main(args):
     tokenizer, config = load_tokenizer(policy_path, args, "--model_name_or_path")
     check_loading(args, config)
     reward_tokenizers = [load_tokenizer(path, args, "--reward_model_path")[0] for path in args.reward_model_path]
-    check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs)
+    check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_funcs)
     judge_tokenizer = load_judge_tokenizer(args)  # None without a local judge
     if args.judge_api_base:
         check_judge_api(args)
@@ -1047,7 +1061,7 @@ def main(args):
 
     # One process per device; rank 0 alone prints and writes.
     rank, world, device = init_distributed(args)
-    set_seed(args.seed)  # Python's, NumPy's and torch's random streams, which reward functions may draw from
+    set_seed(args.seed)  # Python's, NumPy's and torch's streams, which reward functions may use
     bf16 = wants_bf16(args, device)
 
     # 1. Models: the policy (or its checkpoint), the frozen reference, the reward models or the judge.
@@ -1072,19 +1086,20 @@ def main(args):
     say(feedback_line(args))
     generator = torch.Generator(device).manual_seed(args.seed + rank)  # each rank samples completions of its own
     optimizer, scheduler = make_optimizer(policy, args, plan)
+    checkpoint = functools.partial(save_checkpoint, policy, optimizer, scheduler, tokenizer, args)
 
     state = dict(step=0, epoch=0.0, micro_batches_done=0, world_size=world, nonfinite_steps=0, empty_steps=0,
                  wandb_id=None)  # what trainer_state.json holds
     window = Window()  # the metrics since the last logged line
-    if resume:  # the optimizer, the schedule, the data position, the random streams, the window
+    if resume:  # the optimizer, schedule, data position, random streams, window
         state, window = load_checkpoint(resume, policy, optimizer, scheduler, generator, rank, device)
     start_output_dir(args, resume, state)
     log = Log(args, plan, state, resume is not None)
     eval_prompts, eval_columns = held_out(args, test_set, rank, world)
-    reference = []  # the reference's answers to eval_prompts, sampled once: the reference never changes
+    reference = []  # the reference's answers to eval_prompts, sampled once
     data = micro_batches(dataset, args, plan, rank, world, state["micro_batches_done"])
 
-    with stop_signals() as signals, log.bar:  # SIGTERM (preemption) and Ctrl-C: finish the step, save, exit
+    with stop_signals() as signals, log.bar:  # SIGTERM, Ctrl-C, SIGHUP: finish the step (or save), exit
         for step in range(state["step"] + 1, plan.total + 1):
             beta = args.beta[min((step - 1) // plan.per_epoch, len(args.beta) - 1)]  # one per epoch, then the last
             micro = Window()  # this step's metrics
@@ -1099,12 +1114,9 @@ def main(args):
                 # 3-4. Feedback and pairs: per prompt the best and worst sample by reward, or the judge's choice.
                 try:
                     pairs = preferences(run, prompts, samples, {k: v * K for k, v in batch.items()})
-                except FeedbackError as e:
-                    saved = None
-                    if world == 1 and step > 1:  # one process: save the step before, from which a resume is exact
-                        before = progress(state, step - 1, plan, args)
-                        saved = save_checkpoint(policy, optimizer, scheduler, tokenizer, args, before, last_good)
-                    raise TrainingError(f"step {step}: {e}; {resume_hint(saved)}") from None
+                except FeedbackError as e:  # saved: the step before, from which a resume is exact
+                    before = progress(state, step - 1, plan, args)
+                    raise feedback_failed(e, f"step {step}", checkpoint, before, last_good) from None
                 pick = torch.cat([pairs.chosen, pairs.rejected])  # (2B,) rows: the chosen completions, the rejected
 
                 # 5. Log-probs of the pairs' completions under the policy (with grad) and the reference, (2B, T).
@@ -1142,12 +1154,16 @@ def main(args):
                 window = Window()
             if plan.eval and step % plan.eval == 0:  # the last micro-batch's pairs; the policy against the reference
                 log.pairs(step, prompts, samples.texts, pairs)
-                if step < plan.total and eval_prompts:
-                    log.line(step, *evaluate(run, policy, ref, eval_prompts, eval_columns, reference))
+                try:
+                    if step < plan.total and eval_prompts:
+                        log.line(step, *evaluate(run, policy, ref, eval_prompts, eval_columns, reference))
+                except FeedbackError as e:
+                    done = progress(state, step, plan, args)
+                    raise feedback_failed(e, f"step {step}, in the comparison with the reference", checkpoint, done,
+                                          rank_state(generator, window)) from None
             if (plan.save and step % plan.save == 0 and step < plan.total) or stopping or halt:
                 state = progress(state, step, plan, args)
-                mine = rank_state(generator, window)
-                saved = save_checkpoint(policy, optimizer, scheduler, tokenizer, args, state, mine)
+                saved = checkpoint(state, rank_state(generator, window))
             if halt:
                 log.close()
                 raise TrainingError(f"{halt}; saved {saved}")
@@ -1155,11 +1171,11 @@ def main(args):
                 say(f"stopped by a signal after step {step}; saved {saved}: go on with --resume_from_checkpoint latest")
                 log.close()
                 del train_model  # DDP's reducer goes now: freed at exit, it can deadlock gloo
-                raise SystemExit(128 + signal.SIGINT if signal.SIGINT in signals else 0)
+                raise SystemExit(signal_exit(signals))
 
-    # 9. Save the policy for from_pretrained(output_dir).
-    save_final(policy, optimizer, scheduler, tokenizer, args, progress(state, plan.total, plan, args),
-               rank_state(generator, window), plan)
+        # 9. Save the policy for from_pretrained(output_dir).
+        save_final(policy, optimizer, scheduler, tokenizer, args, progress(state, plan.total, plan, args),
+                   rank_state(generator, window), plan)
     say(f"saved the trained model to {args.output_dir}")
 
     # 10. Before / after: the reference and the trained policy answer the same held-out prompts, scored as in training.
@@ -1180,12 +1196,8 @@ def main(args):
 
 
 class LoRALinear(torch.nn.Linear):
-    """An nn.Linear plus a low-rank adapter: W x + b + (alpha / r) B A dropout(x).
-
-    add_lora() turns an nn.Linear into one in place, so the weights keep their names and the
-    saved model keeps transformers' layout. W and b stay frozen. A (r, in) starts
-    Kaiming-uniform, as nn.Linear initialises, and B (out, r) at zero, so that the layer
-    starts out as the base layer."""
+    """An nn.Linear plus a low-rank adapter: W x + b + (alpha / r) B A dropout(x). Made in place
+    (the weights keep their names); B starts at zero, so the layer starts as the base layer."""
     on = True  # False turns every adapter off at once (AdaptersOff)
 
     def forward(self, x):
@@ -1196,8 +1208,7 @@ class LoRALinear(torch.nn.Linear):
 
 
 def add_lora(model, args, resume=None):
-    """--use_peft: adapters on the targeted linear layers of the decoder blocks; every other weight
-    is frozen. resume: a checkpoint, which holds the base weights and the adapters in adapter/."""
+    """--use_peft: adapters on the targeted linear layers of the decoder blocks, all else frozen."""
     names = set(args.lora_target_modules) - {"all-linear"}  # empty: every linear layer
     layers = []
     for block in decoder_blocks(model):
@@ -1222,9 +1233,7 @@ def add_lora(model, args, resume=None):
 
 
 class AdaptersOff(torch.nn.Module):
-    """The reference under --use_peft: the policy with its adapters off, in eval mode.
-    The base weights never train, so this is the model before training, and no second
-    copy of the weights is needed."""
+    """The reference under --use_peft: the policy, adapters off, in eval mode (no second copy)."""
 
     def __init__(self, policy):
         super().__init__()
@@ -1272,13 +1281,10 @@ def compile_problem(model):
 
 
 class CompiledDecoder(Decoder):
-    """The policy's decode step compiled once, with dynamic shapes (new prompt lengths and row counts
-    do not recompile); on CUDA in mode reduce-overhead: a CUDA graph per shape, replayed, one launch
-    per token. Prefill, sampling and other models stay eager. A graph uses fixed addresses: the KV
-    cache of each row count is allocated once, max_width wide, each width a view of it, and logits
-    are copied out before the next replay. On CUDA, widths are rounded up to WIDTH_STEP (few graphs)
-    and the end checked every STOP_CHECK_EVERY tokens (a check stalls the host); the CPU, which
-    neither replays nor waits, takes exact widths and checks every token (faster, as measured)."""
+    """The decode step compiled once with dynamic shapes; on CUDA, reduce-overhead (a CUDA graph per
+    shape). Graphs need fixed addresses: each row count's KV cache is allocated once, max_width
+    wide, widths as views. CUDA rounds widths up to WIDTH_STEP and checks the end every
+    STOP_CHECK_EVERY tokens; the CPU takes exact widths and checks every token (faster there)."""
 
     def __init__(self, policy, max_width, device, width_step=None, check_every=1):
         self.policy = policy
@@ -1380,7 +1386,8 @@ GENERATION_KEYS = "temperature top_k top_p min_p repetition_penalty do_sample su
 RULES = {flag: (ok, what) for flags, ok, what in [
     ("max_new_tokens per_device_train_batch_size gradient_accumulation_steps save_total_limit lora_r "
      "judge_api_concurrency", lambda v: v >= 1, ">= 1"),
-    ("beta temperature repetition_penalty logging_steps lora_alpha judge_api_timeout", lambda v: v > 0, "> 0"),
+    ("beta logging_steps lora_alpha judge_api_timeout", lambda v: v > 0, "> 0"),
+    ("temperature repetition_penalty", lambda v: v >= 1e-4, ">= 1e-4 (logits divided by less can overflow)"),
     ("top_k missing_eos_penalty learning_rate warmup_steps weight_decay max_grad_norm save_steps "
      "eval_steps eval_prompts tie_threshold judge_api_retries", lambda v: v >= 0, ">= 0"),
     ("reward_weights num_train_epochs", lambda v: True, "finite"),
@@ -1431,12 +1438,20 @@ def json_dict(text, flag):
     return value
 
 
+PATH_FLAGS = "model_name_or_path ref_model_path judge_model_path dataset_name output_dir resume_from_checkpoint".split()
+
+
 def check_args(args):
     """Check the flags on their own, and fill in the default reward model
     (the spec's quick start's)."""
     judge = bool(args.judge_model_path or args.judge_api_base)
     if args.reward_model_path is None:
         args.reward_model_path = () if args.reward_funcs or judge else ("trl-lib/Qwen2-0.5B-Reward",)
+    for flag in PATH_FLAGS:  # no shell expands the ~ of `--output_dir=~/x`
+        value = getattr(args, flag)
+        if isinstance(value, str):
+            setattr(args, flag, os.path.expanduser(value))
+    args.reward_model_path = tuple(os.path.expanduser(path) for path in args.reward_model_path)
     n_rewards = len(args.reward_model_path) + len(args.reward_funcs)
     json_dict(args.model_init_kwargs, "model_init_kwargs")
     generation = json_dict(args.generation_kwargs, "generation_kwargs")
@@ -1467,6 +1482,7 @@ def check_args(args):
          "adapters off; drop one"),
         *number_problems({flag: getattr(args, flag) for flag in RULES}, "--"),
         (unknown, f"--generation_kwargs: unsupported keys {unknown}; supported: {', '.join(GENERATION_KEYS)}"),
+        (None in generation.values(), "--generation_kwargs: a null value; leave the key out for its default"),
         *number_problems({k: v for k, v in generation.items() if k in RULES}, "--generation_kwargs "),
         (type(generation.get("top_k", 0)) is not int, "--generation_kwargs top_k must be an integer"),
         (generation.get("do_sample", True) is not True, "--generation_kwargs do_sample must be true, got "
@@ -1476,11 +1492,21 @@ def check_args(args):
     ])
     if args.push_to_hub and huggingface_hub.get_token() is None:
         raise UsageError("--push_to_hub needs a Hub token: run `hf auth login` or set HF_TOKEN")
+    defaults = Args()
+    lora = [f"--{k}" for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+            if getattr(args, k) != getattr(defaults, k)]
+    if lora and not args.use_peft:
+        say(f"note: {', '.join(lora)} ignored without --use_peft")
 
 
 def check_output_dir(args):
-    """output_dir must be writable, and hold no input, which the run would overwrite."""
+    """output_dir: writable, not a root, not in use, holding no input (which it would overwrite)."""
     out = os.path.realpath(args.output_dir)
+    if os.path.dirname(out) == out:  # the model's files and its .tmp directory would land in a root
+        raise UsageError(f"--output_dir {args.output_dir!r} is a root directory; give a directory inside one")
+    if os.path.islink(args.output_dir) and not os.path.exists(args.output_dir):
+        raise UsageError(f"--output_dir {args.output_dir!r} is a symlink to {os.readlink(args.output_dir)!r}, which "
+                         "does not exist; remove it or give another")
     paths = [(k, getattr(args, k)) for k in "model_name_or_path ref_model_path judge_model_path dataset_name".split()]
     for flag, path in paths + [("reward_model_path", p) for p in args.reward_model_path]:
         real = os.path.realpath(path) if path and os.path.exists(path) else None
@@ -1491,6 +1517,34 @@ def check_output_dir(args):
         tempfile.TemporaryFile(dir=args.output_dir).close()
     except OSError as e:
         raise UsageError(f"--output_dir {args.output_dir!r} is not writable ({e.strerror}); give another") from None
+    if is_main():
+        lock_output_dir(args.output_dir)
+
+
+LOCK = []  # rank 0's open output_dir/.lock, locked until the process ends (or run() returns)
+
+
+def lock_output_dir(path):
+    """An exclusive flock on path/.lock (the kernel frees it however the process ends), naming its holder."""
+    unlock_output_dir()  # an earlier main() of this process (tests, benchmarks)
+    f = open(os.path.join(path, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UsageError(f"--output_dir {path!r} is in use by {holder}: wait for it to end, or give another") from None
+    f.truncate(0)
+    f.write(f"process {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    LOCK.append(f)
+
+
+def unlock_output_dir():
+    for f in LOCK:
+        f.close()
+    LOCK.clear()
 
 
 def load_reward_func(spec):
@@ -1506,7 +1560,7 @@ def load_reward_func(spec):
             names = runpy.run_path(module_name)
         else:
             names = vars(importlib.import_module(module_name))
-    except Exception as e:
+    except USER_FAULTS as e:
         raise UsageError(f"--reward_funcs {spec!r}: cannot import {module_name!r} ({why(e)})") from None
     func = names.get(func_name)
     if not callable(func):
@@ -1514,21 +1568,29 @@ def load_reward_func(spec):
     return func
 
 
+DATA_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
+
+
 def load_prompts(args):
-    """The train split and the held-out split (None if there is none), from a data
-    file, a dataset saved with save_to_disk, or the Hub. Every prompt of both is
-    checked here, before any model loads."""
+    """The train and held-out splits (None if none) from a data file, save_to_disk or the Hub, checked."""
     name = args.dataset_name
     train_split = args.dataset_train_split
     test_split = args.dataset_test_split
     column = args.dataset_prompt_column
     ext = os.path.splitext(name)[1].lower()
     file = os.path.isfile(name)
-    saved = os.path.isdir(name) and not {"dataset_dict.json", "state.json"}.isdisjoint(os.listdir(name))
-    if file and ext not in (".json", ".jsonl", ".parquet", ".csv"):
+    local = os.path.isdir(name)
+    saved = local and not {"dataset_dict.json", "state.json"}.isdisjoint(os.listdir(name))
+    if not os.path.exists(name) and (name.startswith((".", "/")) or ext in DATA_EXTENSIONS):  # not a Hub id
+        raise UsageError(f"--dataset_name {name!r}: no such file or directory")
+    if file and ext not in DATA_EXTENSIONS:
         raise UsageError(f"--dataset_name {name!r}: a data file must be .json, .jsonl, .parquet or .csv")
     if file and os.path.getsize(name) == 0:  # datasets would raise a bare StopIteration
         raise UsageError(f"--dataset_name {name!r} is an empty file")
+    if local and not os.listdir(name):
+        raise UsageError(f"--dataset_name {name!r} is an empty directory")
+    if (file or saved) and args.dataset_config:
+        say(f"note: --dataset_config {args.dataset_config!r} ignored: {name!r} is local")
     try:
         if file:
             builder = {".jsonl": "json"}.get(ext, ext[1:])
@@ -1542,10 +1604,15 @@ def load_prompts(args):
     except Exception as e:  # a malformed file, no rows, no Hub: the root cause says which
         while e.__cause__ or e.__context__:
             e = e.__cause__ or e.__context__
-        if file:
+        cache = os.path.abspath(datasets.config.HF_DATASETS_CACHE)
+        if isinstance(e, OSError) and os.path.abspath(str(e.filename)).startswith(cache):
+            problem = f"the datasets cache {cache!r} is not usable ({why(e)}); set HF_HOME to a writable directory"
+        elif file:
             problem = f"could not read it ({why(e)}); is it a valid {ext[1:]} file?"
         elif saved:
             problem = f"could not read this saved dataset ({why(e)}); check that it holds prompts"
+        elif local:
+            problem = f"could not read the data files in this directory ({why(e)})"
         else:
             problem = f"could not load it ({why(e)}). Give a reachable Hub dataset or a local one; " + OFFLINE_HINT
         raise UsageError(f"--dataset_name {name!r}: {problem}") from None
@@ -1568,8 +1635,7 @@ def load_prompts(args):
 
 
 def check_prompt_rows(prompts, name, split):
-    """Every prompt is non-empty text, or every one a conversation (is_chat_prompt()); the first
-    that is not is named by its row."""
+    """All prompts non-empty text, or all conversations; the first that is not is named by its row."""
     kinds = set()
     for i, prompt in enumerate(prompts):
         chat = is_chat_prompt(prompt)
@@ -1592,11 +1658,28 @@ def is_chat_prompt(prompt):
                and m["content"].strip() for m in prompt)
 
 
-def check_torchrun(world):
-    """torchrun sets all four; a WORLD_SIZE alone is left over from something else."""
-    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+TORCHRUN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_torchrun():
+    """torchrun's variables together: whole numbers, all or none, ranks in order. Returns the world size."""
+    env = {k: os.environ[k] for k in TORCHRUN if k in os.environ}
+    for k, v in env.items():
+        if k != "MASTER_ADDR" and not v.isdigit():
+            raise UsageError(f"{k}={v!r} is not a whole number: unset it, or use torchrun")
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if world == 1 and rank == 0 and local_rank == 0:  # one process, torchrun's or not
+        return 1
+    missing = [k for k in TORCHRUN if k not in env and k != "LOCAL_WORLD_SIZE"]
     if missing:
-        raise UsageError(f"WORLD_SIZE is {world} but {', '.join(missing)} not set: unset it, or use torchrun")
+        given = ", ".join(f"{k}={v}" for k, v in env.items())
+        raise UsageError(f"{given} set but {', '.join(missing)} not: unset them, or use torchrun")
+    if not (world >= 1 and rank < world and local_rank <= rank):
+        raise UsageError(f"RANK={rank}, LOCAL_RANK={local_rank} and WORLD_SIZE={world} do not fit together (0 <= "
+                         "LOCAL_RANK <= RANK < WORLD_SIZE): unset them, or use torchrun")
+    return world
 
 
 def load_model(auto_class, path, args, **kwargs):
@@ -1624,8 +1707,7 @@ def unreachable(what, path, error):
 
 
 def load_tokenizer(path, args, flag):
-    """The tokenizer of the model at `path`, and the model's config. A pad token outside the model's
-    embedding (or none) is replaced by EOS."""
+    """The model's tokenizer and config; a pad token outside the embedding (or none) becomes EOS."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: no tokenizer files
@@ -1634,6 +1716,9 @@ def load_tokenizer(path, args, flag):
         raise UsageError(f"could not load the tokenizer of {path!r}: it has no vocabulary; save it with the model")
     config = model_config(path, args, flag)
     vocab = getattr(config, "vocab_size", None) or math.inf
+    if tokenizer.vocab_size > vocab:  # another model's tokenizer
+        raise UsageError(f"{flag} {path!r}: its tokenizer has {tokenizer.vocab_size} tokens, its model {vocab} "
+                         "embeddings; save the model's own tokenizer with it")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= vocab:
         if tokenizer.eos_token_id is None or tokenizer.eos_token_id >= vocab:
             raise UsageError(f"the tokenizer of {path!r} has no pad or EOS token in the model's {vocab} embeddings")
@@ -1642,8 +1727,7 @@ def load_tokenizer(path, args, flag):
 
 
 def model_config(path, args, flag):
-    """The model's config, checked for its role (a reward model: a classifier with one output; else a
-    causal LM): in the wrong role a model would run a random head."""
+    """The model's config, checked for its role: in the wrong one a model would run a random head."""
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: no model config
@@ -1680,6 +1764,8 @@ def check_loading(args, config):
             ids = [None]
         if not all(type(i) is int and 0 <= i < vocab for i in ids):
             raise UsageError(f"--generation_kwargs {key} must be token ids in [0, {vocab}), got {value!r}")
+        if key == "eos_token_id" and not ids:
+            raise UsageError("--generation_kwargs eos_token_id []: sampling would never stop; give one id or more")
     kwargs = json_dict(args.model_init_kwargs, "model_init_kwargs")
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype", "float32"))
     problems = [(k not in LOADING_KEYS and not hasattr(config, k), f"{k!r} is neither a from_pretrained argument "
@@ -1689,13 +1775,16 @@ def check_loading(args, config):
          f"attn_implementation must be one of {ATTENTION}"),
         (dtype not in ("float32", "float64"), f"dtype must be float32 or float64, got {dtype!r} (see --bf16)")]
     raise_first(problems, prefix="--model_init_kwargs: ")
-    if args.ref_model_path:
-        model_config(args.ref_model_path, args, "--ref_model_path")
+    if args.ref_model_path:  # it scores the policy's tokens
+        ref_vocab = getattr(model_config(args.ref_model_path, args, "--ref_model_path"), "vocab_size", None)
+        if (ref_vocab or math.inf) < vocab:
+            raise UsageError(f"--ref_model_path {args.ref_model_path!r} has {ref_vocab} token embeddings, fewer than "
+                             f"the policy's {vocab}: give a reference with the policy's vocabulary")
 
 
-def check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs, n=512):
-    """With the tokenizers, on the first n prompts: chat templates, prompt lengths, and a trial call
-    of each reward function, so that a broken one fails now and not after the models have loaded."""
+def check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_funcs, n=512):
+    """On the first n prompts: chat templates, lengths, and trial calls of each reward function (two
+    prompts, and a held-out one), so that a broken one fails before the models load."""
     columns = dataset[:n]
     prompts = columns.pop(args.dataset_prompt_column)
     chat = is_conversational(prompts[0])
@@ -1712,14 +1801,24 @@ def check_prompts(args, dataset, tokenizer, reward_tokenizers, reward_funcs, n=5
     if min(lengths) > limit:
         raise UsageError(f"all {len(lengths)} prompts checked are longer than --max_length - --max_new_tokens = "
                          f"{limit} tokens (the shortest: {min(lengths)}): raise --max_length")
-    texts = ["A placeholder answer."] * min(2, len(prompts))
+    cut = sum(n > limit for n in lengths)
+    if cut:
+        say(f"note: {cut} of the first {len(lengths)} prompts are longer than --max_length - --max_new_tokens = "
+            f"{limit} tokens and lose their start")
+    trials = [(prompts[:2], {k: v[:2] for k, v in columns.items()}, "2 dataset prompts")]
+    if test_set is not None and len(test_set) and args.eval_prompts:
+        held = test_set[:1]
+        trials.append((held.pop(args.dataset_prompt_column), held, f"a {args.dataset_test_split!r} prompt"))
+    texts = ["A placeholder answer."] * 2
     completions = texts
     if chat:
         completions = [[{"role": "assistant", "content": t}] for t in texts]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for func in reward_funcs:
-        score_completions(prompts[:2], completions, tokenizer(texts, add_special_tokens=False)["input_ids"],
-                          {k: v[:2] for k, v in columns.items()}, [], [func], torch.ones(1),
-                          when=" on a trial call (2 dataset prompts, placeholder completions)")
+        for trial, trial_columns, what in trials:
+            n = len(trial)
+            score_completions(trial, completions[:n], ids[:n], trial_columns, [], [func], torch.ones(1),
+                              when=f" on a trial call ({what}, placeholder completions)")
 
 
 def check_packing(args, *models):
@@ -1735,9 +1834,7 @@ def check_packing(args, *models):
 
 
 def packing_problem(args, model):
-    """Why the model cannot take packed rows, or None. They need a 4D attention mask, so eager
-    or sdpa attention and no sliding window shorter than a row; then a trial forward checks that
-    the model applies the mask."""
+    """Why the model cannot take packed rows (a 4D mask; eager or sdpa, no short sliding window), or None."""
     config = model.config
     if config._attn_implementation not in ("eager", "sdpa"):
         return f"attn_implementation {config._attn_implementation} takes no 4D attention mask"
@@ -1787,8 +1884,7 @@ def steps_of(value, total):
 
 
 def sampling_settings(args, tokenizer, policy):
-    """sample()'s keyword arguments, and the stop ids: --generation_kwargs' eos_token_id, else the
-    tokenizer's EOS and the generation config's (a chat model's end of turn)."""
+    """sample()'s keyword arguments, and the stop ids (else the tokenizer's and generation config's EOS)."""
     generation = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
                   "repetition_penalty": args.repetition_penalty, "do_sample": True, "suppress_tokens": None}
     generation |= json_dict(args.generation_kwargs, "generation_kwargs")
@@ -1833,8 +1929,7 @@ def read_json(path):
 
 def resume_point(args, world):
     """The checkpoint to resume from (None: start afresh), whole and of this run: the same flags but
-    RESUMABLE_CHANGES, the same number of processes. An earlier run's output_dir is refused unless
-    this run resumes or overwrites it."""
+    RESUMABLE_CHANGES, the same processes. An earlier run's output_dir needs resume or overwrite."""
     out = args.output_dir
     latest = latest_checkpoint(args)
     if args.resume_from_checkpoint is None:
@@ -1852,12 +1947,19 @@ def resume_point(args, world):
         path = latest
     if path == "none":
         raise UsageError(f"--resume_from_checkpoint latest: {out!r} has no checkpoint yet")
+    if not os.path.basename(path):  # `latest` names none
+        steps = sorted(int(d[11:]) for d in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", d))
+        raise UsageError(f"--resume_from_checkpoint latest: {os.path.join(out, 'latest')!r} is empty; give "
+                         f"{out}/checkpoint-N (there: {', '.join(f'checkpoint-{n}' for n in steps) or 'none'})")
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
         what = "not a checkpoint of online_dpo.py" if os.path.isdir(path) else "no such directory"
         raise UsageError(f"--resume_from_checkpoint {path!r}: {what}; give output_dir/checkpoint-N, or `latest`")
-    check_checkpoint_files(path, args)
-    saved = read_json(os.path.join(path, "online_dpo_args.json"))
-    ran_on = read_json(os.path.join(path, "trainer_state.json"))
+    try:  # the flags first: a changed one explains a missing file (--use_peft added: no adapter)
+        saved = read_json(os.path.join(path, "online_dpo_args.json"))
+        ran_on = read_json(os.path.join(path, "trainer_state.json"))
+    except (OSError, ValueError):
+        check_checkpoint_files(path, args)  # names the damaged file
+        raise
     defaults = json.loads(json.dumps(asdict(Args())))  # a flag newer than the checkpoint: as if at its default
     here = json.loads(json.dumps(asdict(args)))
     differ = [f"--{k} is {saved.get(k, defaults[k])!r} there and {v!r} here" for k, v in here.items()
@@ -1866,6 +1968,7 @@ def resume_point(args, world):
         differ.append(f"it ran on {ran_on['world_size']} processes and this run has {world}")
     if differ:
         raise UsageError(f"--resume_from_checkpoint {path!r} belongs to another run: {'; '.join(differ)}")
+    check_checkpoint_files(path, args)
     return path
 
 
@@ -1896,8 +1999,7 @@ def check_checkpoint_files(path, args):
 
 
 def start_output_dir(args, resume, state):
-    """Resuming: `latest` names the checkpoint resumed. Overwriting: the earlier run's checkpoints go
-    once this run has saved one, so that a failure before then loses nothing."""
+    """Resuming: `latest` names the checkpoint. Overwriting: earlier checkpoints go after this run's first."""
     if resume and is_main():
         replace_file(os.path.join(args.output_dir, "latest"), os.path.basename(os.path.normpath(resume)))
     elif args.overwrite_output_dir:
@@ -1928,8 +2030,7 @@ def rank_state(generator, window):
 
 
 def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, trainer_state, mine):
-    """Write output_dir/checkpoint-{step}, complete before it takes its name, then point `latest` at
-    it. Rank 0 writes; every rank takes part in the gathers."""
+    """output_dir/checkpoint-{step}, complete before it takes its name; then `latest`. Rank 0 writes."""
     state_dict = full_state_dict(policy)
     if is_main() or isinstance(policy, FSDPModule):  # FSDP2: a collective; DDP: every rank holds the same state
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -1960,10 +2061,16 @@ def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, trainer_state
 
 
 def load_checkpoint(path, policy, optimizer, scheduler, generator, rank, device):
-    """Restore the optimizer, the schedule and this rank's random streams. Returns trainer_state and
-    the metric window as they were saved."""
+    """Restore the optimizer, schedule and random streams. Returns trainer_state and the window."""
     saved = torch.load(f"{path}/optimizer.pt", weights_only=True, mmap=True)
-    set_optimizer_state_dict(policy, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+    try:
+        set_optimizer_state_dict(policy, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        error = next((f"{tuple(m.shape)} for a weight of {tuple(p.shape)}" for p, moments in optimizer.state.items()
+                      for m in moments.values() if m.dim() and m.shape != p.shape), None)
+    except (RuntimeError, ValueError, KeyError) as e:
+        error = why(e)
+    if error:
+        raise UsageError(f"--resume_from_checkpoint {path!r}: optimizer.pt does not fit the model's weights ({error})")
     scheduler.load_state_dict(saved["scheduler"])
     mine = torch.load(f"{path}/rank_states.pt", weights_only=True)[rank]
     name, keys, pos, has_gauss, gauss = mine["numpy"]
@@ -1977,9 +2084,8 @@ def load_checkpoint(path, policy, optimizer, scheduler, generator, rank, device)
 
 
 def write_model(model, state_dict, tokenizer, args, directory, merge=False):
-    """save_pretrained's layout, the tokenizer and the Args, into `directory`; NaN/inf weights
-    are refused. --use_peft: the base weights, or with merge W + (alpha / r) B A, and the
-    adapters in adapter/ in peft's layout."""
+    """save_pretrained's layout, the tokenizer and the Args; no NaN/inf. --use_peft: the base (or merged)
+    weights, and adapter/ in peft's layout."""
     tensors = state_dict if state_dict is not None else model.state_dict()
     broken = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if broken:
@@ -2019,11 +2125,11 @@ def full_state_dict(model):
 
 
 def save_final(policy, optimizer, scheduler, tokenizer, args, state, mine, plan):
-    """The trained model into output_dir, unless every step was skipped. If that write fails (a full
-    disk), the weights go into a checkpoint instead, and the error says where they are."""
+    """The trained model into output_dir; if that write fails, a checkpoint, which the error names."""
     if state["nonfinite_steps"] + state["empty_steps"] >= plan.total:
+        cause = f"; the last: {state['empty_cause']}" if "empty_cause" in state else ""
         raise TrainingError(f"every one of the {plan.total} steps was skipped ({state['nonfinite_steps']} NaN/inf, "
-                            f"{state['empty_steps']} with no preference): nothing to save")
+                            f"{state['empty_steps']} with no preference{cause}): nothing to save")
     error = None
     state_dict = full_state_dict(policy)
     try:
@@ -2040,14 +2146,15 @@ def save_final(policy, optimizer, scheduler, tokenizer, args, state, mine, plan)
             where = f"so did a checkpoint (the latest: {latest_checkpoint(args)})"
         raise TrainingError(f"could not write the trained model into {args.output_dir!r} ({errors[0]}); {where}")
     remove_earlier(args, state, "")
+    SAVED.append(args.output_dir)
+    if STOP:  # a signal during the save, which has finished
+        raise Stopped(STOP[0])
 
 
 @contextlib.contextmanager
 def written_in_place(path, merge=False):
-    """Write at the yielded path, which then takes `path`'s place in one rename, so that `path` is
-    always the old version or the new one, never part of one. merge: the files move into the
-    directory `path` one by one."""
-    tmp = path.rstrip("/") + ".tmp"
+    """Yields a path that then replaces `path` in one rename (merge: file by file into it)."""
+    tmp = os.path.abspath(path) + ".tmp"  # beside path, in its parent
     remove(tmp)  # left by a crash
     try:
         yield tmp
@@ -2089,26 +2196,46 @@ def fsync_tree(path):
     os.close(fd)
 
 
-STOP: list[int] = []  # the signals received in stop_signals()
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # preemption or scancel, Ctrl-C, a closed terminal
+STOP: list[int] = []  # the signals that stop_signals() deferred
+
+
+class Stopped(BaseException):  # as KeyboardInterrupt: a library's `except Exception` lets it through
+    """A signal outside stop_signals(): the run ends where it is."""
+
+
+DEFER = False  # True inside stop_signals()
+SAVED: list[str] = []  # output_dir, once save_final() has written the trained model into it
+
+
+def on_signal(signum, frame):
+    """Inside stop_signals() a signal waits in STOP (a second kills); elsewhere the run ends at once."""
+    if not DEFER:
+        raise Stopped(signum)
+    if STOP:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    STOP.append(signum)
 
 
 @contextlib.contextmanager
 def stop_signals():
-    """SIGTERM and Ctrl-C go into STOP, and the loop saves and exits after the
-    step; a second signal kills."""
-    def on_signal(signum, frame):
-        if STOP:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        STOP.append(signum)
-
+    """The loop and the final save: a signal waits in STOP until the step or the save is done."""
+    global DEFER
     STOP.clear()
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    DEFER = True
+    old = {sig: signal.signal(sig, on_signal) for sig in SIGNALS}  # as run() does, for main() called alone
     try:
         yield STOP
     finally:
+        DEFER = False
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def signal_exit(signals):
+    """The exit code once the work is saved: 130 after Ctrl-C (as a shell's), else 0."""
+    return 128 + signal.SIGINT if signal.SIGINT in signals else 0
 
 
 # ---- The judges' mechanics
@@ -2128,8 +2255,7 @@ def as_text(x):
 
 
 def judge_texts(template, prompts, first, second):
-    """The judge's questions: every pair with the first as A and the second as B, then every pair
-    swapped, so that judge_decisions() can cancel a bias towards one position."""
+    """Every pair as (A, B), then swapped, so that judge_decisions() can cancel a position bias."""
     fill = [dict(prompt=as_text(p), response_a=as_text(a), response_b=as_text(b))
             for p, a, b in zip(prompts, first, second)]
     swapped = [f | dict(response_a=f["response_b"], response_b=f["response_a"]) for f in fill]
@@ -2152,16 +2278,14 @@ def load_judge(args, tokenizer, frozen):
 
 
 def judge_answer_ids(tokenizer):
-    """The token ids of A and B as the first token of an answer: after the chat template's assistant
-    header, or after "Answer:" (then with a space in front)."""
+    """The ids of A and B as an answer's first token (after the chat template, or " A" after Answer:)."""
     lead = "" if tokenizer.chat_template is not None else " "
     return [tokenizer.encode(lead + letter, add_special_tokens=False)[-1] for letter in "AB"]
 
 
 @torch.no_grad()
 def judge_locally(model, tokenizer, texts, answer_ids, batch_size):
-    """One forward per question, no generation: the next-token probabilities of A and B. Returns
-    q = P(A) / (P(A) + P(B)) and mass = P(A) + P(B), (M,) each."""
+    """One forward per question: q = P(A) / (P(A) + P(B)) and mass = P(A) + P(B), (M,) each."""
     chat = tokenizer.chat_template is not None
     if chat:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
@@ -2180,8 +2304,7 @@ def judge_locally(model, tokenizer, texts, answer_ids, batch_size):
 
 
 def judge_over_http(texts, args):
-    """Every question to the API judge, --judge_api_concurrency at a time. Returns q and mass as
-    judge_locally() does (1 or 0: an answer is A, B, or invalid) and which requests failed."""
+    """Every question to the API judge, concurrently. Returns q, mass (1 or 0) and the failures."""
     pool = concurrent.futures.ThreadPoolExecutor(args.judge_api_concurrency)
     futures = [pool.submit(judge_request, text, args) for text in texts]
     start = noted = time.perf_counter()
@@ -2200,8 +2323,7 @@ def judge_over_http(texts, args):
 
 
 def judge_request(text, args):
-    """One question to the API judge, retried with exponential backoff and jitter after a timeout, a
-    connection error, a 408, a 429 or a 5xx. Returns the answer's text; raises the last error."""
+    """One question, retried with backoff after a timeout, 408, 429 or 5xx. Returns the answer."""
     key = os.environ.get("OPENAI_API_KEY")
     headers = {"Content-Type": "application/json"}
     if key:
@@ -2241,8 +2363,7 @@ def check_judge_api(args):
 
 
 def held_out(args, test_set, rank, world):
-    """This rank's share of the held-out prompts (--eval_prompts of the test split, a multiple of
-    the ranks), and their other columns for the reward functions."""
+    """This rank's share of the held-out prompts (a multiple of the ranks), and their other columns."""
     available = len(test_set) if test_set is not None else 0
     n = min(args.eval_prompts, available) // world * world
     if args.eval_prompts and n == 0:
@@ -2281,9 +2402,8 @@ def answers(run, model, prompts, columns, seed):
 
 
 def evaluate(run, policy, ref, prompts, columns, reference):
-    """The policy against the reference on held-out prompts, judged as in training: a win counts 1,
-    a tie 1/2. Returns the eval/* logs and the records of all ranks. The global random streams are
-    left as they were, so that an evaluation does not change the training run."""
+    """The policy against the reference on held-out prompts, judged as in training (a tie counts 1/2).
+    Returns the eval/* logs and all ranks' records; the global random streams are left as they were."""
     streams = global_streams()
     seed = run.args.seed + 1 + run.rank
     if not reference:
@@ -2316,8 +2436,7 @@ def evaluate(run, policy, ref, prompts, columns, reference):
 
 
 class Log:
-    """Rank 0's record of the run: the printed lines, metrics.jsonl, completions.jsonl and wandb.
-    NaN is written as null, so that every line is strict JSON."""
+    """Rank 0's record: printed lines, metrics.jsonl, completions.jsonl, wandb (NaN as null)."""
 
     def __init__(self, args, plan, state, resumed):
         self.on = is_main()
@@ -2325,6 +2444,7 @@ class Log:
         self.dir = args.output_dir
         self.files = {}  # name: the open file
         self.keep = state["step"] if resumed else None  # a resumed run keeps the lines up to its checkpoint
+        self.ties_noted = args.drop_ties
         self.wandb = None
         if self.on and args.report_to == "wandb":
             import wandb
@@ -2357,6 +2477,10 @@ class Log:
         if not self.on:
             return
         self.bar.write(f"step {step}/{self.total} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+        if logs.get("pairs/ties") == 1 and not self.ties_noted:
+            self.ties_noted = True
+            self.bar.write("note: every pair tied, so chosen and rejected were arbitrary: --drop_ties leaves ties out "
+                           "of the loss (said once)")
         self.write("metrics.jsonl", [{"step": step, **logs}])
         if self.wandb:
             tables = {"eval/completions": self.table(records)} if records else {}
@@ -2390,6 +2514,14 @@ def feedback_line(args):
         return f"preferences from the judge {args.judge_model_path or args.judge_api_model}"
     rewards = " + ".join(args.reward_model_path + args.reward_funcs)
     return f"preferences from the best and worst of {args.num_samples} samples by {rewards}"
+
+
+def feedback_failed(error, where, checkpoint, state, mine):
+    """A reward function or the judge failed: one process saves `state`. The error names the step."""
+    saved = None
+    if not dist.is_initialized() and state["step"] > 0:
+        saved = checkpoint(state, mine)
+    return TrainingError(f"{where}: {error}; {resume_hint(saved)}")
 
 
 def resume_hint(saved):
@@ -2431,7 +2563,7 @@ def push_to_hub(args):
         repo = os.path.basename(os.path.abspath(args.output_dir))
     api = huggingface_hub.HfApi()
     api.create_repo(repo, exist_ok=True)
-    api.upload_folder(folder_path=args.output_dir, repo_id=repo, ignore_patterns=["checkpoint-*", "latest"])
+    api.upload_folder(folder_path=args.output_dir, repo_id=repo, ignore_patterns=["checkpoint-*", "latest", ".lock"])
     print(f"pushed to https://huggingface.co/{repo}")
 
 
@@ -2450,17 +2582,61 @@ def cli(argv=None):
                     description=__doc__.split("\n\n")[0])
 
 
-def run(argv=None):
-    """The command line: train, or end in one line that says what went wrong,
-    `online_dpo.py: error: ...`. Returns the exit code."""
+class FlagError(UsageError):
+    """A flag the parser refuses: exit code 2, as argparse's."""
+
+
+def parse_flags(argv):
+    """cli(), with the parser's box of lines as one line that keeps its suggestions."""
+    box = io.StringIO()
     try:
-        main(cli(argv))
+        with contextlib.redirect_stderr(box):
+            return cli(argv)
+    except SystemExit as e:
+        if e.code in (0, None) or not box.getvalue().strip():
+            raise
+        lines = [line.strip(" ╭╮╰╯│") for line in box.getvalue().strip().splitlines()]
+        text = " ".join(line if line.strip("-─") else "\0" for line in lines[1:] if line)  # sections between rules
+        sections = [" ".join(section.split()) for section in text.split("\0") if section.strip()]
+        message = sections[0] if sections else lines[0].strip("─ ")
+        near = [re.findall(r"--[\w-]+", s) for s in sections if s.strip().startswith("Perhaps you meant")]
+        if near:
+            message += f" (did you mean {' or '.join(near[0])}?)"
+        raise FlagError(f"{message}; see --help") from None
+
+
+def run(argv=None):
+    """The command line. Exit code: 1 after an error, 2 for a flag, 128 + N for signal N before
+    anything was saved, else as the loop's stop (signal_exit())."""
+    STOP.clear()
+    SAVED.clear()
+    handlers = {sig: signal.signal(sig, on_signal) for sig in SIGNALS}
+    where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
+    for stream in (sys.stdout, sys.stderr):  # under LC_ALL=C, a prompt may not be ASCII
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        main(parse_flags(argv))
         return 0
     except (UsageError, TrainingError, OSError) as e:
-        where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
-        print(f"online_dpo.py: error{where}: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        return 1
+        kept = f"; the trained model is saved in {SAVED[0]}" if SAVED else ""  # the closing comparison failed
+        print(f"online_dpo.py: error{where}: {' '.join(str(e).splitlines())}{kept}", file=sys.stderr)
+        return 2 if isinstance(e, FlagError) else 1
+    except SystemExit as e:  # --help, or the loop's stop after a signal, the step saved
+        return 0 if e.code is None else e.code
+    except (Stopped, KeyboardInterrupt) as e:
+        signum = e.args[0] if isinstance(e, Stopped) else signal.SIGINT
+        name = signal.Signals(signum).name
+        if SAVED:
+            say(f"stopped by {name} after the final save: the trained model is in {SAVED[0]}")
+            return signal_exit([signum])
+        print(f"online_dpo.py: error{where}: stopped by {name} before training began: nothing saved",
+              file=sys.stderr)
+        return 128 + signum
     finally:
+        unlock_output_dir()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -75,3 +75,37 @@ def unscored(prompts, completions, **kwargs):
 def infinite(prompts, completions, completion_ids, **kwargs):
     """An unbounded reward: +inf for the first completion of every batch, low_token_ids for the others."""
     return [float("inf")] + low_token_ids(prompts, completions, completion_ids)[1:]
+
+
+def exits(prompts, completions, **kwargs):
+    """Broken on purpose: ends the process as a script's sys.exit(0) would."""
+    import sys
+
+    sys.exit(0)
+
+
+def interrupts(prompts, completions, **kwargs):
+    """Broken on purpose: raises KeyboardInterrupt itself (no Ctrl-C was pressed)."""
+    raise KeyboardInterrupt
+
+
+def number_strings(prompts, completions, **kwargs):
+    """Broken on purpose: numbers as text, which float() would take."""
+    return ["1.5"] * len(prompts)
+
+
+def edits_its_arguments(prompts, completions, completion_ids, **kwargs):
+    """low_token_ids, after emptying every list it was given, as a careless function might."""
+    scores = low_token_ids(prompts, completions, completion_ids)
+    prompts.clear()
+    completions.clear()
+    for values in kwargs.values():
+        values.clear()
+    return scores
+
+
+def fails_on_held_out(prompts, completions, completion_ids, split, **kwargs):
+    """Broken on purpose, only for the held-out rows (their `split` column is "test")."""
+    if "test" in split:
+        raise KeyError("no answer key for held-out rows")
+    return low_token_ids(prompts, completions, completion_ids)

@@ -141,7 +141,8 @@ def test_a_checkpoint_of_another_run_is_refused_before_anything_loads(tiny, tmp_
     for changes, message in cases:
         with pytest.raises(UsageError, match=message):
             main(replace(_args(tiny, tmp_path / "out", resume_from_checkpoint=checkpoint), **changes))
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)  # as torchrun sets them; refused before the process group is joined
     with pytest.raises(UsageError, match="it ran on 1 processes and this run has 2"):
         main(_args(tiny, tmp_path / "out", resume_from_checkpoint=checkpoint, per_device_train_batch_size=2))
 

@@ -7,7 +7,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import datasets
@@ -27,21 +30,22 @@ def _flags(tiny, out, *extra, reward=("--reward_funcs", "tests.rewards:low_token
             "--output_dir", str(out), *extra]
 
 
-def _refused(capsys, argv, *culprits):
-    """online_dpo.run(argv) ends with exit code 1 and one error line that names every culprit, and no traceback."""
-    code = online_dpo.run([str(a) for a in argv])
+def _refused(capsys, argv, *culprits, code=1):
+    """online_dpo.run(argv) ends with exit code `code` and one error line that names every culprit, and no
+    traceback."""
+    got = online_dpo.run([str(a) for a in argv])
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("online_dpo.py: error")]
-    assert code == 1 and len(errors) == 1 and "Traceback" not in captured.err, captured.err[-3000:]
+    assert got == code and len(errors) == 1 and "Traceback" not in captured.err, (got, captured.err[-3000:])
     for culprit in culprits:
         assert culprit in errors[0], errors[0]
     return errors[0], captured.out
 
 
 def _tree(path):
-    """Every file below path and a hash of its bytes."""
+    """Every file below path and a hash of its bytes (but output_dir/.lock, which a run rewrites)."""
     return {os.path.relpath(os.path.join(d, f), path): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-            for d, _, files in os.walk(path) for f in files}
+            for d, _, files in os.walk(path) for f in files if f != ".lock"}
 
 
 @pytest.fixture
@@ -85,7 +89,10 @@ def test_data_files_that_are_not_what_they_say(tiny, tmp_path, capsys, no_models
 # ---- JSON flags: checked like the flags they stand for
 
 @pytest.mark.parametrize("kwargs, culprits", [
-    ({"temperature": 0}, ["--generation_kwargs temperature must be > 0, got 0"]),
+    ({"temperature": 0}, ["--generation_kwargs temperature must be >= 1e-4", "got 0"]),
+    ({"temperature": None}, ["--generation_kwargs: a null value"]),
+    ({"top_p": None}, ["--generation_kwargs: a null value"]),
+    ({"eos_token_id": []}, ["eos_token_id []: sampling would never stop"]),
     ({"top_p": 0}, ["--generation_kwargs top_p must be in (0, 1]"]),
     ({"temperature": "hot"}, ["temperature", "'hot'"]),
     ({"temperature": float("nan")}, ["temperature", "nan"]),
@@ -118,7 +125,9 @@ def test_model_init_kwargs_values(tiny, tmp_path, capsys, no_models, kwargs, cul
     ("--learning_rate", "nan", "--learning_rate must be >= 0, got nan"),
     ("--learning_rate", "inf", "--learning_rate must be >= 0, got inf"),
     ("--beta", "inf", "--beta must be > 0, got (inf,)"),
-    ("--temperature", "inf", "--temperature must be > 0, got inf"),
+    ("--temperature", "inf", "--temperature must be >= 1e-4"),
+    ("--temperature", "1e-45", "--temperature must be >= 1e-4 (logits divided by less can overflow), got 1e-45"),
+    ("--repetition_penalty", "1e-40", "--repetition_penalty must be >= 1e-4"),
     ("--missing_eos_penalty", "nan", "--missing_eos_penalty must be >= 0"),
     ("--max_grad_norm", "-1", "--max_grad_norm must be >= 0, got -1.0"),
     ("--weight_decay", "-0.1", "--weight_decay must be >= 0"),
@@ -135,6 +144,12 @@ def test_a_run_whose_every_step_was_skipped_saves_nothing(tiny, tmp_path, capsys
     loss = online_dpo.dpo_loss
     monkeypatch.setattr(online_dpo, "dpo_loss", lambda *a, **kw: loss(*a, **kw) * float("nan"))
     _refused(capsys, _flags(tiny, tmp_path / "out"), "every one of the 2 steps was skipped (2 NaN/inf")
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+def test_a_run_without_a_preference_in_any_step_says_why(tiny, tmp_path, capsys):
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--drop_ties", reward=("--reward_funcs", "tests.rewards:zero")),
+             "every one of the 2 steps was skipped (0 NaN/inf, 2 with no preference; the last: the samples tied)")
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
@@ -311,7 +326,7 @@ def test_overwriting_keeps_the_earlier_run_until_this_one_has_something(tiny, tm
     assert _tree(out) == before
     # A run that gets to its end replaces everything of the earlier one: no stale checkpoint, no `latest`.
     assert online_dpo.run([str(a) for a in _flags(tiny, out, "--overwrite_output_dir", "--max_steps", "1")]) == 0
-    assert sorted(os.listdir(out)) == sorted(n for n in before if "/" not in n and n != "latest")
+    assert sorted(set(os.listdir(out)) - {".lock"}) == sorted(n for n in before if "/" not in n and n != "latest")
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
 
 
@@ -361,7 +376,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_one_before(tiny, tmp_path, ca
     monkeypatch.setattr(torch, "save", full_disk)
     _refused(capsys, _flags(tiny, out, "--save_steps", "1", "--max_steps", "3"), "could not write checkpoint-2",
              "the latest checkpoint is intact", "checkpoint-1")
-    assert sorted(os.listdir(out)) == ["checkpoint-1", "latest", "metrics.jsonl"]  # no checkpoint-2.tmp left
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-1", "latest", "metrics.jsonl"]  # no checkpoint-2.tmp
     assert open(out / "latest").read() == "checkpoint-1"
     online_dpo.AutoModelForCausalLM.from_pretrained(str(out / "checkpoint-1"))
 
@@ -388,5 +403,284 @@ def test_a_stale_world_size_without_torchrun(tiny, tmp_path, capsys, monkeypatch
     for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    _refused(capsys, _flags(tiny, tmp_path / "out", "--per_device_train_batch_size", "2"), "WORLD_SIZE is 2 but RANK",
-             "or use torchrun")
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--per_device_train_batch_size", "2"),
+             "WORLD_SIZE=2 set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not", "or use torchrun")
+
+
+@pytest.mark.parametrize("env, culprits", [
+    ({"RANK": "1"}, ["RANK=1 set but LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not"]),
+    ({"WORLD_SIZE": ""}, ["WORLD_SIZE='' is not a whole number"]),
+    ({"LOCAL_RANK": "x"}, ["LOCAL_RANK='x' is not a whole number"]),
+    ({"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+     ["RANK=2, LOCAL_RANK=0 and WORLD_SIZE=2 do not fit together"]),
+])
+def test_torchrun_variables_are_checked_together(tiny, tmp_path, capsys, monkeypatch, no_models, env, culprits):
+    for name in online_dpo.TORCHRUN:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _refused(capsys, _flags(tiny, tmp_path / "out"), *culprits, "or use torchrun")
+    assert not os.path.exists(tmp_path / "out")  # refused before anything was written
+
+
+def test_printing_in_a_c_locale(tiny, tmp_path):
+    """LC_ALL=C without Python's UTF-8 mode: stdout and stderr are ASCII, and a prompt that is not prints escaped."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": ["caf\\u00e9"]}\n')
+    code = f"import sys, online_dpo; sys.exit(online_dpo.run({[str(a) for a in _flags(tiny, tmp_path / 'out')]!r}))"
+    env = os.environ | {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONPATH": os.getcwd()}
+    env.pop("PYTHONIOENCODING", None)
+    done = subprocess.run([sys.executable, "-c", code.replace(str(tiny["prompts.jsonl"]), str(data))], env=env,
+                          capture_output=True, text=True, errors="replace")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "online_dpo.py: error: --dataset_name" in done.stderr and "caf\\xe9" in done.stderr
+
+
+# ---- the command line's parser: one line, its suggestion kept, exit code 2
+
+@pytest.mark.parametrize("argv, culprits", [
+    (["--preset", "bogus"], ["--preset", "bogus", "tiny"]),
+    (["--max_steps", "abc"], ["--max_steps", "abc"]),
+    (["--max_stepz", "3"], ["--max_stepz", "did you mean --max_steps"]),
+    (["--use_peft", "maybe"], ["--use_peft", "maybe"]),
+])
+def test_flags_the_parser_refuses(capsys, argv, culprits):
+    line, _ = _refused(capsys, argv, *culprits, "see --help", code=2)
+    assert "│" not in line and "─" not in line
+
+
+# ---- user code: SystemExit, KeyboardInterrupt, edits of its arguments, numbers as text
+
+@pytest.mark.parametrize("func, culprits", [
+    ("exits", ["reward function exits fails on a trial call", "SystemExit: 0"]),
+    ("interrupts", ["reward function interrupts fails on a trial call", "KeyboardInterrupt"]),
+    ("number_strings", ["reward function number_strings returned something that is not a number", "'1.5'"]),
+])
+def test_a_reward_function_that_ends_the_process_is_a_failure(tiny, tmp_path, capsys, no_models, func, culprits):
+    _refused(capsys, _flags(tiny, tmp_path / "out", reward=("--reward_funcs", f"tests.rewards:{func}")), *culprits)
+
+
+def test_a_reward_module_that_exits_at_import(tiny, tmp_path, capsys, no_models):
+    module = tmp_path / "quits.py"
+    module.write_text("import sys\nsys.exit(0)\n\ndef f(prompts, **kw):\n    return [0.0] * len(prompts)\n")
+    _refused(capsys, _flags(tiny, tmp_path / "out", reward=("--reward_funcs", f"{module}:f")), "cannot import",
+             "SystemExit: 0")
+
+
+def test_sys_exit_in_training_saves_the_step_before(tiny, tmp_path, capsys, monkeypatch):
+    rewards.CALLS.clear()
+    monkeypatch.setattr(rewards, "breaks_on_call", _exits_on(3))  # the trial call, step 1, then step 2
+    _refused(capsys, _flags(tiny, tmp_path / "out", reward=("--reward_funcs", "tests.rewards:breaks_on_call")),
+             "step 2: reward function", "SystemExit: 0", "saved checkpoint-1")
+    assert open(tmp_path / "out" / "latest").read() == "checkpoint-1"
+
+
+def _exits_on(n):
+    def reward(prompts, completions, completion_ids, **kwargs):
+        rewards.CALLS.append(1)
+        if len(rewards.CALLS) == n:
+            sys.exit(0)
+        return rewards.low_token_ids(prompts, completions, completion_ids)
+
+    return reward
+
+
+def _with_test_split(tmp_path, tiny):
+    """The tiny prompts as a train and a test split, each row's `split` column naming its split."""
+    rows = [json.loads(line) for line in open(tiny["prompts.jsonl"])]
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, part in (("train", rows[:24]), ("test", rows[24:])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r | {"split": split}) + "\n" for r in part))
+    return data
+
+
+def test_reward_functions_get_copies_of_their_arguments(tiny, tmp_path, capsys):
+    data = _with_test_split(tmp_path, tiny)
+    out = tmp_path / "out"
+    argv = _flags(tiny, out, "--dataset_name", data, "--eval_prompts", "4", "--eval_steps", "1",
+                  reward=("--reward_funcs", "tests.rewards:edits_its_arguments"))
+    assert online_dpo.run([str(a) for a in argv]) == 0, capsys.readouterr().err[-2000:]
+    held_out = [json.loads(line)["prompt"] for line in open(data / "test.jsonl")][:4]
+    shown = capsys.readouterr().out
+    assert all(online_dpo.cut(p) in shown for p in held_out)  # the closing report: the prompts as they were
+
+
+# ---- values that pass a check and would break later
+
+def test_vocabularies_against_their_models(tiny, tmp_path, capsys, no_models):
+    from tests import assets
+
+    small = online_dpo.AutoTokenizer.from_pretrained(tiny["tokenizer2"])  # 320 tokens, the policy has 400
+    assets.make_causal_lm(str(tmp_path / "ref"), small)
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--ref_model_path", tmp_path / "ref"), "--ref_model_path",
+             "has 320 token embeddings, fewer than the policy's 400")
+    assets.make_reward_model(str(tmp_path / "reward"), small)
+    online_dpo.AutoTokenizer.from_pretrained(tiny["policy"]).save_pretrained(tmp_path / "reward")  # 400 > 320
+    _refused(capsys, _flags(tiny, tmp_path / "out", reward=("--reward_model_path", tmp_path / "reward")),
+             "--reward_model_path", "its tokenizer has 400 tokens, its model 320 embeddings")
+
+
+# ---- evaluation: a failure names the step and keeps the work
+
+def test_a_reward_function_that_fails_on_held_out_rows_fails_its_trial(tiny, tmp_path, capsys, no_models):
+    argv = _flags(tiny, tmp_path / "out", "--dataset_name", _with_test_split(tmp_path, tiny), "--eval_prompts", "4",
+                  reward=("--reward_funcs", "tests.rewards:fails_on_held_out"))
+    _refused(capsys, argv, "reward function fails_on_held_out fails on a trial call (a 'test' prompt",
+             "no answer key")
+
+
+@pytest.mark.parametrize("fail_on, culprits", [
+    ("4", ["step 1, in the comparison with the reference: reward function breaks_on_call fails", "saved checkpoint-1"]),
+    ("5", ["reward function breaks_on_call fails", "the trained model is saved in"]),
+])
+def test_a_comparison_that_fails_keeps_the_work(tiny, tmp_path, capsys, monkeypatch, fail_on, culprits):
+    rewards.CALLS.clear()
+    monkeypatch.setenv("FAIL_ON_CALL", fail_on)  # 2 trial calls, step 1, then the comparison after it or at the end
+    out = tmp_path / "out"
+    eval_steps = "1" if fail_on == "4" else "0"
+    argv = _flags(tiny, out, "--dataset_name", _with_test_split(tmp_path, tiny), "--eval_prompts", "4",
+                  "--eval_steps", eval_steps, "--max_steps", "1" if fail_on == "5" else "2",
+                  reward=("--reward_funcs", "tests.rewards:breaks_on_call"))
+    _refused(capsys, argv, *culprits)
+    saved = out / "checkpoint-1" if fail_on == "4" else out
+    online_dpo.AutoModelForCausalLM.from_pretrained(str(saved))
+
+
+# ---- signals: from the first line of main() to the last
+
+def _raising(monkeypatch, name, sig, when=lambda *a, **kw: True):
+    """online_dpo.`name`, patched to receive signal `sig` on entry (the first call for which `when` holds)."""
+    original = getattr(online_dpo, name)
+    sent = []
+
+    def patched(*args, **kwargs):
+        if not sent and when(*args, **kwargs):
+            sent.append(sig)
+            signal.raise_signal(sig)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(online_dpo, name, patched)
+    return sent
+
+
+def test_a_signal_while_models_load(tiny, tmp_path, capsys, monkeypatch):
+    _raising(monkeypatch, "load_frozen", signal.SIGTERM)
+    _refused(capsys, _flags(tiny, tmp_path / "out"), "stopped by SIGTERM before training began: nothing saved",
+             code=128 + signal.SIGTERM)
+    assert sorted(os.listdir(tmp_path / "out")) == [".lock"]
+
+
+def test_sighup_in_training_saves_a_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    _raising(monkeypatch, "rollout", signal.SIGHUP)  # in step 1
+    assert online_dpo.run([str(a) for a in _flags(tiny, tmp_path / "out", "--max_steps", "3")]) == 0
+    assert "stopped by a signal after step 1; saved checkpoint-1" in capsys.readouterr().out
+    assert open(tmp_path / "out" / "latest").read() == "checkpoint-1"
+
+
+def test_sigterm_during_the_final_save_finishes_it(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    _raising(monkeypatch, "write_model", signal.SIGTERM, when=lambda *a, **kw: kw.get("merge"))
+    assert online_dpo.run([str(a) for a in _flags(tiny, out)]) == 0
+    assert f"stopped by SIGTERM after the final save: the trained model is in {out}" in capsys.readouterr().out
+    online_dpo.AutoModelForCausalLM.from_pretrained(str(out))
+    assert not os.path.exists(f"{out}.tmp") and not os.path.exists(out / "latest")
+
+
+def test_ctrl_c_in_the_closing_comparison(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    _raising(monkeypatch, "evaluate", signal.SIGINT)
+    argv = _flags(tiny, out, "--dataset_name", _with_test_split(tmp_path, tiny), "--eval_prompts", "4")
+    assert online_dpo.run([str(a) for a in argv]) == 128 + signal.SIGINT
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and f"the trained model is in {out}" in captured.out
+    online_dpo.AutoModelForCausalLM.from_pretrained(str(out))
+
+
+# ---- paths
+
+def test_a_home_relative_output_dir(tiny, tmp_path, capsys, monkeypatch, no_models):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, _flags(tiny, "~/x", "--dataset_name", "./missing.jsonl"), "'./missing.jsonl'",
+             "no such file or directory")
+    assert (tmp_path / "home" / "x").is_dir() and not os.path.exists(tmp_path / "~")
+
+
+def test_output_dirs_that_cannot_be_used(tiny, tmp_path, capsys, no_models):
+    _refused(capsys, _flags(tiny, "/"), "--output_dir '/' is a root directory")
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    _refused(capsys, _flags(tiny, tmp_path / "link"), "is a symlink to", "which does not exist")
+
+
+def test_one_run_at_a_time_in_an_output_dir(tiny, tmp_path, capsys, no_models):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # as a running online_dpo.py holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("process 4242 on node-7")
+        held.flush()
+        _refused(capsys, _flags(tiny, out), "is in use by process 4242 on node-7", "wait for it to end")
+    _refused(capsys, _flags(tiny, out, "--max_length", "4"), "--max_new_tokens (8) must be smaller")  # free again
+
+
+# ---- datasets that are local: their own messages, no Hub hint
+
+def test_local_dataset_problems(tiny, tmp_path, capsys, no_models, monkeypatch):
+    out = tmp_path / "out"
+    line, _ = _refused(capsys, _flags(tiny, out, "--dataset_name", tmp_path / "missing.jsonl"), "no such file")
+    (tmp_path / "empty").mkdir()
+    _refused(capsys, _flags(tiny, out, "--dataset_name", tmp_path / "empty"), "is an empty directory")
+    data = _with_test_split(tmp_path, tiny)
+    (data / "test.jsonl").write_text('{"question": "another schema"}\n')
+    other, _ = _refused(capsys, _flags(tiny, out, "--dataset_name", data), "could not read the data files in this "
+                        "directory")
+    assert "Hub" not in line + other
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "a_file" / "datasets"))
+    (tmp_path / "a_file").write_text("")
+    _refused(capsys, _flags(tiny, out), "the datasets cache", "is not usable", "HF_HOME")
+
+
+# ---- notes: one printed line for a silent surprise
+
+def test_notes_before_training(tiny, tmp_path, capsys, no_models):
+    _, printed = _refused(capsys, _flags(tiny, tmp_path / "out", "--dataset_config", "en", "--lora_r", "8",
+                                         "--max_length", "12", "--per_device_train_batch_size", "1000"),
+                          "one optimizer step needs")
+    assert "note: --dataset_config 'en' ignored" in printed and "note: --lora_r ignored without --use_peft" in printed
+    cut = [line for line in printed.splitlines() if "lose their start" in line]
+    assert len(cut) == 1 and "of the first 32 prompts are longer than --max_length - --max_new_tokens = 4" in cut[0]
+
+
+def test_every_pair_tied_without_drop_ties(tiny, tmp_path, capsys):
+    assert online_dpo.run([str(a) for a in _flags(tiny, tmp_path / "out", reward=("--reward_funcs",
+                                                                                  "tests.rewards:zero"))]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "every pair tied" in line]
+    assert len(notes) == 1 and "--drop_ties" in notes[0]
+
+
+# ---- resuming: the message names the real cause
+
+def test_resume_messages(tiny, tmp_path, capsys, two_checkpoints, no_models):
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints, out)
+    resume = ("--resume_from_checkpoint", "latest", "--save_steps", "1", "--max_steps", "3")
+    _refused(capsys, _flags(tiny, out, *resume, "--use_peft"), "belongs to another run",
+             "--use_peft is False there and True here")
+    (out / "latest").write_text("")
+    _refused(capsys, _flags(tiny, out, *resume), "latest' is empty", "checkpoint-1, checkpoint-2")
+
+
+def test_an_optimizer_state_that_does_not_fit_the_model(tiny, tmp_path, capsys, two_checkpoints):
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints, out)
+    saved = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    first = next(iter(saved["optimizer"]["state"].values()))
+    first["exp_avg"] = torch.zeros(3)
+    torch.save(saved, out / "checkpoint-2" / "optimizer.pt")
+    before = _tree(out)
+    _refused(capsys, _flags(tiny, out, "--resume_from_checkpoint", "latest", "--save_steps", "1", "--max_steps", "3"),
+             "optimizer.pt does not fit the model's weights", "(3,)")
+    assert _tree(out) == before

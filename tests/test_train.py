@@ -117,7 +117,7 @@ def test_saves_a_model_transformers_loads(tiny, tmp_path):
     (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps must be >= 1"),
     (dict(missing_eos_penalty=-1.0), "--missing_eos_penalty must be >= 0"),
     (dict(top_p=0.0), "--top_p must be in"),
-    (dict(temperature=0.0), "--temperature must be > 0"),
+    (dict(temperature=0.0), "--temperature must be >= 1e-4"),
     (dict(generation_kwargs='{"num_beams": 4}'), "unsupported keys \\['num_beams'\\]"),
     (dict(model_init_kwargs="{bad json"), "--model_init_kwargs must be a JSON object"),
     (dict(eval_prompts=-1), "--eval_prompts must be >= 0"),
@@ -196,7 +196,8 @@ def test_inputs_that_need_a_look_fail_before_any_model_loads(tiny, tmp_path, mon
     for changes, message in cases:
         with pytest.raises(UsageError, match=message):
             main(Args(**vars(_args(tiny, tmp_path)) | changes))
-    monkeypatch.setenv("WORLD_SIZE", "8")  # the global batch counts every process, checked before any process group
+    for name, value in dict(WORLD_SIZE="8", RANK="0", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)  # the global batch counts every process, checked before any process group
     with pytest.raises(UsageError, match=r"x processes = 4 x 2 x 8 = 64"):
         main(Args(**vars(_args(tiny, tmp_path)) | dict(gradient_accumulation_steps=2)))
 
@@ -335,7 +336,7 @@ def test_push_to_hub_uploads_the_output_dir(tiny, tmp_path, monkeypatch):
     main(args)
     assert calls[0] == ("create", "me/tiny-online-dpo")
     _, repo, files, ignored = calls[1]
-    assert repo == "me/tiny-online-dpo" and "model.safetensors" in files and "config.json" in files and ignored == ["checkpoint-*", "latest"]
+    assert repo == "me/tiny-online-dpo" and "model.safetensors" in files and "config.json" in files and ignored == ["checkpoint-*", "latest", ".lock"]
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
