@@ -1816,8 +1816,8 @@ def check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for func in reward_funcs:
         for trial, trial_columns, what in trials:
-            n = len(trial)
-            score_completions(trial, completions[:n], ids[:n], trial_columns, [], [func], torch.ones(1),
+            rows = len(trial)
+            score_completions(trial, completions[:rows], ids[:rows], trial_columns, [], [func], torch.ones(1),
                               when=f" on a trial call ({what}, placeholder completions)")
 
 
@@ -1922,6 +1922,11 @@ def latest_checkpoint(args):
     return "none"
 
 
+def checkpoint_steps(directory):
+    """The steps of the checkpoint-N directories in `directory`, in order."""
+    return sorted(int(d[11:]) for d in os.listdir(directory) if re.fullmatch(r"checkpoint-\d+", d))
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -1948,7 +1953,7 @@ def resume_point(args, world):
     if path == "none":
         raise UsageError(f"--resume_from_checkpoint latest: {out!r} has no checkpoint yet")
     if not os.path.basename(path):  # `latest` names none
-        steps = sorted(int(d[11:]) for d in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", d))
+        steps = checkpoint_steps(out)
         raise UsageError(f"--resume_from_checkpoint latest: {os.path.join(out, 'latest')!r} is empty; give "
                          f"{out}/checkpoint-N (there: {', '.join(f'checkpoint-{n}' for n in steps) or 'none'})")
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
@@ -1991,8 +1996,7 @@ def check_checkpoint_files(path, args):
     except Exception as e:
         match = re.search(r"checkpoint-(\d+)$", path.rstrip("/"))
         step = int(match.group(1)) if match else math.inf
-        before = [int(d[11:]) for d in os.listdir(os.path.dirname(os.path.abspath(path)))
-                  if re.fullmatch(r"checkpoint-\d+", d) and int(d[11:]) < step]
+        before = [n for n in checkpoint_steps(os.path.dirname(os.path.abspath(path))) if n < step]
         hint = f"resume from checkpoint-{max(before)}, the one before" if before else "and there is none before it"
         raise UsageError(f"--resume_from_checkpoint {path!r}: {name} is missing or damaged ({why(e)}); "
                          + hint) from None
@@ -2053,7 +2057,7 @@ def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, trainer_state
         raise TrainingError(f"could not write {name} ({why(e)}); the latest checkpoint is intact "
                             f"({latest_checkpoint(args)})") from None
     remove_earlier(args, earlier, name)
-    steps = sorted(int(d[11:]) for d in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+", d))
+    steps = checkpoint_steps(args.output_dir)
     too_old = steps[: -args.save_total_limit] if args.save_total_limit else []
     for old in set(too_old) - {step}:
         remove(os.path.join(args.output_dir, f"checkpoint-{old}"))
