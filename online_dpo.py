@@ -57,6 +57,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 from tyro.constructors import PrimitiveConstructorSpec
 
 from kernels import linear_logprobs, naive_token_logprobs
+from kernels.decode import EAGER, CompiledDecoder, Decoder, compile_problem
 
 TINY_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "tiny")
 OFFLINE_HINT = "no network or Hub? `python online_dpo.py --preset tiny` trains the embedded world offline"
@@ -444,49 +445,14 @@ def positions(mask):
 # ---- Sampling with a KV cache
 
 
-def next_logits(model, token, mask, position_ids, cache):
-    """One decode step: the next-token logits (N, V) after `token` (N,), whose keys and values the
-    cache then holds too."""
-    out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids, cache=cache)
-    return out.logits[:, -1]
-
-
-class Decoder:
-    """How sample() runs its decode steps, by default: eagerly, with a fresh cache per call as wide
-    as the batch's longest prompt plus T. CompiledDecoder (--torch_compile) compiles the step."""
-    check_every = 1  # tokens between the checks whether every row has stopped (a host sync)
-
-    def width(self, model, prompt_len, max_new_tokens):
-        """The columns of the KV cache and of the attention mask."""
-        return prompt_len + max_new_tokens
-
-    def decode_cache(self, model, cache, K):
-        """The cache to decode from after the prefill of N prompts into `cache`: each prompt's keys
-        and values copied to the rows of its K samples, N -> K*N."""
-        if K > 1:
-            for layer in cache.layers:
-                layer.keys = layer.keys.repeat(K, 1, 1, 1)
-                layer.values = layer.values.repeat(K, 1, 1, 1)
-        return cache
-
-    def __call__(self, model, token, mask, position_ids, cache):
-        return next_logits(model, token, mask, position_ids, cache)
-
-    def stats(self):
-        """What the log lines report of it (nothing, when eager)."""
-        return {}
-
-
-EAGER = Decoder()
-
-
 @torch.no_grad()
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num_samples=1, temperature=1.0, top_k=0,
            top_p=1.0, min_p=None, repetition_penalty=1.0, do_sample=True, suppress_tokens=None, generator=None,
            decoder=EAGER):
     """Sample K = num_samples completions of each of N prompts, all rows at once, over a KV cache.
     Returns completion ids and mask (K*N, T), rows [all 1st samples, ..., all K-th samples]; each
-    row ends at its first stop token, and padding follows it."""
+    row ends at its first stop token, and padding follows it. `decoder` (kernels/decode.py) runs the
+    one-token steps: eagerly, or compiled with --torch_compile."""
     N, P = prompt_ids.shape
     K = num_samples
     device = prompt_ids.device
@@ -1196,8 +1162,7 @@ def main(args):
 
 
 class LoRALinear(torch.nn.Linear):
-    """An nn.Linear plus a low-rank adapter: W x + b + (alpha / r) B A dropout(x). Made in place
-    (the weights keep their names); B starts at zero, so the layer starts as the base layer."""
+    """nn.Linear plus a low-rank adapter: W x + b + (alpha / r) B A dropout(x). B starts at zero."""
     on = True  # False turns every adapter off at once (AdaptersOff)
 
     def forward(self, x):
@@ -1250,139 +1215,24 @@ class AdaptersOff(torch.nn.Module):
             self.module.train(was_training)
 
 
-# ---- --torch_compile: the policy's decode step compiled
-
-STOP_CHECK_EVERY = 8  # compiled, on CUDA: tokens between the checks whether every row has stopped
-WIDTH_STEP = 32  # compiled, on CUDA: cache widths are P + T rounded up to a multiple of this
-GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
+# ---- --torch_compile: the policy's decode step compiled (kernels/decode.py)
 
 
 def make_decoder(args, policy, device):
-    """Eager, or with --torch_compile the compiled decoder, unless the policy cannot be (says why)."""
+    """Eager, or with --torch_compile compiled unless the policy cannot be (a line says why)."""
     if not args.torch_compile:
         return EAGER
     reason = compile_problem(policy)
     if reason:
         say(f"torch_compile: decoding eagerly, {reason}")
         return EAGER
-    return CompiledDecoder(policy, args.max_length, device)
-
-
-def compile_problem(model):
-    """Why the model's decode step cannot be compiled over a static cache, or None."""
-    config = model.config
-    if not getattr(model, "_can_compile_fullgraph", False):
-        return f"transformers' {type(model).__name__} does not support torch.compile with a static cache"
-    if config._attn_implementation not in ("eager", "sdpa"):
-        return f"attn_implementation {config._attn_implementation} cannot be compiled over a static cache here"
-    if any(layer.is_sliding for layer in StaticCache(config=config, max_cache_len=8).layers):
-        return "its sliding-window cache layers count tokens in a Python int, which recompiles every token"
-    return None
-
-
-class CompiledDecoder(Decoder):
-    """The decode step compiled once with dynamic shapes; on CUDA, reduce-overhead (a CUDA graph per
-    shape). Graphs need fixed addresses: each row count's KV cache is allocated once, max_width
-    wide, widths as views. CUDA rounds widths up to WIDTH_STEP and checks the end every
-    STOP_CHECK_EVERY tokens; the CPU takes exact widths and checks every token (faster there)."""
-
-    def __init__(self, policy, max_width, device, width_step=None, check_every=1):
-        self.policy = policy
-        self.max_width = max_width
-        self.cuda = device.type == "cuda"
-        self.width_step = WIDTH_STEP if self.cuda else 1
-        self.check_every = STOP_CHECK_EVERY if self.cuda else 1
-        if width_step is not None:  # the tests run CUDA's settings on the CPU
-            self.width_step = width_step
-            self.check_every = check_every
-        fullgraph = not isinstance(policy, FSDPModule)  # FSDP2's hooks stay out: graphs between them
-        mode = "reduce-overhead" if self.cuda else None
-        self.step = torch.compile(next_logits, fullgraph=fullgraph, dynamic=True, mode=mode)
-        self.failed = False
-        self.tensors = {}  # (rows, dtype): each layer's keys and values, max_width wide
-        self.caches = {}  # (rows, dtype, width): a StaticCache whose layers view those
-        self.graphs = 0
-        self.compile_seconds = 0.0
-
-    def compiles(self, model):
-        return model is self.policy and not self.failed
-
-    def width(self, model, prompt_len, max_new_tokens):
-        needed = prompt_len + max_new_tokens
-        if not self.compiles(model):
-            return needed
-        return max(needed, min(math.ceil(needed / self.width_step) * self.width_step, self.max_width))
-
-    def decode_cache(self, model, cache, K):
-        if not self.compiles(model):
-            return super().decode_cache(model, cache, K)
-        first = cache.layers[0].keys
-        key = (first.size(0) * K, first.dtype)
-        width = first.size(2)
-        if key not in self.tensors or self.tensors[key][0].size(2) < width:  # (rows, heads, width, dim) each
-            shape = (key[0], first.size(1), max(width, self.max_width), first.size(3))  # apart: no aliased inputs
-            self.tensors[key] = [first.new_zeros(shape) for _ in range(2 * len(cache.layers))]
-            self.caches = {k: c for k, c in self.caches.items() if k[:2] != key}
-        if key + (width,) not in self.caches:
-            views = StaticCache(config=model.config, max_cache_len=width)
-            tensors = self.tensors[key]
-            for layer, keys, values in zip(views.layers, tensors[0::2], tensors[1::2]):
-                keys = keys[:, :, :width]
-                values = values[:, :, :width]
-                layer.lazy_initialization(keys, values)  # the layer's sizes
-                layer.keys = keys
-                layer.values = values
-                torch._dynamo.mark_static_address(keys)  # so that a CUDA graph may write to it
-                torch._dynamo.mark_static_address(values)
-            self.caches[key + (width,)] = views
-        views = self.caches[key + (width,)]
-        for layer, prefilled in zip(views.layers, cache.layers):  # each prompt's cache to its K samples' rows
-            layer.keys.unflatten(0, (K, -1)).copy_(prefilled.keys.expand(K, *prefilled.keys.shape))
-            layer.values.unflatten(0, (K, -1)).copy_(prefilled.values.expand(K, *prefilled.values.shape))
-            layer.cumulative_length.copy_(prefilled.cumulative_length)
-        return views
-
-    def __call__(self, model, token, mask, position_ids, cache):
-        if not self.compiles(model):
-            return super().__call__(model, token, mask, position_ids, cache)
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        start = time.perf_counter()
-        if self.cuda:  # the last step's outputs are read no more
-            torch.compiler.cudagraph_mark_step_begin()
-        # CPU: sdpa's own grouped-query attention (transformers' switch, read by the trace), as inductor's copy
-        # of the KV heads (repeat_kv) is slow there.
-        before = os.environ.get(GQA_SWITCH)
-        if not self.cuda:
-            os.environ[GQA_SWITCH] = "1"
-        error = None
-        try:
-            logits = self.step(model, token, mask, position_ids, cache)
-        except Exception as e:  # an unsupported model or torch: on eagerly
-            error = e
-        if before is None:  # as it was, for the eager forwards
-            os.environ.pop(GQA_SWITCH, None)
-        else:
-            os.environ[GQA_SWITCH] = before
-        if error is not None:
-            self.failed = True
-            first_line = (str(error).strip().splitlines() or [""])[0][:200]
-            say(f"torch_compile: decoding eagerly, the decode step did not compile ({type(error).__name__}: "
-                f"{first_line})")
-            return super().__call__(model, token, mask, position_ids, cache)
-        new = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
-        if new:
-            self.graphs += new
-            self.compile_seconds += time.perf_counter() - start
-        return logits.clone() if self.cuda else logits
-
-    def stats(self):
-        return {"compile/graphs": self.graphs, "time/compile": self.compile_seconds}
+    return CompiledDecoder(policy, args.max_length, device, say)
 
 
 # ---- Checks of the inputs
 
 GENERATION_KEYS = "temperature top_k top_p min_p repetition_penalty do_sample suppress_tokens eos_token_id".split()
-# The values each numeric flag allows; NaN and inf are refused everywhere.
+# What each numeric flag allows (NaN and inf: never).
 RULES = {flag: (ok, what) for flags, ok, what in [
     ("max_new_tokens per_device_train_batch_size gradient_accumulation_steps save_total_limit lora_r "
      "judge_api_concurrency", lambda v: v >= 1, ">= 1"),
@@ -1412,17 +1262,13 @@ def bad_number(flag, value):
 
 
 def number_problems(values, prefix):
-    """(True, message) for each of `values` (flag: value) that breaks its rule, for raise_first()."""
-    problems = []
-    for flag, value in values.items():
-        message = bad_number(flag, value)
-        if message:
-            problems.append((True, prefix + message))
-    return problems
+    """For raise_first(): (True, message) for each value (flag: value) that breaks its rule."""
+    messages = [bad_number(flag, value) for flag, value in values.items()]
+    return [(True, prefix + message) for message in messages if message]
 
 
 def raise_first(problems, prefix=""):
-    """Raise a UsageError with the message of the first (bad, message) pair that is bad."""
+    """A UsageError with the first message whose `bad` is true."""
     for bad, message in problems:
         if bad:
             raise UsageError(prefix + message)
@@ -1442,8 +1288,7 @@ PATH_FLAGS = "model_name_or_path ref_model_path judge_model_path dataset_name ou
 
 
 def check_args(args):
-    """Check the flags on their own, and fill in the default reward model
-    (the spec's quick start's)."""
+    """Check the flags on their own; fill in the default reward model (the spec's quick start's)."""
     judge = bool(args.judge_model_path or args.judge_api_base)
     if args.reward_model_path is None:
         args.reward_model_path = () if args.reward_funcs or judge else ("trl-lib/Qwen2-0.5B-Reward",)
@@ -1500,14 +1345,13 @@ def check_args(args):
 
 
 def check_output_dir(args):
-    """output_dir: writable, not a root, not in use, holding no input (which it would overwrite)."""
+    """output_dir: writable, not a root, not in use, holding no input (it would be overwritten)."""
     out = os.path.realpath(args.output_dir)
     if os.path.dirname(out) == out:  # the model's files and its .tmp directory would land in a root
         raise UsageError(f"--output_dir {args.output_dir!r} is a root directory; give a directory inside one")
     if os.path.islink(args.output_dir) and not os.path.exists(args.output_dir):
-        raise UsageError(f"--output_dir {args.output_dir!r} is a symlink to {os.readlink(args.output_dir)!r}, which "
-                         "does not exist; remove it or give another")
-    paths = [(k, getattr(args, k)) for k in "model_name_or_path ref_model_path judge_model_path dataset_name".split()]
+        raise UsageError(f"--output_dir {args.output_dir!r} is a dangling symlink; remove it or give another")
+    paths = [(k, getattr(args, k)) for k in PATH_FLAGS[:4]]  # the inputs
     for flag, path in paths + [("reward_model_path", p) for p in args.reward_model_path]:
         real = os.path.realpath(path) if path and os.path.exists(path) else None
         if real == out or real and args.overwrite_output_dir and real.startswith(out + os.sep):
@@ -1525,7 +1369,7 @@ LOCK = []  # rank 0's open output_dir/.lock, locked until the process ends (or r
 
 
 def lock_output_dir(path):
-    """An exclusive flock on path/.lock (the kernel frees it however the process ends), naming its holder."""
+    """An exclusive flock on path/.lock, which names its holder (the kernel frees it at any exit)."""
     unlock_output_dir()  # an earlier main() of this process (tests, benchmarks)
     f = open(os.path.join(path, ".lock"), "a+")
     try:
@@ -1548,8 +1392,7 @@ def unlock_output_dir():
 
 
 def load_reward_func(spec):
-    """A reward function from `module:function` (importable from the working
-    directory) or `file.py:function`."""
+    """A reward function from `module:function` (importable from here) or `file.py:function`."""
     module_name, _, func_name = spec.rpartition(":")
     if not module_name or not func_name:
         raise UsageError(f"--reward_funcs {spec!r}: expected `module:function` or `file.py:function`")
@@ -1572,7 +1415,7 @@ DATA_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
 
 
 def load_prompts(args):
-    """The train and held-out splits (None if none) from a data file, save_to_disk or the Hub, checked."""
+    """The train and held-out (or None) splits from a data file, save_to_disk or the Hub, checked."""
     name = args.dataset_name
     train_split = args.dataset_train_split
     test_split = args.dataset_test_split
@@ -1614,7 +1457,7 @@ def load_prompts(args):
         elif local:
             problem = f"could not read the data files in this directory ({why(e)})"
         else:
-            problem = f"could not load it ({why(e)}). Give a reachable Hub dataset or a local one; " + OFFLINE_HINT
+            problem = f"could not load it ({why(e)}); " + OFFLINE_HINT
         raise UsageError(f"--dataset_name {name!r}: {problem}") from None
     if train_split not in splits:
         raise UsageError(f"--dataset_train_split {train_split!r} is not a split of {name!r}; splits: {list(splits)}")
@@ -1635,7 +1478,7 @@ def load_prompts(args):
 
 
 def check_prompt_rows(prompts, name, split):
-    """All prompts non-empty text, or all conversations; the first that is not is named by its row."""
+    """All prompts non-empty text, or all conversations; the first that is not is named."""
     kinds = set()
     for i, prompt in enumerate(prompts):
         chat = is_chat_prompt(prompt)
@@ -1662,7 +1505,7 @@ TORCHRUN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR
 
 
 def check_torchrun():
-    """torchrun's variables together: whole numbers, all or none, ranks in order. Returns the world size."""
+    """torchrun's variables: whole numbers, all or none, ranks in order. Returns the world size."""
     env = {k: os.environ[k] for k in TORCHRUN if k in os.environ}
     for k, v in env.items():
         if k != "MASTER_ADDR" and not v.isdigit():
@@ -1677,13 +1520,12 @@ def check_torchrun():
         given = ", ".join(f"{k}={v}" for k, v in env.items())
         raise UsageError(f"{given} set but {', '.join(missing)} not: unset them, or use torchrun")
     if not (world >= 1 and rank < world and local_rank <= rank):
-        raise UsageError(f"RANK={rank}, LOCAL_RANK={local_rank} and WORLD_SIZE={world} do not fit together (0 <= "
-                         "LOCAL_RANK <= RANK < WORLD_SIZE): unset them, or use torchrun")
+        raise UsageError(f"RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world}: not 0 <= LOCAL_RANK <= RANK < "
+                         "WORLD_SIZE; unset them, or use torchrun")
     return world
 
 
 def load_model(auto_class, path, args, **kwargs):
-    """from_pretrained, with a failure turned into one line that names the path."""
     try:
         return auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
     except OSError as e:
@@ -1696,9 +1538,7 @@ def wants_bf16(args, device):
     """--bf16; when it is not given, whether the device is a GPU that has bf16."""
     if args.bf16 is not None:
         return args.bf16
-    if device.type != "cuda":
-        return False
-    return torch.cuda.is_bf16_supported()
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def unreachable(what, path, error):
@@ -1707,7 +1547,7 @@ def unreachable(what, path, error):
 
 
 def load_tokenizer(path, args, flag):
-    """The model's tokenizer and config; a pad token outside the embedding (or none) becomes EOS."""
+    """The model's tokenizer and config; a missing pad token, or one past the embedding, becomes EOS."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: no tokenizer files
@@ -1737,8 +1577,7 @@ def model_config(path, args, flag):
     heads = [k.endswith("ForSequenceClassification") for k in kinds]
     wrong_kind = not any(heads) if reward else all(heads)
     if kinds and wrong_kind:
-        raise UsageError(f"{flag} {path!r} is a {kinds[0]}, not a {'reward model' if reward else 'causal LM'}: loaded "
-                         "as one it would run a random head")
+        raise UsageError(f"{flag} {path!r} is a {kinds[0]}, not a {'reward model' if reward else 'causal LM'}")
     if reward and config.num_labels != 1:
         raise UsageError(f"--reward_model_path {path!r} has a head with {config.num_labels} outputs, not 1")
     return config
@@ -1750,8 +1589,7 @@ ATTENTION = "eager, sdpa, flash_attention_2, flash_attention_3, flex_attention"
 
 
 def check_loading(args, config):
-    """With the policy's config: --generation_kwargs' token ids,
-    --model_init_kwargs, the reference's kind."""
+    """With the policy's config: --generation_kwargs' token ids, --model_init_kwargs, the reference."""
     vocab = getattr(config, "vocab_size", None) or math.inf
     for key, value in json_dict(args.generation_kwargs, "generation_kwargs").items():
         if key not in ("suppress_tokens", "eos_token_id"):
@@ -1779,19 +1617,18 @@ def check_loading(args, config):
         ref_vocab = getattr(model_config(args.ref_model_path, args, "--ref_model_path"), "vocab_size", None)
         if (ref_vocab or math.inf) < vocab:
             raise UsageError(f"--ref_model_path {args.ref_model_path!r} has {ref_vocab} token embeddings, fewer than "
-                             f"the policy's {vocab}: give a reference with the policy's vocabulary")
+                             f"the policy's {vocab}")
 
 
 def check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_funcs, n=512):
-    """On the first n prompts: chat templates, lengths, and trial calls of each reward function (two
-    prompts, and a held-out one), so that a broken one fails before the models load."""
+    """On the first n prompts: chat templates, lengths, and a trial call of each reward function (two
+    prompts, one held out), so that a broken one fails before the models load."""
     columns = dataset[:n]
     prompts = columns.pop(args.dataset_prompt_column)
     chat = is_conversational(prompts[0])
     for path, reward_tokenizer in zip(args.reward_model_path, reward_tokenizers):
         if chat and reward_tokenizer.chat_template is None:
-            raise UsageError(f"the prompts are conversations: the tokenizer of reward model {path!r} has no chat "
-                             "template")
+            raise UsageError(f"the prompts are conversations: reward model {path!r} has no chat template")
     try:
         lengths = [len(ids) for ids in prompt_token_ids(tokenizer, prompts)]
     except UsageError as e:
@@ -1800,7 +1637,7 @@ def check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_
     limit = args.max_length - args.max_new_tokens
     if min(lengths) > limit:
         raise UsageError(f"all {len(lengths)} prompts checked are longer than --max_length - --max_new_tokens = "
-                         f"{limit} tokens (the shortest: {min(lengths)}): raise --max_length")
+                         f"{limit} tokens: raise --max_length")
     cut = sum(n > limit for n in lengths)
     if cut:
         say(f"note: {cut} of the first {len(lengths)} prompts are longer than --max_length - --max_new_tokens = "
@@ -1822,7 +1659,7 @@ def check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_
 
 
 def check_packing(args, *models):
-    """Whether training can pack each pair into one row (training_rows()); if not, one line says why."""
+    """Whether training can pack each pair into one row (training_rows()); if not, a line says why."""
     if not args.prefix_sharing:
         return False
     for model in models:
@@ -1840,9 +1677,8 @@ def packing_problem(args, model):
         return f"attn_implementation {config._attn_implementation} takes no 4D attention mask"
     if (getattr(config, "sliding_window", None) or math.inf) < 2 * args.max_length:
         return f"its sliding window ({config.sliding_window} tokens) may be shorter than a row"
-    # The trial: 5 sequences of 3 tokens. A rejected completion (the 5th) must get the same
-    # log-probs after either chosen one (2nd, 3rd), which it may not see, and other log-probs after
-    # another prompt, which it sees.
+    # The trial, 5 sequences of 3 tokens: a rejected completion (5th) gets the same log-probs after either
+    # chosen one (2nd, 3rd), which it may not see, and others after another prompt (1st or 2nd), which it sees.
     ids = (torch.arange(15, device=next(model.parameters()).device) % config.vocab_size).view(5, 3)
     one = torch.ones_like(ids)
     was_training = model.training
@@ -1878,13 +1714,12 @@ def make_plan(args, n_prompts, world):
 
 
 def steps_of(value, total):
-    """A number of steps, as TrainingArguments reads one: a value below 1
-    is a fraction of all steps."""
+    """A number of steps, as TrainingArguments reads one: below 1, a fraction of all steps."""
     return math.ceil(value * total) if 0 < value < 1 else int(value)
 
 
 def sampling_settings(args, tokenizer, policy):
-    """sample()'s keyword arguments, and the stop ids (else the tokenizer's and generation config's EOS)."""
+    """sample()'s keyword arguments, and the stop ids (default: the tokenizer's and model's EOS)."""
     generation = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
                   "repetition_penalty": args.repetition_penalty, "do_sample": True, "suppress_tokens": None}
     generation |= json_dict(args.generation_kwargs, "generation_kwargs")
@@ -1910,7 +1745,6 @@ CHECKPOINT_FILES = ("trainer_state.json", "online_dpo_args.json", "config.json",
 
 
 def progress(state, step, plan, args):
-    """trainer_state.json as it is after `step`."""
     return state | {"step": step, "epoch": step / plan.per_epoch,
                     "micro_batches_done": step * args.gradient_accumulation_steps}
 
@@ -1923,7 +1757,6 @@ def latest_checkpoint(args):
 
 
 def checkpoint_steps(directory):
-    """The steps of the checkpoint-N directories in `directory`, in order."""
     return sorted(int(d[11:]) for d in os.listdir(directory) if re.fullmatch(r"checkpoint-\d+", d))
 
 
@@ -1933,8 +1766,8 @@ def read_json(path):
 
 
 def resume_point(args, world):
-    """The checkpoint to resume from (None: start afresh), whole and of this run: the same flags but
-    RESUMABLE_CHANGES, the same processes. An earlier run's output_dir needs resume or overwrite."""
+    """The checkpoint to resume from (None: start afresh), whole and of this run. An earlier run's
+    output_dir needs resume or overwrite."""
     out = args.output_dir
     latest = latest_checkpoint(args)
     if args.resume_from_checkpoint is None:
@@ -1978,7 +1811,7 @@ def resume_point(args, world):
 
 
 def check_checkpoint_files(path, args):
-    """Every file a resume reads opens whole; a damaged one is named, with the checkpoint before it."""
+    """Every file a resume reads opens; a damaged one is named, with the checkpoint before it."""
     files = list(CHECKPOINT_FILES)
     if args.use_peft:
         files.append("adapter/adapter_model.safetensors")
@@ -2003,7 +1836,7 @@ def check_checkpoint_files(path, args):
 
 
 def start_output_dir(args, resume, state):
-    """Resuming: `latest` names the checkpoint. Overwriting: earlier checkpoints go after this run's first."""
+    """Resuming: `latest` names the checkpoint. Overwriting: earlier ones go after this run's first."""
     if resume and is_main():
         replace_file(os.path.join(args.output_dir, "latest"), os.path.basename(os.path.normpath(resume)))
     elif args.overwrite_output_dir:
@@ -2017,7 +1850,7 @@ def remove_earlier(args, state, keep):
 
 
 def gather_lists(items):
-    """The lists of all ranks, concatenated in rank order (with one process: `items`)."""
+    """All ranks' lists, concatenated in rank order."""
     if not dist.is_initialized():
         return items
     parts = [None] * dist.get_world_size()
@@ -2026,7 +1859,7 @@ def gather_lists(items):
 
 
 def rank_state(generator, window):
-    """What a resume needs from this rank: its random streams and its metric window."""
+    """This rank's random streams and metric window, for a resume."""
     python, (name, keys, pos, has_gauss, gauss), cpu = global_streams()
     return {"python": python, "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
             "torch": cpu, "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
@@ -2065,7 +1898,7 @@ def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, trainer_state
 
 
 def load_checkpoint(path, policy, optimizer, scheduler, generator, rank, device):
-    """Restore the optimizer, schedule and random streams. Returns trainer_state and the window."""
+    """Restore the optimizer, schedule and random streams; return trainer_state and the window."""
     saved = torch.load(f"{path}/optimizer.pt", weights_only=True, mmap=True)
     try:
         set_optimizer_state_dict(policy, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -2088,8 +1921,7 @@ def load_checkpoint(path, policy, optimizer, scheduler, generator, rank, device)
 
 
 def write_model(model, state_dict, tokenizer, args, directory, merge=False):
-    """save_pretrained's layout, the tokenizer and the Args; no NaN/inf. --use_peft: the base (or merged)
-    weights, and adapter/ in peft's layout."""
+    """save_pretrained's layout, the tokenizer, the Args; no NaN/inf. --use_peft: adds adapter/ (peft's)."""
     tensors = state_dict if state_dict is not None else model.state_dict()
     broken = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if broken:
@@ -2129,7 +1961,7 @@ def full_state_dict(model):
 
 
 def save_final(policy, optimizer, scheduler, tokenizer, args, state, mine, plan):
-    """The trained model into output_dir; if that write fails, a checkpoint, which the error names."""
+    """The trained model into output_dir; if that fails, a checkpoint, which the error names."""
     if state["nonfinite_steps"] + state["empty_steps"] >= plan.total:
         cause = f"; the last: {state['empty_cause']}" if "empty_cause" in state else ""
         raise TrainingError(f"every one of the {plan.total} steps was skipped ({state['nonfinite_steps']} NaN/inf, "
@@ -2157,7 +1989,7 @@ def save_final(policy, optimizer, scheduler, tokenizer, args, state, mine, plan)
 
 @contextlib.contextmanager
 def written_in_place(path, merge=False):
-    """Yields a path that then replaces `path` in one rename (merge: file by file into it)."""
+    """A path that then replaces `path` in one rename (merge: file by file)."""
     tmp = os.path.abspath(path) + ".tmp"  # beside path, in its parent
     remove(tmp)  # left by a crash
     try:
@@ -2190,7 +2022,7 @@ def remove(path):
 
 
 def fsync_tree(path):
-    """A file, or a directory and every file in it, on the disk."""
+    """A file, or a directory and its files, onto the disk."""
     for root, _, files in os.walk(path):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
@@ -2213,7 +2045,7 @@ SAVED: list[str] = []  # output_dir, once save_final() has written the trained m
 
 
 def on_signal(signum, frame):
-    """Inside stop_signals() a signal waits in STOP (a second kills); elsewhere the run ends at once."""
+    """Inside stop_signals(), a signal waits in STOP (a second kills); elsewhere it ends the run."""
     if not DEFER:
         raise Stopped(signum)
     if STOP:
@@ -2224,7 +2056,7 @@ def on_signal(signum, frame):
 
 @contextlib.contextmanager
 def stop_signals():
-    """The loop and the final save: a signal waits in STOP until the step or the save is done."""
+    """For the loop and the final save: a signal waits in STOP until the step or save is done."""
     global DEFER
     STOP.clear()
     DEFER = True
@@ -2251,15 +2083,14 @@ JUDGE_WAIT_S = 30  # a step that has waited this long on the HTTP judge says so,
 
 
 def as_text(x):
-    """A prompt or completion as the judge reads it: text, or a
-    conversation as `role: content` lines."""
+    """Text as the judge reads it: a conversation becomes `role: content` lines."""
     if is_conversational(x):
         return "\n".join(f"{m['role']}: {m['content']}" for m in x)
     return x
 
 
 def judge_texts(template, prompts, first, second):
-    """Every pair as (A, B), then swapped, so that judge_decisions() can cancel a position bias."""
+    """Every pair as (A, B), then swapped: judge_decisions() cancels a position bias."""
     fill = [dict(prompt=as_text(p), response_a=as_text(a), response_b=as_text(b))
             for p, a, b in zip(prompts, first, second)]
     swapped = [f | dict(response_a=f["response_b"], response_b=f["response_a"]) for f in fill]
@@ -2273,8 +2104,7 @@ def load_judge_tokenizer(args):
 
 
 def load_judge(args, tokenizer, frozen):
-    """A local judge: its model, its tokenizer, and the ids of the answers
-    "A" and "B". None without one."""
+    """A local judge: its model, its tokenizer, the ids of "A" and "B". None without one."""
     if tokenizer is None:
         return None
     model = load_frozen(AutoModelForCausalLM, args.judge_model_path, **frozen)
@@ -2282,7 +2112,7 @@ def load_judge(args, tokenizer, frozen):
 
 
 def judge_answer_ids(tokenizer):
-    """The ids of A and B as an answer's first token (after the chat template, or " A" after Answer:)."""
+    """The ids of A and B as an answer's first token (" A" after Answer: without a chat template)."""
     lead = "" if tokenizer.chat_template is not None else " "
     return [tokenizer.encode(lead + letter, add_special_tokens=False)[-1] for letter in "AB"]
 
@@ -2308,7 +2138,7 @@ def judge_locally(model, tokenizer, texts, answer_ids, batch_size):
 
 
 def judge_over_http(texts, args):
-    """Every question to the API judge, concurrently. Returns q, mass (1 or 0) and the failures."""
+    """Every question to the API judge, concurrently; q, mass (1 or 0) and the failures."""
     pool = concurrent.futures.ThreadPoolExecutor(args.judge_api_concurrency)
     futures = [pool.submit(judge_request, text, args) for text in texts]
     start = noted = time.perf_counter()
@@ -2327,7 +2157,7 @@ def judge_over_http(texts, args):
 
 
 def judge_request(text, args):
-    """One question, retried with backoff after a timeout, 408, 429 or 5xx. Returns the answer."""
+    """One question, retried with backoff after a timeout, 408, 429 or 5xx; the answer."""
     key = os.environ.get("OPENAI_API_KEY")
     headers = {"Content-Type": "application/json"}
     if key:
@@ -2353,7 +2183,7 @@ def judge_request(text, args):
 
 
 def check_judge_api(args):
-    """A trial question before any model loads, so that a wrong URL, model or key ends the run now."""
+    """A trial question before any model loads: a wrong URL, model or key ends the run now."""
     say(f"asking the judge at {args.judge_api_base} a trial question")
     question = (args.judge_prompt or JUDGE_PROMPT).format(prompt="2 + 2?", response_a="4", response_b="5")
     try:
@@ -2367,7 +2197,7 @@ def check_judge_api(args):
 
 
 def held_out(args, test_set, rank, world):
-    """This rank's share of the held-out prompts (a multiple of the ranks), and their other columns."""
+    """This rank's share of the held-out prompts (equal shares), and their other columns."""
     available = len(test_set) if test_set is not None else 0
     n = min(args.eval_prompts, available) // world * world
     if args.eval_prompts and n == 0:
@@ -2377,7 +2207,7 @@ def held_out(args, test_set, rank, world):
 
 
 def global_streams():
-    """Python's, NumPy's and torch's global random streams, which reward functions may draw from."""
+    """The global random streams (Python, NumPy, torch), which reward functions may draw from."""
     return random.getstate(), np.random.get_state(), torch.get_rng_state()
 
 
@@ -2388,7 +2218,7 @@ def set_global_streams(streams):
 
 
 def answers(run, model, prompts, columns, seed):
-    """One answer from `model` to each prompt, in chunks of 2B, and its score (NaN under a judge)."""
+    """An answer from `model` to each prompt, 2B at a time, and its score (NaN under a judge)."""
     texts = []
     scores = []
     chunk_size = 2 * run.args.per_device_train_batch_size
@@ -2407,7 +2237,7 @@ def answers(run, model, prompts, columns, seed):
 
 def evaluate(run, policy, ref, prompts, columns, reference):
     """The policy against the reference on held-out prompts, judged as in training (a tie counts 1/2).
-    Returns the eval/* logs and all ranks' records; the global random streams are left as they were."""
+    Returns the eval/* logs and all ranks' records."""
     streams = global_streams()
     seed = run.args.seed + 1 + run.rank
     if not reference:
@@ -2440,7 +2270,7 @@ def evaluate(run, policy, ref, prompts, columns, reference):
 
 
 class Log:
-    """Rank 0's record: printed lines, metrics.jsonl, completions.jsonl, wandb (NaN as null)."""
+    """Rank 0's record: lines, metrics.jsonl, completions.jsonl, wandb (NaN as null)."""
 
     def __init__(self, args, plan, state, resumed):
         self.on = is_main()
@@ -2484,7 +2314,7 @@ class Log:
         if logs.get("pairs/ties") == 1 and not self.ties_noted:
             self.ties_noted = True
             self.bar.write("note: every pair tied, so chosen and rejected were arbitrary: --drop_ties leaves ties out "
-                           "of the loss (said once)")
+                           "of the loss")
         self.write("metrics.jsonl", [{"step": step, **logs}])
         if self.wandb:
             tables = {"eval/completions": self.table(records)} if records else {}
@@ -2513,7 +2343,6 @@ class Log:
 
 
 def feedback_line(args):
-    """The line that says where the preferences come from."""
     if args.judge_model_path or args.judge_api_base:
         return f"preferences from the judge {args.judge_model_path or args.judge_api_model}"
     rewards = " + ".join(args.reward_model_path + args.reward_funcs)
@@ -2521,7 +2350,7 @@ def feedback_line(args):
 
 
 def feedback_failed(error, where, checkpoint, state, mine):
-    """A reward function or the judge failed: one process saves `state`. The error names the step."""
+    """A reward function or the judge failed: one process saves `state`; the error names the step."""
     saved = None
     if not dist.is_initialized() and state["step"] > 0:
         saved = checkpoint(state, mine)
@@ -2529,7 +2358,7 @@ def feedback_failed(error, where, checkpoint, state, mine):
 
 
 def resume_hint(saved):
-    """What to do after a failure, given the checkpoint saved before it (or None)."""
+    """What to do after a failure, given the checkpoint saved (or None)."""
     if saved:
         return f"saved {saved}: fix it, then resume with --resume_from_checkpoint latest"
     return "nothing saved"
@@ -2541,8 +2370,7 @@ def cut(text, n=100):
 
 
 def before_after(records, show=4):
-    """The report at the end: some held-out prompts with both answers, both
-    mean rewards, the win rate."""
+    """The report at the end: held-out prompts with both answers, the mean rewards, the win rate."""
     rewarded = ", reward in brackets" if not math.isnan(records[0]["reference_reward"]) else ""
     lines = [f"before (reference) / after (trained) on held-out prompts{rewarded}:"]
     for i, r in enumerate(records[:show]):
@@ -2572,8 +2400,7 @@ def push_to_hub(args):
 
 
 def cli(argv=None):
-    """The Args from the command line. A preset's values become the defaults, so
-    that later flags override them."""
+    """The Args from the command line; a preset's values become defaults that later flags override."""
     argv = sys.argv[1:] if argv is None else list(argv)
     preset = None
     for i, word in enumerate(argv):
@@ -2610,8 +2437,8 @@ def parse_flags(argv):
 
 
 def run(argv=None):
-    """The command line. Exit code: 1 after an error, 2 for a flag, 128 + N for signal N before
-    anything was saved, else as the loop's stop (signal_exit())."""
+    """The command line. Exit code: 1 after an error, 2 for a flag, 128 + N for signal N before anything
+    was saved, else signal_exit()'s."""
     STOP.clear()
     SAVED.clear()
     handlers = {sig: signal.signal(sig, on_signal) for sig in SIGNALS}

@@ -30,6 +30,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import online_dpo  # noqa: E402
+from kernels.decode import CompiledDecoder  # noqa: E402
 
 SHAPES = {"qwen2-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936)}
 
@@ -78,7 +79,7 @@ def measure(model, tokenizer, ids, mask, T, stop_ids, a):
                                  decoder=decoder)
 
     if a.torch_compile:
-        decoder = online_dpo.CompiledDecoder(model, ids.size(1) + T, torch.device(a.device))
+        decoder = CompiledDecoder(model, ids.size(1) + T, torch.device(a.device))
         runs = {"eager": ours, "compiled": lambda: ours(decoder)}
     else:
         def generate():

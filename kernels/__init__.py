@@ -4,6 +4,7 @@
   the logits. The element-wise work on each logits tile runs in PyTorch, or in Triton on CUDA (triton_tiles.py).
 - naive_linear_logprobs, naive_token_logprobs: the oracles (float32 logits, log_softmax, gather), kept for the tests
   and for models whose head transforms its logits (online_dpo.completion_logprobs falls back to them there).
+- decode.py: how sample() runs its decode steps, eagerly (EAGER) or compiled (CompiledDecoder, --torch_compile).
 """
 
 from kernels.logprobs import linear_logprobs, naive_linear_logprobs, naive_token_logprobs

@@ -14,7 +14,8 @@ from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
 
 import online_dpo
-from online_dpo import TINY_WORLD, CompiledDecoder, compile_problem, encode_prompts, main, sample
+from kernels.decode import CompiledDecoder, compile_problem
+from online_dpo import TINY_WORLD, encode_prompts, main, sample
 from tests.test_sampler import _generate
 from tests.test_train import _args
 

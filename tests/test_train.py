@@ -182,7 +182,7 @@ def test_inputs_that_need_a_look_fail_before_any_model_loads(tiny, tmp_path, mon
                                                               with_model=True)),
          "tokenizer of .*plain_policy.*: conversational prompts need a tokenizer with a chat template"),
         (dict(chat, reward_model_path=(_without_chat_template(tiny["reward"], tmp_path / "plain_rm", with_model=True),)),
-         "tokenizer of reward model .*plain_rm' has no chat template"),
+         "conversations: reward model .*plain_rm' has no chat template"),
         (dict(reward_model_path=(str(tmp_path / "two_labels"),)), "has a head with 2 outputs"),
         (dict(reward_model_path=(tiny["policy"],)), "is a Qwen2ForCausalLM, not a reward model"),
         (dict(reward_model_path=(_without_chat_template(tiny["policy"], tmp_path / "plain_policy"),)),
