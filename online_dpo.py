@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
+import datetime
 import difflib
 import fcntl
 import functools
@@ -319,6 +320,9 @@ def decoder_blocks(model):
 
 # ---- Several processes: torchrun, DDP, FSDP2 (with one process, all of this does nothing)
 
+# Ranks wait while rank 0 writes a checkpoint (7B: minutes); NCCL's default 10 would abort them mid-write.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
+
 
 def init_distributed(args):
     """Join the process group that torchrun set up, one device per rank.
@@ -333,7 +337,8 @@ def init_distributed(args):
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=COLLECTIVE_TIMEOUT)
     return rank, world, device
 
 
@@ -378,13 +383,11 @@ def gathered(model):
 
 
 def sync_gradients(model, sync):
-    """With gradient accumulation, ranks average gradients (DDP's all-reduce, FSDP2's
-    reduce-scatter) only in the last micro-batch's backward; the earlier ones just
-    add to the local gradients."""
+    """With gradient accumulation, DDP averages gradients (all-reduce) in the last micro-batch's
+    backward only; the earlier ones add to the local gradients. FSDP2 reduce-scatters in every one:
+    unsynced, it would keep whole fp32 gradients on every rank (7B: 28 GB), not its shard."""
     if isinstance(model, DDP):
         model.require_backward_grad_sync = sync  # what DDP's no_sync() context sets
-    elif isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(sync)
 
 
 # ---- Prompts
@@ -478,14 +481,17 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num
         seen = torch.zeros(N, logits.size(-1), dtype=torch.bool, device=device)
         seen.scatter_(1, prompt_ids.where(prompt_mask.bool(), prompt_ids[:, -1:]), True)
     tokens = prompt_ids.new_full((N, max_new_tokens), pad_id)
+    suppress = None
+    if suppress_tokens:  # on the device once, not every token
+        suppress = torch.tensor(suppress_tokens, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         scores = logits.float()
         if seen is not None:  # as generate(): positive logits divided, negative ones multiplied
             penalised = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
             scores = torch.where(seen, penalised, scores)
-        if suppress_tokens:
-            scores[:, suppress_tokens] = float("-inf")
+        if suppress is not None:
+            scores[:, suppress] = float("-inf")
         if do_sample:
             scores = filter_logits(scores / temperature, top_k, top_p, min_p)
             token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
@@ -590,7 +596,7 @@ def rollout(run, model, prompts, generator, k=1, window=None):
         window.sampling += time.perf_counter() - t0
     stop = torch.tensor(run.stop_ids, device=run.device)
     has_eos = (torch.isin(completion_ids, stop) & (completion_mask == 1)).any(1)
-    token_ids = [row[m.bool()].tolist() for row, m in zip(completion_ids, completion_mask)]
+    token_ids = [row[m.bool()].tolist() for row, m in zip(completion_ids.cpu(), completion_mask.cpu())]  # one sync
     texts = run.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
     completions = texts
     if is_conversational(prompts[0]):
@@ -1086,7 +1092,7 @@ def main(args):
                 pick = torch.cat([pairs.chosen, pairs.rejected])  # (2B,) rows: the chosen completions, the rejected
 
                 # 5. Log-probs of the pairs' completions under the policy (with grad) and the reference, (2B, T).
-                sync_gradients(train_model, micro_step == GA - 1)  # ranks average gradients in the last backward
+                sync_gradients(train_model, micro_step == GA - 1)  # DDP: averaged in the last backward only
                 inputs = samples.training_inputs(pick, run.packed)
                 with run.autocast:
                     logps = completion_logprobs(train_model, *inputs, packed=run.packed)
@@ -1321,7 +1327,7 @@ def check_args(args):
          f"{len(args.reward_weights or ())} values but there are {n_rewards} rewards (models, then functions)"),
         (args.max_steps <= 0 and args.num_train_epochs <= 0, "set --max_steps > 0 or --num_train_epochs > 0"),
         (args.resume_from_checkpoint is not None and args.overwrite_output_dir,
-         "--resume_from_checkpoint and --overwrite_output_dir: give one of them"),
+         "--resume_from_checkpoint and --overwrite_output_dir: give one"),
         (os.path.isfile(args.output_dir), f"--output_dir {args.output_dir!r} is a file; give a directory"),
         (args.use_peft and args.ref_model_path, "--ref_model_path with --use_peft: the reference is the policy, "
          "adapters off; drop one"),
@@ -1538,7 +1544,7 @@ def wants_bf16(args, device):
     """--bf16; when it is not given, whether the device is a GPU that has bf16."""
     if args.bf16 is not None:
         return args.bf16
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)  # emulated: slow
 
 
 def unreachable(what, path, error):
@@ -1696,7 +1702,7 @@ def packing_problem(args, model):
     return reason
 
 
-# Steps per epoch, in all, of warmup; every how many steps to log, save and evaluate (0: never).
+# Steps per epoch, in all, of warmup; how often to log, save and evaluate (0: never).
 Plan = collections.namedtuple("Plan", "per_epoch total warmup log save eval")
 
 
@@ -1869,7 +1875,9 @@ def rank_state(generator, window):
 def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, trainer_state, mine):
     """output_dir/checkpoint-{step}, complete before it takes its name; then `latest`. Rank 0 writes."""
     state_dict = full_state_dict(policy)
-    if is_main() or isinstance(policy, FSDPModule):  # FSDP2: a collective; DDP: every rank holds the same state
+    # FSDP2: a collective. DDP: rank 0 reads the common state, but reading an empty one (no update yet) takes a
+    # zero-lr step, which every rank must take, or their step counts part.
+    if is_main() or isinstance(policy, FSDPModule) or not optimizer.state:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optimizer_state = get_optimizer_state_dict(policy, optimizer, options=options)
     ranks = gather_lists([mine | {"sums": {k: v.cpu() for k, v in mine["sums"].items()}}])
@@ -2079,7 +2087,7 @@ def signal_exit(signals):
 JUDGE_PROMPT = ("Which of the two responses below answers the request better: more helpful, accurate and harmless?\n\n"
                 "Request:\n{prompt}\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
                 "Answer with one letter, A or B.")
-JUDGE_WAIT_S = 30  # a step that has waited this long on the HTTP judge says so, and again after as long
+JUDGE_WAIT_S = 30  # a step waiting this long on the HTTP judge says so, and so on every 30 s
 
 
 def as_text(x):
@@ -2183,7 +2191,7 @@ def judge_request(text, args):
 
 
 def check_judge_api(args):
-    """A trial question before any model loads: a wrong URL, model or key ends the run now."""
+    """A trial question before any model loads: a wrong URL, model or key fails now."""
     say(f"asking the judge at {args.judge_api_base} a trial question")
     question = (args.judge_prompt or JUDGE_PROMPT).format(prompt="2 + 2?", response_a="4", response_b="5")
     try:
@@ -2207,7 +2215,7 @@ def held_out(args, test_set, rank, world):
 
 
 def global_streams():
-    """The global random streams (Python, NumPy, torch), which reward functions may draw from."""
+    """The global random streams (Python, NumPy, torch), which reward functions may use."""
     return random.getstate(), np.random.get_state(), torch.get_rng_state()
 
 
@@ -2218,7 +2226,7 @@ def set_global_streams(streams):
 
 
 def answers(run, model, prompts, columns, seed):
-    """An answer from `model` to each prompt, 2B at a time, and its score (NaN under a judge)."""
+    """An answer from `model` to each prompt, 2B at a time, and its score (NaN if judged)."""
     texts = []
     scores = []
     chunk_size = 2 * run.args.per_device_train_batch_size
@@ -2370,7 +2378,7 @@ def cut(text, n=100):
 
 
 def before_after(records, show=4):
-    """The report at the end: held-out prompts with both answers, the mean rewards, the win rate."""
+    """The report at the end: held-out prompts, both answers, the mean rewards, the win rate."""
     rewarded = ", reward in brackets" if not math.isnan(records[0]["reference_reward"]) else ""
     lines = [f"before (reference) / after (trained) on held-out prompts{rewarded}:"]
     for i, r in enumerate(records[:show]):

@@ -12,6 +12,10 @@ This is the PyTorch path, the one the CPU runs. The naive functions are the orac
 benchmarks/bench_logprobs.py, and what online_dpo.completion_logprobs(impl="naive") uses (also for a model whose
 head has a bias, a softcap or a logit scale, which the fused path leaves out)."""
 
+import math
+import os
+import sys
+
 import torch
 
 
@@ -123,16 +127,35 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")
     if tiles not in ("auto", "torch", "triton"):
         raise ValueError(f"tiles must be auto, torch or triton, got {tiles!r}")
-    use_triton = tiles == "triton" or (tiles == "auto" and hidden.is_cuda and _triton_available())
+    use_triton = tiles == "triton" or (tiles == "auto" and hidden.is_cuda and _triton_works(hidden.device))
     use_triton = use_triton and torch.promote_types(hidden.dtype, torch.float32) == torch.float32  # not for float64
     with torch.autocast(hidden.device.type, enabled=False):  # the tiles stay float32 inside a bf16 autocast region
         return _LinearLogprobs.apply(hidden, weight, targets.contiguous(), temperature, token_tile, vocab_tile, entropy,
                                      use_triton)
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+_TRITON_WORKS = {}  # device: whether a Triton launch runs there
+
+
+def _triton_works(device: torch.device) -> bool:
+    """Whether Triton runs on `device`: one tiny launch, once per device. Triton imports without a C compiler (slim
+    images) and fails only at its first launch, which builds a launcher: then one line says so and the PyTorch tiles
+    run instead."""
+    if device not in _TRITON_WORKS:
+        try:
+            from kernels import triton_tiles
+        except ImportError:  # not installed: the PyTorch tiles, as on the CPU
+            _TRITON_WORKS[device] = False
+            return False
+        z = torch.zeros(1, 2, device=device)
+        states = [torch.full((1,), -math.inf, device=device)] + [torch.zeros(1, device=device) for _ in range(3)]
+        try:
+            triton_tiles.fold(z, torch.zeros(1, dtype=torch.long, device=device), 0, 1.0, *states)
+            _TRITON_WORKS[device] = bool(torch.isclose(states[1], torch.tensor(2.0, device=device)).item())
+        except Exception as e:  # no compiler, no driver, an unsupported GPU
+            _TRITON_WORKS[device] = False
+            if os.environ.get("RANK", "0") == "0":
+                first_line = (str(e).strip().splitlines() or [""])[0][:160]
+                print(f"kernels: Triton does not run on {device} ({type(e).__name__}: {first_line}); "
+                      "using the PyTorch tiles", file=sys.stderr)
+    return _TRITON_WORKS[device]

@@ -109,3 +109,16 @@ def fails_on_held_out(prompts, completions, completion_ids, split, **kwargs):
     if "test" in split:
         raise KeyError("no answer key for held-out rows")
     return low_token_ids(prompts, completions, completion_ids)
+
+
+_TRAINING_CALLS = []
+
+
+def ties_on_the_first_step(prompts, completions, completion_ids, **kwargs):
+    """0 for every completion in the first call of training (the trial calls on placeholder completions aside), so that
+    with --drop_ties step 1 keeps no pair; then low_token_ids. Each process counts its own calls."""
+    if completions[0] != "A placeholder answer.":
+        _TRAINING_CALLS.append(len(completions))
+        if len(_TRAINING_CALLS) == 1:
+            return [0.0] * len(completions)
+    return low_token_ids(prompts, completions, completion_ids)

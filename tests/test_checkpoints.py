@@ -136,7 +136,7 @@ def test_a_checkpoint_of_another_run_is_refused_before_anything_loads(tiny, tmp_
         (dict(resume_from_checkpoint=str(tmp_path / "nowhere")), "nowhere': no such directory"),
         (dict(resume_from_checkpoint=uninterrupted), "not a checkpoint of online_dpo.py"),
         (dict(resume_from_checkpoint="latest", output_dir=str(tmp_path / "new")), "has no checkpoint yet"),
-        (dict(overwrite_output_dir=True), "give one of them"),
+        (dict(overwrite_output_dir=True), "--overwrite_output_dir: give one"),
     ]
     for changes, message in cases:
         with pytest.raises(UsageError, match=message):

@@ -274,6 +274,38 @@ def test_two_ranks_resume_where_they_stopped(tiny, tmp_path, distributed):
     assert [len(r["records"]) for r in ranks_again] == [4, 4]  # 2 steps x 2 micro-steps: nothing replayed
 
 
+def test_a_checkpoint_before_any_update_leaves_the_ddp_replicas_equal(tiny, tmp_path):
+    """Step 1 keeps no pair (all tied, --drop_ties), and its checkpoint reads an optimizer state that no update has
+    made yet. Reading an empty state initialises it with a zero-lr step: if rank 0 alone took it, its Adam step count
+    would run one ahead, and from step 2 on its updates (and weights) would differ from rank 1's."""
+    out = str(tmp_path / "out")
+    flags = _flags(tiny, out, reward_funcs="tests/rewards.py:ties_on_the_first_step", drop_ties=True,
+                   gradient_accumulation_steps=1, per_device_train_batch_size=2, max_steps=3, save_steps=1)
+    logs, ranks, _ = _run(out, "sampled", flags, nproc=2)
+    assert [m["empty_steps"] for m in logs] == [1, 1, 1]  # step 1 alone was empty
+    assert os.path.isdir(os.path.join(out, "checkpoint-1"))
+    assert any(not torch.equal(value, ranks[0]["params"][name]) for name, value in _initial(tiny).items())
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(ranks[1]["params"][name], value), name
+
+
+def _initial(tiny):
+    model = AutoModelForCausalLM.from_pretrained(tiny["policy"], dtype=torch.float64)
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def test_collectives_wait_long_enough_for_rank_0_to_write_a_checkpoint(monkeypatch):
+    """NCCL's default timeout (10 minutes) is shorter than writing a large checkpoint; the group gets an hour."""
+    import online_dpo
+
+    calls = []
+    monkeypatch.setattr(online_dpo.dist, "init_process_group", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr(online_dpo.dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    online_dpo.init_distributed(online_dpo.Args(use_cpu=True))
+    assert calls[0]["timeout"].total_seconds() >= 3600
+
+
 def _workers(launcher_pid):
     """{RANK: pid} of the processes that torchrun started."""
     found = {}

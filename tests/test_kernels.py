@@ -154,3 +154,21 @@ def test_triton_tiles_match_the_pytorch_tiles_in_the_interpreter(dtype, scale):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_triton_tiles_at_full_size_on_cuda(dtype):
     _triton_check({}, "cuda", 2048, 896, 151936, dtype, 1.0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_a_triton_that_cannot_launch_falls_back_to_the_pytorch_tiles_with_one_line():
+    """Triton imports where it cannot launch (a slim GPU image without a C compiler; here, the CPU without Triton's
+    interpreter): the probe's one launch fails, it says so in one line, once, and answers False. Under the
+    interpreter the same probe launches and answers True."""
+    code = ("import torch; from kernels.logprobs import _triton_works; d = torch.device('cpu'); "
+            "print(_triton_works(d), _triton_works(d))")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    runs = {name: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, env=env | extra,
+                                 timeout=300) for name, extra in (("fails", {}), ("works", {"TRITON_INTERPRET": "1"}))}
+    assert runs["fails"].stdout.split() == ["False", "False"], runs["fails"].stderr[-2000:]
+    assert runs["fails"].stderr.count("kernels: Triton does not run on cpu") == 1, runs["fails"].stderr[-2000:]
+    assert "using the PyTorch tiles" in runs["fails"].stderr
+    assert runs["works"].stdout.split() == ["True", "True"], runs["works"].stderr[-2000:]
+    assert "Triton does not run" not in runs["works"].stderr
