@@ -48,17 +48,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          MinPLogitsWarper, StaticCache, TopKLogitsWarper, TopPLogitsWarper, get_scheduler, set_seed)
+                          StaticCache, get_scheduler, set_seed)
 from tyro.constructors import PrimitiveConstructorSpec
 
-from kernels import linear_logprobs, naive_token_logprobs
-from kernels.decode import EAGER, CompiledDecoder, Decoder, compile_problem
+from kernels import fp32_head, linear_logprobs, naive_token_logprobs
+from kernels.decode import EAGER, Decoder, draw, filter_logits, make_decoder
+from kernels.lora import AdaptersOff, add_adapters, load_adapter, merged, save_adapter
 
 TINY_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "tiny")
 OFFLINE_HINT = "no network or Hub? `python online_dpo.py --preset tiny` trains the embedded world offline"
@@ -272,13 +274,11 @@ class FeedbackError(UsageError):
 
 
 def load_policy(path, args, device, world, bf16, resume=False):
-    """Load the model that trains, in fp32 (bf16 runs under autocast). Returns the policy and the
-    module that the training forward goes through: DDP's wrapper, which averages gradients across
-    ranks, or the policy itself."""
+    """The policy in fp32 (bf16 runs under autocast), and what the training forward goes through:
+    DDP's wrapper (it averages gradients over ranks), or the policy."""
     kwargs = {"dtype": torch.float32} | json_dict(args.model_init_kwargs, "model_init_kwargs")
     policy = load_model(AutoModelForCausalLM, path, args, **kwargs)
-    # LoRA goes in before dropout is turned off, so that the adapters' dropout
-    # is turned off too (as in TRL).
+    # LoRA first, so that turning dropout off turns the adapters' off too (as TRL).
     if args.use_peft:
         add_lora(policy, args, resume=path if resume else None)
     if args.disable_dropout:
@@ -300,14 +300,15 @@ def load_policy(path, args, device, world, bf16, resume=False):
 
 
 def load_frozen(auto_class, path, args, device, shard, bf16, **kwargs):
-    """Load a model that only runs forwards (the reference, a reward model, the judge): no
-    gradients, eval mode, and bf16 weights when the policy's matmuls run in bf16, since fp32
-    weights would then buy nothing."""
+    """A model that only runs forwards (reference, reward model, judge): no gradients, eval mode;
+    bf16 weights when the matmuls run in bf16 (fp32 ones would buy nothing)."""
     kwargs = {"dtype": torch.float32} | kwargs
     if bf16:
         kwargs["dtype"] = torch.bfloat16
     model = load_model(auto_class, path, args, **kwargs)
     model.requires_grad_(False).eval()
+    if bf16 and isinstance(getattr(model, "score", None), torch.nn.Linear):  # a reward model's head
+        model.score.register_forward_hook(fp32_head)  # rewards not rounded to bf16
     return place(model, device, shard)
 
 
@@ -354,22 +355,31 @@ def say(text):
 
 def place(model, device, shard, mixed_precision=None):
     """Move the model to this rank's device or, with shard, split it over all ranks with FSDP2, a
-    unit per decoder block, so that one block's weights are gathered at a time."""
-    if not shard:
+    unit per decoder block, so that one block's weights are gathered at a time. Under torchrun rank 0
+    alone has read the weights (load_model) and sends them."""
+    if not dist.is_initialized():
         return model.to(device)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    if mixed_precision is None:
-        mixed_precision = MixedPrecisionPolicy()
-    for block in decoder_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=mixed_precision)
-    return fully_shard(model, mesh=mesh, mp_policy=mixed_precision)
+    meta = next(model.parameters()).is_meta
+    whole = model.state_dict() if is_main() else {}  # what rank 0 sends
+    if shard:
+        mesh = device_mesh(device.type)
+        if mixed_precision is None:
+            mixed_precision = MixedPrecisionPolicy()
+        for block in decoder_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=mixed_precision)
+        # A frozen root has no backward to reshard it: it would stay gathered all run.
+        frozen = not any(p.requires_grad for p in model.parameters())
+        fully_shard(model, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=True if frozen else None)
+    from_rank_0(model, whole, device, shard, meta)
+    return model
 
 
 @contextlib.contextmanager
 def gathered(model):
-    """Under FSDP2, gather every unit once for a whole decode. Decoding then needs no collectives,
-    so ranks whose completions end early need not keep running forwards for the others."""
+    """Under FSDP2, gather every unit once for a whole decode: then decoding needs no collectives,
+    and ranks whose completions end early need not run forwards for the others."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    trains = any(p.requires_grad for p in model.parameters())
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
@@ -377,15 +387,15 @@ def gathered(model):
         yield
     finally:
         root = getattr(model, "module", model)
-        for unit in units:  # fully_shard's defaults: blocks reshard after forward, the root does not
-            unit.set_reshard_after_forward(unit is not root, recurse=False)
+        for unit in units:  # as place() set them: all reshard after forward but a policy's root
+            unit.set_reshard_after_forward(unit is not root or not trains, recurse=False)
             unit.reshard()
 
 
 def sync_gradients(model, sync):
     """With gradient accumulation, DDP averages gradients (all-reduce) in the last micro-batch's
-    backward only; the earlier ones add to the local gradients. FSDP2 reduce-scatters in every one:
-    unsynced, it would keep whole fp32 gradients on every rank (7B: 28 GB), not its shard."""
+    backward only. FSDP2 reduce-scatters in every one: unsynced, it would keep whole fp32
+    gradients on every rank (7B: 28 GB), not its shard."""
     if isinstance(model, DDP):
         model.require_backward_grad_sync = sync  # what DDP's no_sync() context sets
 
@@ -494,7 +504,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num
             scores[:, suppress] = float("-inf")
         if do_sample:
             scores = filter_logits(scores / temperature, top_k, top_p, min_p)
-            token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            token = draw(scores.softmax(-1), generator)  # as multinomial, without its host syncs
         else:
             token = scores.argmax(-1)
         token = token.masked_fill(done, pad_id)  # (N,)
@@ -514,18 +524,6 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num
     # The longest completion: a decoder that checks for the end every few tokens may have gone past it.
     T = int(completion_mask.sum(1).max())
     return tokens.masked_fill(after_stop, pad_id)[:, :T], completion_mask[:, :T]
-
-
-def filter_logits(logits, top_k=0, top_p=1.0, min_p=None):
-    """Set the logits outside top_k, then top_p, then min_p to -inf, with transformers'
-    warpers, as generate() does."""
-    if top_k:
-        logits = TopKLogitsWarper(top_k)(None, logits)
-    if top_p < 1:
-        logits = TopPLogitsWarper(top_p)(None, logits)
-    if min_p:
-        logits = MinPLogitsWarper(min_p)(None, logits)
-    return logits
 
 
 @dataclass
@@ -641,29 +639,12 @@ def score_completions(prompts, completions, completion_ids, extra_columns, rewar
     return total.masked_fill(unscored, math.nan), per_reward
 
 
-def reward_column(out, func, n, device):
-    """A reward function's answer as a column (n,) of floats, None as NaN.
-    Anything else names the function."""
-    name = getattr(func, "__name__", repr(func))
-    if not isinstance(out, (list, tuple)) or len(out) != n:
-        raise FeedbackError(f"reward function {name} must return a list of {n} numbers (one per completion), got "
-                            f"{type(out).__name__} {str(out)[:40]}")
-    numbers = all(not isinstance(r, (str, bytes, bool)) for r in out)  # float() takes "1.5" and True
-    try:
-        values = [math.nan if r is None else float(r) for r in out]
-    except (TypeError, ValueError):
-        numbers = False
-    if not numbers:
-        raise FeedbackError(f"reward function {name} returned something that is not a number or None: {out[:4]}...")
-    return torch.tensor(values, device=device)
-
-
 def score(run, prompts, samples, columns):
     """The samples' scores (N,), less --missing_eos_penalty for each
     completion that has no stop token."""
     n_rewards = len(run.reward_models) + len(run.reward_funcs)
     weights = torch.tensor(run.args.reward_weights or [1.0] * n_rewards, device=run.device)
-    with run.autocast:
+    with all_or_none(), run.autocast:  # one rank failing stops all
         scores, _ = score_completions(
             prompts, samples.completions, samples.token_ids, columns, run.reward_models, run.reward_funcs, weights)
     if run.args.missing_eos_penalty is not None:
@@ -693,7 +674,7 @@ def judge(run, prompts, first, second):
     valid and decided (N,) as judge_decisions() does, and which of the 2N requests failed."""
     args = run.args
     texts = judge_texts(args.judge_prompt or JUDGE_PROMPT, prompts, first, second)
-    if args.judge_api_base:
+    if args.judge_api_base:  # a failed request makes its pair invalid
         q, mass, failed = judge_over_http(texts, args)
     else:
         model, tokenizer, answer_ids = run.judge
@@ -796,10 +777,13 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     if naive:
         logps = naive_token_logprobs(out.logits[row, column - first], targets)
     else:
-        # head.weight is read after the forward, because FSDP2's root keeps
-        # it gathered until the backward.
+        # head.weight is read after the forward: FSDP2's root keeps it gathered until the backward, a
+        # frozen one gathers it again.
+        weight = head.weight
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
         hidden = out.hidden_states[-1]  # after the final norm
-        logps = linear_logprobs(hidden[row, column], head.weight, targets)
+        logps = linear_logprobs(hidden[row, column], weight, targets)
     return logps.new_zeros(completion_ids.shape).index_put((real,), logps)
 
 
@@ -852,8 +836,8 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 @torch.no_grad()
 def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta):
-    """Per-sample values of every logged metric, with TRL's names and formulas. `scores` is None
-    when a judge decided; the metrics of scores are then left out."""
+    """Per-sample values of every logged metric, with TRL's names and formulas; no score metrics
+    when a judge decided (scores None)."""
     logp = (logps * completion_mask).sum(1)  # (2B,)
     ref_logp = (ref_logps * completion_mask).sum(1)
     kl = logp - ref_logp
@@ -884,8 +868,7 @@ def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, ha
 
 @dataclass
 class Window:
-    """What a logged line averages over: sums and counts of per-sample values since
-    the last line, and a clock."""
+    """What a logged line averages: sums and counts of per-sample values, and a clock."""
     sums: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
     start: float = field(default_factory=time.perf_counter)
@@ -903,8 +886,7 @@ class Window:
                 self.counts[k] = self.counts.get(k, 0) + counts[k]
 
     def means(self, **extra):
-        """Each metric's mean over the samples of all ranks (one all_reduce),
-        then `extra` and the times."""
+        """Each metric's mean over all ranks' samples (one all_reduce), `extra`, the times."""
         elapsed = time.perf_counter() - self.start
         keys = list(self.sums)
         means = {}
@@ -985,8 +967,7 @@ EMPTY_CAUSES = {  # why no pair was kept: the metric that counts it, and what it
 
 
 def count_steps(state, status, step, args, micro):
-    """Count the skipped steps into trainer_state, in all and in a row. Returns why
-    the run must stop, or None."""
+    """Count the skipped steps into trainer_state, in all and in a row; why the run must stop, or None."""
     for kind in ("nonfinite", "empty"):
         state[f"{kind}_steps"] = state.get(f"{kind}_steps", 0) + (status == kind)
         if status == kind:
@@ -1015,24 +996,24 @@ def main(args):
     """Train, and return the policy (sharded under FSDP2). Under torchrun every rank runs this."""
     # 0. Check before any model loads: flags, files, data, models, rewards, the judge.
     check_args(args)
-    world = check_torchrun()
-    check_output_dir(args)
-    resume = resume_point(args, world)  # the checkpoint to continue from, or None
-    policy_path = resume or args.model_name_or_path
-    reward_funcs = [load_reward_func(spec) for spec in args.reward_funcs]
-    dataset, test_set = load_prompts(args)
-    tokenizer, config = load_tokenizer(policy_path, args, "--model_name_or_path")
-    check_loading(args, config)
-    reward_tokenizers = [load_tokenizer(path, args, "--reward_model_path")[0] for path in args.reward_model_path]
-    check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_funcs)
-    judge_tokenizer = load_judge_tokenizer(args)  # None without a local judge
-    if args.judge_api_base:
-        check_judge_api(args)
-    plan = make_plan(args, len(dataset), world)
+    check_torchrun()
+    rank, world, device = init_distributed(args)  # one process per device; rank 0 alone prints and writes
+    with all_or_none(UsageError):  # a rank that cannot read a file (another node's) stops all
+        check_output_dir(args)
+        resume = resume_point(args, world)  # the checkpoint to continue from, or None
+        policy_path = resume or args.model_name_or_path
+        reward_funcs = [load_reward_func(spec) for spec in args.reward_funcs]
+        dataset, test_set = load_prompts(args)
+        tokenizer, config = load_tokenizer(policy_path, args, "--model_name_or_path")
+        check_loading(args, config)
+        reward_tokenizers = [load_tokenizer(path, args, "--reward_model_path")[0] for path in args.reward_model_path]
+        check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_funcs)
+        judge_tokenizer = load_judge_tokenizer(args)  # None without a local judge
+        if args.judge_api_base:
+            check_judge_api(args)
+        plan = make_plan(args, len(dataset), world)
+    check_same_resume(resume)
     B, GA, K = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_samples  # a step's shape
-
-    # One process per device; rank 0 alone prints and writes.
-    rank, world, device = init_distributed(args)
     set_seed(args.seed)  # Python's, NumPy's and torch's streams, which reward functions may use
     bf16 = wants_bf16(args, device)
 
@@ -1050,7 +1031,7 @@ def main(args):
     judge = load_judge(args, judge_tokenizer, frozen)  # a local judge, or None
     generation, stop_ids = sampling_settings(args, tokenizer, policy)
     packed = check_packing(args, policy, ref)  # a trial forward: do the models apply a 4D attention mask?
-    decoder = make_decoder(args, policy, device)  # eager, or the policy's decode step compiled
+    decoder = make_decoder(args.torch_compile, policy, args.max_length, device, say)  # eager, or compiled
     run = Rollout(args=args, tokenizer=tokenizer, rank=rank, world=world, device=device,
                   autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), generation=generation,
                   stop_ids=stop_ids, reward_models=reward_models, reward_funcs=reward_funcs, judge=judge,
@@ -1164,75 +1145,40 @@ def main(args):
 # ==== Below: what a first reading can skip
 
 
-# ---- LoRA (--use_peft): adapters in the policy, and the reference without them
+# ---- Loading: rank 0 reads, several nodes; LoRA (--use_peft, kernels/lora.py)
 
 
-class LoRALinear(torch.nn.Linear):
-    """nn.Linear plus a low-rank adapter: W x + b + (alpha / r) B A dropout(x). B starts at zero."""
-    on = True  # False turns every adapter off at once (AdaptersOff)
+def from_rank_0(model, whole, device, shard, meta):
+    """place(): rank 0's weights `whole` to every rank (FSDP2: its shards alone), then the buffers
+    (rotary frequencies), in no state dict."""
+    if meta:
+        model.to_empty(device=device)  # filled below
+    elif not shard:
+        model.to(device)
+    if meta and not shard:  # to_empty unties them (FSDP2's does not)
+        model.tie_weights()
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
 
-    def forward(self, x):
-        out = F.linear(x, self.weight, self.bias)
-        if not LoRALinear.on:
-            return out
-        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
+
+def device_mesh(device_type):
+    """FSDP2's mesh: the ranks; on several nodes (nodes, ranks per node), HSDP: shards within a node,
+    replicas across, so that the layers' all-gathers stay on the node's fast links."""
+    world = dist.get_world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if per_node == world:
+        return init_device_mesh(device_type, (world,))
+    return init_device_mesh(device_type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
 
 
 def add_lora(model, args, resume=None):
     """--use_peft: adapters on the targeted linear layers of the decoder blocks, all else frozen."""
     names = set(args.lora_target_modules) - {"all-linear"}  # empty: every linear layer
-    layers = []
-    for block in decoder_blocks(model):
-        for name, module in block.named_modules():
-            if type(module) is torch.nn.Linear and (not names or name.split(".")[-1] in names):
-                layers.append(module)
-    if not layers:
+    if not add_adapters(model, decoder_blocks(model), names, args.lora_r, args.lora_alpha, args.lora_dropout):
         raise UsageError(f"--lora_target_modules {' '.join(names)}: no linear layer in the decoder blocks is named so")
-    model.requires_grad_(False)
-    for layer in layers:
-        kw = dict(bias=False, device=layer.weight.device, dtype=layer.weight.dtype)
-        layer.__class__ = LoRALinear
-        layer.scale = args.lora_alpha / args.lora_r
-        layer.lora_dropout = torch.nn.Dropout(args.lora_dropout)
-        layer.lora_A = torch.nn.Linear(layer.in_features, args.lora_r, **kw)
-        layer.lora_B = torch.nn.Linear(args.lora_r, layer.out_features, **kw)
-        torch.nn.init.zeros_(layer.lora_B.weight)
-    if resume:
-        adapter = safetensors.torch.load_file(os.path.join(resume, "adapter", "adapter_model.safetensors"))
-        weights = {name.removeprefix("base_model.model."): w for name, w in adapter.items()}
-        model.load_state_dict(weights, strict=False)
-
-
-class AdaptersOff(torch.nn.Module):
-    """The reference under --use_peft: the policy, adapters off, in eval mode (no second copy)."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.module = policy
-        self.config = policy.config
-
-    def forward(self, **kwargs):
-        was_training = self.module.training
-        LoRALinear.on = False
-        try:
-            return self.module.eval()(**kwargs)
-        finally:
-            LoRALinear.on = True
-            self.module.train(was_training)
-
-
-# ---- --torch_compile: the policy's decode step compiled (kernels/decode.py)
-
-
-def make_decoder(args, policy, device):
-    """Eager, or with --torch_compile compiled unless the policy cannot be (a line says why)."""
-    if not args.torch_compile:
-        return EAGER
-    reason = compile_problem(policy)
-    if reason:
-        say(f"torch_compile: decoding eagerly, {reason}")
-        return EAGER
-    return CompiledDecoder(policy, args.max_length, device, say)
+    if resume and is_main():  # to the others in place()
+        load_adapter(model, os.path.join(resume, "adapter"))
 
 
 # ---- Checks of the inputs
@@ -1371,12 +1317,12 @@ def check_output_dir(args):
         lock_output_dir(args.output_dir)
 
 
-LOCK = []  # rank 0's open output_dir/.lock, locked until the process ends (or run() returns)
+LOCK = []  # rank 0's open output_dir/.lock, locked until the process ends or run() returns
 
 
 def lock_output_dir(path):
     """An exclusive flock on path/.lock, which names its holder (the kernel frees it at any exit)."""
-    unlock_output_dir()  # an earlier main() of this process (tests, benchmarks)
+    unlock_output_dir()  # an earlier main() here (tests, benchmarks)
     f = open(os.path.join(path, ".lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1415,6 +1361,23 @@ def load_reward_func(spec):
     if not callable(func):
         raise UsageError(f"--reward_funcs {spec!r}: {module_name!r} has no function {func_name!r}")
     return func
+
+
+def reward_column(out, func, n, device):
+    """A reward function's answer as a column (n,) of floats, None as NaN.
+    Anything else names the function."""
+    name = getattr(func, "__name__", repr(func))
+    if not isinstance(out, (list, tuple)) or len(out) != n:
+        raise FeedbackError(f"reward function {name} must return a list of {n} numbers (one per completion), got "
+                            f"{type(out).__name__} {str(out)[:40]}")
+    numbers = all(not isinstance(r, (str, bytes, bool)) for r in out)  # float() takes "1.5" and True
+    try:
+        values = [math.nan if r is None else float(r) for r in out]
+    except (TypeError, ValueError):
+        numbers = False
+    if not numbers:
+        raise FeedbackError(f"reward function {name} returned something that is not a number or None: {out[:4]}...")
+    return torch.tensor(values, device=device)
 
 
 DATA_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
@@ -1511,7 +1474,7 @@ TORCHRUN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR
 
 
 def check_torchrun():
-    """torchrun's variables: whole numbers, all or none, ranks in order. Returns the world size."""
+    """torchrun's variables: whole numbers, all or none, ranks in order."""
     env = {k: os.environ[k] for k in TORCHRUN if k in os.environ}
     for k, v in env.items():
         if k != "MASTER_ADDR" and not v.isdigit():
@@ -1520,7 +1483,7 @@ def check_torchrun():
     rank = int(env.get("RANK", "0"))
     local_rank = int(env.get("LOCAL_RANK", "0"))
     if world == 1 and rank == 0 and local_rank == 0:  # one process, torchrun's or not
-        return 1
+        return
     missing = [k for k in TORCHRUN if k not in env and k != "LOCAL_WORLD_SIZE"]
     if missing:
         given = ", ".join(f"{k}={v}" for k, v in env.items())
@@ -1528,16 +1491,20 @@ def check_torchrun():
     if not (world >= 1 and rank < world and local_rank <= rank):
         raise UsageError(f"RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world}: not 0 <= LOCAL_RANK <= RANK < "
                          "WORLD_SIZE; unset them, or use torchrun")
-    return world
 
 
 def load_model(auto_class, path, args, **kwargs):
+    if not is_main():  # torchrun: place() sends rank 0's weights (one copy in host RAM)
+        kwargs["device_map"] = "meta"
     try:
-        return auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
+        model = auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
     except OSError as e:
         raise unreachable("model", path, e) from None
     except Exception as e:  # corrupt weights, an argument the model refuses
         raise UsageError(f"could not load the model in {path!r}: {why(e)}") from None
+    if not is_main():  # as from_pretrained does after reading weights
+        model.tie_weights()
+    return model
 
 
 def wants_bf16(args, device):
@@ -1776,6 +1743,7 @@ def resume_point(args, world):
     output_dir needs resume or overwrite."""
     out = args.output_dir
     latest = latest_checkpoint(args)
+    shared = SEVERAL_NODES if int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world else ""
     if args.resume_from_checkpoint is None:
         earlier = [n for n in ("config.json", "metrics.jsonl") if os.path.isfile(os.path.join(out, n))]
         if (earlier or latest != "none") and not args.overwrite_output_dir:
@@ -1790,14 +1758,15 @@ def resume_point(args, world):
     if path == "latest":
         path = latest
     if path == "none":
-        raise UsageError(f"--resume_from_checkpoint latest: {out!r} has no checkpoint yet")
+        raise UsageError(f"--resume_from_checkpoint latest: {out!r} has no checkpoint yet{shared}")
     if not os.path.basename(path):  # `latest` names none
         steps = checkpoint_steps(out)
         raise UsageError(f"--resume_from_checkpoint latest: {os.path.join(out, 'latest')!r} is empty; give "
                          f"{out}/checkpoint-N (there: {', '.join(f'checkpoint-{n}' for n in steps) or 'none'})")
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
         what = "not a checkpoint of online_dpo.py" if os.path.isdir(path) else "no such directory"
-        raise UsageError(f"--resume_from_checkpoint {path!r}: {what}; give output_dir/checkpoint-N, or `latest`")
+        raise UsageError(f"--resume_from_checkpoint {path!r}: {what}; give output_dir/checkpoint-N, or `latest`"
+                         f"{shared}")
     try:  # the flags first: a changed one explains a missing file (--use_peft added: no adapter)
         saved = read_json(os.path.join(path, "online_dpo_args.json"))
         ran_on = read_json(os.path.join(path, "trainer_state.json"))
@@ -1814,6 +1783,17 @@ def resume_point(args, world):
         raise UsageError(f"--resume_from_checkpoint {path!r} belongs to another run: {'; '.join(differ)}")
     check_checkpoint_files(path, args)
     return path
+
+
+SEVERAL_NODES = "; several nodes need an --output_dir that all of them see"
+
+
+def check_same_resume(resume):
+    """Every rank resumes from one checkpoint (nodes read output_dir each)."""
+    names = gather_lists([None if resume is None else os.path.basename(resume)])
+    if len(set(names)) > 1:
+        seen = ", ".join(f"rank {r}: {name}" for r, name in enumerate(names))
+        raise UsageError(f"--resume_from_checkpoint: ranks see different checkpoints ({seen}){SEVERAL_NODES}")
 
 
 def check_checkpoint_files(path, args):
@@ -1875,8 +1855,8 @@ def rank_state(generator, window):
 def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, trainer_state, mine):
     """output_dir/checkpoint-{step}, complete before it takes its name; then `latest`. Rank 0 writes."""
     state_dict = full_state_dict(policy)
-    # FSDP2: a collective. DDP: rank 0 reads the common state, but reading an empty one (no update yet) takes a
-    # zero-lr step, which every rank must take, or their step counts part.
+    # FSDP2: a collective. DDP: rank 0 reads it, but reading an empty one (no update yet) takes a zero-lr
+    # step, which every rank must take, or their step counts part.
     if is_main() or isinstance(policy, FSDPModule) or not optimizer.state:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optimizer_state = get_optimizer_state_dict(policy, optimizer, options=options)
@@ -1884,19 +1864,22 @@ def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, trainer_state
     step = trainer_state["step"]
     earlier = {"earlier": trainer_state.pop("earlier", [])}
     name = f"checkpoint-{step}"
+    with all_or_none(TrainingError):  # rank 0's failed write stops all
+        if is_main():
+            try:
+                with written_in_place(os.path.join(args.output_dir, name)) as tmp:
+                    write_model(policy, state_dict, tokenizer, args, tmp)
+                    optimizer_pt = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
+                    torch.save(optimizer_pt, f"{tmp}/optimizer.pt")
+                    torch.save(ranks, f"{tmp}/rank_states.pt")
+                    with open(f"{tmp}/trainer_state.json", "w") as f:
+                        json.dump(trainer_state, f, indent=2)
+                replace_file(os.path.join(args.output_dir, "latest"), name)
+            except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError
+                raise TrainingError(f"could not write {name} ({why(e)}); the latest checkpoint is intact "
+                                    f"({latest_checkpoint(args)})") from None
     if not is_main():
         return name
-    try:
-        with written_in_place(os.path.join(args.output_dir, name)) as tmp:
-            write_model(policy, state_dict, tokenizer, args, tmp)
-            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, f"{tmp}/optimizer.pt")
-            torch.save(ranks, f"{tmp}/rank_states.pt")
-            with open(f"{tmp}/trainer_state.json", "w") as f:
-                json.dump(trainer_state, f, indent=2)
-        replace_file(os.path.join(args.output_dir, "latest"), name)
-    except (OSError, RuntimeError) as e:  # a full disk: torch.save raises a RuntimeError
-        raise TrainingError(f"could not write {name} ({why(e)}); the latest checkpoint is intact "
-                            f"({latest_checkpoint(args)})") from None
     remove_earlier(args, earlier, name)
     steps = checkpoint_steps(args.output_dir)
     too_old = steps[: -args.save_total_limit] if args.save_total_limit else []
@@ -1934,28 +1917,14 @@ def write_model(model, state_dict, tokenizer, args, directory, merge=False):
     broken = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if broken:
         raise TrainingError(f"refusing to save weights with NaN/inf ({', '.join(broken[:3])}...)")
-    scale = args.lora_alpha / args.lora_r
-    merged = []  # with merge, (W, B, A) of each adapted layer
+    adapters = {}  # with merge: in the weights while they are written
     if args.use_peft:
-        adapter = {"base_model.model." + k: v.contiguous() for k, v in tensors.items() if ".lora_" in k}
-        state_dict = {k: v for k, v in tensors.items() if ".lora_" not in k}
-        if merge:
-            merged = [(state_dict[k.replace("lora_A.", "")], tensors[k.replace("_A", "_B")], tensors[k])
-                      for k in tensors if k.endswith("lora_A.weight")]
-        adapter_dir = os.path.join(directory, "adapter")
-        os.makedirs(adapter_dir)
-        safetensors.torch.save_file(adapter, os.path.join(adapter_dir, "adapter_model.safetensors"))
-        replace_file(os.path.join(adapter_dir, "adapter_config.json"), json.dumps(
-            {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": args.model_name_or_path,
-             "r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-             "target_modules": sorted({k.split(".")[-3] for k in adapter})}, indent=2))
-    try:
-        for w, b, a in merged:  # in place, so that there is no second copy of the weights (7B: 28 GB in fp32)
-            w.addmm_(b, a, alpha=scale)
+        state_dict = save_adapter(tensors, os.path.join(directory, "adapter"), args.model_name_or_path, args.lora_r,
+                                  args.lora_alpha, args.lora_dropout)
+    if args.use_peft and merge:
+        adapters = tensors
+    with merged(state_dict, adapters, args.lora_alpha / args.lora_r):
         model.save_pretrained(directory, state_dict=state_dict)
-    finally:  # and back, to float rounding: the reference needs the base weights
-        for w, b, a in merged:
-            w.addmm_(b, a, alpha=-scale)
     tokenizer.save_pretrained(directory)
     with open(f"{directory}/online_dpo_args.json", "w") as f:
         json.dump(asdict(args), f, indent=2)
@@ -2358,11 +2327,28 @@ def feedback_line(args):
 
 
 def feedback_failed(error, where, checkpoint, state, mine):
-    """A reward function or the judge failed: one process saves `state`; the error names the step."""
+    """A reward function or the judge failed (on every rank): save `state`; name the step."""
     saved = None
-    if not dist.is_initialized() and state["step"] > 0:
+    if state["step"] > 0:
         saved = checkpoint(state, mine)
     return TrainingError(f"{where}: {error}; {resume_hint(saved)}")
+
+
+@contextlib.contextmanager
+def all_or_none(kind=FeedbackError):
+    """Under torchrun, an error of `kind` on one rank is raised on all (the first one's line), which
+    would wait in their next collective for the rank that ended."""
+    error = None
+    try:
+        yield
+    except kind as e:
+        if not dist.is_initialized():
+            raise
+        error = str(e)
+    if dist.is_initialized():
+        error = next((f"{e} (on rank {r})" for r, e in enumerate(gather_lists([error])) if e), None)
+    if error:
+        raise kind(error)
 
 
 def resume_hint(saved):

@@ -18,7 +18,6 @@ compile cache (cold), and reports the median wall time and time/sampling per ste
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys

@@ -6,13 +6,18 @@
 #   bash benchmarks/gpu_check.sh --cpu        # the same stages on small shapes, here: a rehearsal of the GPU call
 #
 # Stages, each with its own time limit, each writing $OUT/<stage>.log, and one line each in $OUT/summary.txt:
-#   1 kernels   tests/test_kernels.py: on CUDA the Triton kernels natively against the PyTorch tiles
+#   1 kernels   tests/test_kernels.py: on CUDA the Triton kernels natively against the PyTorch tiles, and bf16 logits
+#               tiles from the tensor-core matmul (out_dtype float32) as exact as float32 tiles (the test prints both
+#               errors; expected: equal to a few float32 ulps); tests/test_sampler.py's exponential race: the tokens
+#               torch.multinomial draws, bit for bit, on CUDA too
+#   1b tiles    bench_logprobs.py, 8192 tokens x 896 x 151936: bf16 inputs (tensor-core tiles) against float32 ones
+#               (what bf16 inputs cost until now); expected: bf16 several times faster
 #   2 sampler   bench_sampler.py --torch_compile: eager against the compiled decode step, tokens/s, same tokens
 #               (GPU: a random Qwen2-0.5B-shaped model, bf16)
 #   3 step      bench_step.py: seconds per step, TRL against ours and ours with --torch_compile, same workload
 #   4 run       a 20-step online_dpo.py run, random Qwen2-0.5B-shaped policy, a reward function, --torch_compile,
 #               bf16; its metrics.jsonl and the peak GPU memory
-# The limits add up to 8 minutes (60 + 150 + 150 + 120 s); a stage cut short still leaves its log. The compile of
+# The limits add up to 9 minutes (75 + 45 + 150 + 150 + 120 s); a stage cut short still leaves its log. The compile of
 # stage 4 finds the graph of stage 3 (the same model) in the inductor cache.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +64,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run it with a time limit, keep its l
 }
 
 if [ $device = cuda ]; then
-  stage kernels 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+  stage kernels 75 python3 -m pytest -q -s -p no:cacheprovider tests/test_kernels.py \
+    tests/test_sampler.py::test_the_exponential_race_draws_the_tokens_multinomial_draws
+  stage tiles 45 python3 benchmarks/bench_logprobs.py --device cuda --cases 8192,896,151936 --dtypes float32 bfloat16 \
+    --repeats 3
   stage sampler 150 python3 benchmarks/bench_sampler.py --torch_compile --shape qwen2-0.5b --dtype bfloat16 \
     --device cuda --batches 8 32 --samples 2 --new_tokens 64 --repeats 3
   paths=$(python3 benchmarks/bench_step.py --build_only --sizes qwen2-0.5b --cache /tmp/online-dpo-bench-step)
@@ -67,7 +75,9 @@ if [ $device = cuda ]; then
     --steps 8 --cache /tmp/online-dpo-bench-step
   steps=20
 else
-  stage kernels 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+  stage kernels 300 python3 -m pytest -q -s -p no:cacheprovider tests/test_kernels.py \
+    tests/test_sampler.py::test_the_exponential_race_draws_the_tokens_multinomial_draws
+  stage tiles 120 python3 benchmarks/bench_logprobs.py --cases 2048,256,8192 --dtypes float32 bfloat16 --repeats 1
   stage sampler 300 python3 benchmarks/bench_sampler.py --torch_compile --model tiny --batches 8 --samples 2 \
     --new_tokens 12 --repeats 2
   paths=$(python3 benchmarks/bench_step.py --build_only --sizes 128x2 --cache /tmp/online-dpo-bench-step)

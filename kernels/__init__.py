@@ -4,9 +4,12 @@
   the logits. The element-wise work on each logits tile runs in PyTorch, or in Triton on CUDA (triton_tiles.py).
 - naive_linear_logprobs, naive_token_logprobs: the oracles (float32 logits, log_softmax, gather), kept for the tests
   and for models whose head transforms its logits (online_dpo.completion_logprobs falls back to them there).
-- decode.py: how sample() runs its decode steps, eagerly (EAGER) or compiled (CompiledDecoder, --torch_compile).
+- fp32_head: a forward hook that runs a bf16 reward model's score head in float32 (online_dpo.load_frozen).
+- decode.py: how sample() runs its decode steps, eagerly (EAGER) or compiled (CompiledDecoder, --torch_compile),
+  and draws each token (filter_logits, draw: the exponential race).
+- lora.py: --use_peft's adapters (LoRALinear, AdaptersOff) and their files in peft's layout.
 """
 
-from kernels.logprobs import linear_logprobs, naive_linear_logprobs, naive_token_logprobs
+from kernels.logprobs import fp32_head, linear_logprobs, naive_linear_logprobs, naive_token_logprobs
 
-__all__ = ["linear_logprobs", "naive_linear_logprobs", "naive_token_logprobs"]
+__all__ = ["fp32_head", "linear_logprobs", "naive_linear_logprobs", "naive_token_logprobs"]

@@ -1,4 +1,5 @@
-"""How online_dpo.sample() runs its one-token decode steps over the KV cache: a Decoder.
+"""How online_dpo.sample() runs its one-token decode steps over the KV cache (a Decoder), and draws each token
+(filter_logits, then draw).
 
 - EAGER (Decoder): the model's forward, as written; a fresh cache per call, each prompt's keys and values copied to
   the rows of its K samples. The default, and the reference the tests hold the compiled step to.
@@ -13,7 +14,7 @@ import time
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from transformers import StaticCache
+from transformers import MinPLogitsWarper, StaticCache, TopKLogitsWarper, TopPLogitsWarper
 
 STOP_CHECK_EVERY = 8  # compiled, on CUDA: tokens between the checks whether every row has stopped
 WIDTH_STEP = 32  # compiled, on CUDA: cache widths are P + T rounded up to a multiple of this
@@ -25,6 +26,25 @@ def next_logits(model, token, mask, position_ids, cache):
     cache then holds too."""
     out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids, cache=cache)
     return out.logits[:, -1]
+
+
+def filter_logits(logits, top_k=0, top_p=1.0, min_p=None):
+    """Set the logits outside top_k, then top_p, then min_p to -inf, with transformers'
+    warpers, as generate() does."""
+    if top_k:
+        logits = TopKLogitsWarper(top_k)(None, logits)
+    if top_p < 1:
+        logits = TopPLogitsWarper(top_p)(None, logits)
+    if min_p:
+        logits = MinPLogitsWarper(min_p)(None, logits)
+    return logits
+
+
+def draw(probs, generator=None):
+    """A token per row (N,) from probs (N, V) by the exponential race argmax(p / Exp(1)): how
+    torch.multinomial draws one sample (the same tokens, the generator left in the same state), without
+    multinomial's checks of its input, which make the host wait for the device at every token."""
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
 
 
 class Decoder:
@@ -66,6 +86,17 @@ def compile_problem(model):
     if any(layer.is_sliding for layer in StaticCache(config=config, max_cache_len=8).layers):
         return "its sliding-window cache layers count tokens in a Python int, which recompiles every token"
     return None
+
+
+def make_decoder(compiled, policy, max_width, device, say=print):
+    """EAGER or, with compiled (--torch_compile), a CompiledDecoder unless the policy cannot be (a line says why)."""
+    if not compiled:
+        return EAGER
+    reason = compile_problem(policy)
+    if reason:
+        say(f"torch_compile: decoding eagerly, {reason}")
+        return EAGER
+    return CompiledDecoder(policy, max_width, device, say)
 
 
 class CompiledDecoder(Decoder):

@@ -35,6 +35,15 @@ def naive_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return logp, -(logp_all.exp() * logp_all).sum(-1).detach()
 
 
+def fp32_head(head: torch.nn.Linear, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """A forward hook that makes a bf16 model's head (a reward model's score) compute in float32 on its bf16 inputs:
+    the products of bf16 numbers are exact, so the output keeps float32's resolution instead of bf16's 3 significant
+    digits, which would tie rewards that differ."""
+    with torch.autocast(inputs[0].device.type, enabled=False):
+        bias = None if head.bias is None else head.bias.float()
+        return torch.nn.functional.linear(inputs[0].float(), head.weight.float(), bias)
+
+
 def _tiles(n: int, size: int):
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -61,6 +70,20 @@ def _grad_torch(z, targets, v0, temperature, lse, g) -> None:
     d.div_(temperature)
 
 
+def _low(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """bf16 operands on CUDA: the logits tiles come from the bf16 tensor-core matmul with a float32 output. Products
+    of two bf16 numbers are exact in float32 and the sums are float32, as in the float32 matmul (no TF32), which
+    would first copy both to float32 and run several times slower."""
+    return hidden.is_cuda and hidden.dtype == weight.dtype == torch.bfloat16
+
+
+def _logits_tile(h: torch.Tensor, w: torch.Tensor, low: bool) -> torch.Tensor:
+    """h (rows, H) @ w (width, H).T as a float32 (or float64) tile."""
+    if low:
+        return torch.mm(h, w.T, out_dtype=torch.float32)
+    return h @ w.T
+
+
 def _tile_ops(use_triton: bool):
     if not use_triton:
         return _fold_torch, _grad_torch
@@ -74,14 +97,15 @@ class _LinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, temperature, token_tile, vocab_tile, want_entropy, use_triton):
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for gradcheck
         fold, _ = _tile_ops(use_triton)
-        h = hidden.to(acc)  # (N, H): small next to the logits
+        low = _low(hidden, weight)
+        h = hidden if low else hidden.to(acc)  # (N, H): small next to the logits
         run_max = torch.full(targets.shape, -torch.inf, dtype=acc, device=hidden.device)
         run_sum, target_logit = torch.zeros_like(run_max), torch.zeros_like(run_max)
         run_zsum = torch.zeros_like(run_max) if want_entropy or use_triton else None
         for v0, v1 in _tiles(weight.shape[0], vocab_tile):  # vocabulary outside: each weight tile is read (cast) once
-            w = weight[v0:v1].to(acc)
+            w = weight[v0:v1] if low else weight[v0:v1].to(acc)
             for t0, t1 in _tiles(h.shape[0], token_tile):
-                fold(h[t0:t1] @ w.T, targets[t0:t1], v0, temperature, run_max[t0:t1], run_sum[t0:t1],
+                fold(_logits_tile(h[t0:t1], w, low), targets[t0:t1], v0, temperature, run_max[t0:t1], run_sum[t0:t1],
                      None if run_zsum is None else run_zsum[t0:t1], target_logit[t0:t1])
         lse = run_max + run_sum.log()
         ctx.save_for_backward(hidden, weight, targets, lse)
@@ -98,6 +122,7 @@ class _LinearLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse = ctx.saved_tensors
         _, grad_tile = _tile_ops(ctx.use_triton)
         acc = lse.dtype
+        low = _low(hidden, weight)  # the recomputed logits as in forward; the gradient matmuls take float32 tiles
         h, g = hidden.to(acc), grad_logp.to(acc).contiguous()
         grad_h = torch.zeros_like(h)
         grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
@@ -105,7 +130,10 @@ class _LinearLogprobs(torch.autograd.Function):
             w = weight[v0:v1].to(acc)
             grad_w_tile = torch.zeros_like(w)
             for t0, t1 in _tiles(h.shape[0], ctx.token_tile):
-                d = h[t0:t1] @ w.T
+                if low:
+                    d = _logits_tile(hidden[t0:t1], weight[v0:v1], low)
+                else:
+                    d = h[t0:t1] @ w.T
                 grad_tile(d, targets[t0:t1], v0, ctx.temperature, lse[t0:t1], g[t0:t1])
                 grad_h[t0:t1].addmm_(d, w)
                 grad_w_tile.addmm_(d.T, h[t0:t1])

@@ -14,6 +14,7 @@ so that runs with different numbers of processes and batch sizes train on exactl
 import os
 import sys
 import zlib
+from dataclasses import replace
 
 import torch
 
@@ -57,13 +58,21 @@ def main() -> None:
         return step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta)
 
     def recording_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest, **kw):
-        if torch.is_grad_enabled():  # the policy's call, the one that trains
+        training = torch.is_grad_enabled()
+        if training:  # the policy's call, the one that trains
             n = completion_ids.size(0) // prompt_ids.size(0)  # packed pairs: one prompt row for two completions
             trained_on.append({"prompt_ids": prompt_ids.repeat(n, 1).cpu(),
-                               "prompt_mask": prompt_mask.repeat(n, 1).cpu(), "completion_ids": completion_ids.cpu()})
-        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest, **kw)
+                               "prompt_mask": prompt_mask.repeat(n, 1).cpu(), "completion_ids": completion_ids.cpu(),
+                               # gradients already there: the earlier micro-steps' (FSDP2: their reduced shards)
+                               "had_grads": all(p.grad is not None for p in model.parameters() if p.requires_grad)})
+        out = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest, **kw)
+        if not training and trained_on:  # the reference's call, after the policy's: is it sharded again after it?
+            trained_on[-1]["ref_sharded"] = all(hasattr(p, "to_local") for p in model.parameters())
+        return out
 
     online_dpo.step_metrics, online_dpo.completion_logprobs = recording_step_metrics, recording_logprobs
+    if mode == "loaded":
+        return loaded(out, online_dpo.cli(flags))
     if mode == "fixed":
         online_dpo.sample = fixed_sample
     try:
@@ -71,11 +80,37 @@ def main() -> None:
         params = {name: (p.to_local() if hasattr(p, "to_local") else p).detach().cpu().clone()
                   for name, p in policy.named_parameters()}
         rank = int(os.environ.get("RANK", "0"))
-        torch.save({"records": records, "params": params, "world": int(os.environ.get("WORLD_SIZE", "1"))},
+        mesh = next((tuple(p.device_mesh.shape) for p in policy.parameters() if hasattr(p, "device_mesh")), None)
+        torch.save({"records": records, "params": params, "world": int(os.environ.get("WORLD_SIZE", "1")), "mesh": mesh},
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def loaded(out, args):
+    """loaded: the models as online_dpo loads them (rank 0 reads the weights, the others get them from it), each whole
+    (gathered), with its buffers and whether its embeddings are tied; nothing trains."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        rank, world, device = online_dpo.init_distributed(args)
+        models = {"policy_fsdp": online_dpo.load_policy(args.model_name_or_path, args, device, world, False)[0],
+                  "policy_ddp": online_dpo.load_policy(args.model_name_or_path, replace(args, distributed="ddp"), device,
+                                                       world, False)[1].module}
+        for shard in (False, True):
+            models[f"reward_sharded={shard}"] = online_dpo.load_frozen(
+                AutoModelForSequenceClassification, args.reward_model_path[0], args, device, shard, False, num_labels=1)
+        record = {}
+        for name, model in models.items():
+            record[name] = {"weights": get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)),
+                            "buffers": {k: b.clone() for k, b in model.named_buffers()},
+                            "tied": model.get_input_embeddings().weight is model.get_output_embeddings().weight
+                            if model.get_output_embeddings() is not None else None}
+        torch.save(record, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

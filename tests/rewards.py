@@ -122,3 +122,15 @@ def ties_on_the_first_step(prompts, completions, completion_ids, **kwargs):
         if len(_TRAINING_CALLS) == 1:
             return [0.0] * len(completions)
     return low_token_ids(prompts, completions, completion_ids)
+
+
+def fails_on_rank_1_in_step_3(prompts, completions, completion_ids, **kwargs):
+    """low_token_ids, except on torchrun's rank 1 in its third call of training (step 3 with one micro-step a step,
+    the trial call on placeholder completions aside), which raises, as a reward server that one node cannot reach."""
+    import os
+
+    if completions[0] != "A placeholder answer." and os.environ.get("RANK") == "1":
+        _TRAINING_CALLS.append(len(completions))
+        if len(_TRAINING_CALLS) == 3:
+            raise ConnectionError("the reward server is unreachable from this node")
+    return low_token_ids(prompts, completions, completion_ids)

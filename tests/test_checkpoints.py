@@ -6,6 +6,7 @@ weights, bit for bit (one process, CPU)."""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -141,10 +142,15 @@ def test_a_checkpoint_of_another_run_is_refused_before_anything_loads(tiny, tmp_
     for changes, message in cases:
         with pytest.raises(UsageError, match=message):
             main(replace(_args(tiny, tmp_path / "out", resume_from_checkpoint=checkpoint), **changes))
-    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT="1").items():
-        monkeypatch.setenv(name, value)  # as torchrun sets them; refused before the process group is joined
-    with pytest.raises(UsageError, match="it ran on 1 processes and this run has 2"):
-        main(_args(tiny, tmp_path / "out", resume_from_checkpoint=checkpoint, per_device_train_batch_size=2))
+    # Under torchrun with another number of ranks: refused on every rank, with the same line, before any model loads.
+    flags = _flags(_args(tiny, tmp_path / "out", resume_from_checkpoint=checkpoint, per_device_train_batch_size=2))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "online_dpo.py", *flags], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env=os.environ | {"PYTHONPATH": REPO})
+    lines = set(re.findall(r"^online_dpo.py: error \(rank [01]\): (.*)$", proc.stderr, re.M))
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
+    assert "it ran on 1 processes and this run has 2 (on rank 0)" in lines.pop()
+    assert "Loading weights" not in proc.stderr
 
 
 def _start(args: Args, before: str = ""):

@@ -11,13 +11,14 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "dist_worker.py")
@@ -128,6 +129,13 @@ def test_fsdp2_two_ranks_train_like_one_process_and_save_the_gathered_weights(ti
                for (n, s), p in zip(shapes.items(), ranks[0]["params"].values())), "the weights were not sharded"
     _compare_with_one_process(one_process, logs, ranks)
     _assert_pairs_from_one_prompt(ranks)
+    # Gradient shards after every micro-step's backward: the first micro-step reduce-scattered (with sync off,
+    # FSDP2 would hold whole unsharded gradients instead, and the shards' .grad would still be None).
+    for r in ranks:
+        assert [rec["had_grads"] for rec in r["records"]] == [False, True] * 2
+        # The frozen reference's root (embeddings, head) sharded again after each forward, not held gathered.
+        assert all(rec["ref_sharded"] for rec in r["records"])
+    assert ranks[0]["mesh"] == (2,)
     # The saved model is the gathered one, under save_pretrained's names, and loads with from_pretrained.
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64)
     assert type(saved).__name__ == "Qwen2ForCausalLM"
@@ -287,6 +295,118 @@ def test_a_checkpoint_before_any_update_leaves_the_ddp_replicas_equal(tiny, tmp_
     assert any(not torch.equal(value, ranks[0]["params"][name]) for name, value in _initial(tiny).items())
     for name, value in ranks[0]["params"].items():
         assert torch.equal(ranks[1]["params"][name], value), name
+
+
+def test_a_reward_that_fails_on_one_rank_stops_every_rank_with_the_same_line_and_the_step_before_saved(tiny, tmp_path):
+    """Rank 1's reward function raises in step 3; rank 0's does not. Both ranks must stop there (not wait in the
+    next collective), each with the same line, which names the failing rank, and checkpoint-2 saved for a resume."""
+    out = str(tmp_path / "out")
+    flags = _flags(tiny, out, reward_funcs="tests/rewards.py:fails_on_rank_1_in_step_3", gradient_accumulation_steps=1,
+                   per_device_train_batch_size=2, max_steps=5, distributed="fsdp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "online_dpo.py", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT, env=os.environ | {"PYTHONPATH": REPO})
+    assert proc.returncode != 0
+    lines = {int(m[1]): m[2] for m in re.finditer(r"^online_dpo.py: error \(rank (\d)\): (.*)$", proc.stderr, re.M)}
+    assert set(lines) == {0, 1}, proc.stderr[-3000:]
+    assert lines[0] == lines[1]
+    assert lines[0].startswith("step 3: reward function fails_on_rank_1_in_step_3 fails: ConnectionError: the reward "
+                               "server is unreachable from this node (on rank 1); saved checkpoint-2"), lines[0]
+    with open(os.path.join(out, "checkpoint-2", "trainer_state.json")) as f:
+        assert json.load(f)["step"] == 2
+    assert AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoint-2")).num_parameters() > 0
+    with open(os.path.join(out, "latest")) as f:
+        assert f.read().strip() == "checkpoint-2"
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+
+
+def _two_nodes(mode, flags, cwds=(REPO, REPO), out=None):
+    """2 nodes x 2 ranks on localhost: two torchrun agents meeting at one c10d rendezvous, as on two machines.
+    Returns both agents' processes and, given out, every rank's record (tests/dist_worker.py); without out, the
+    ranks run online_dpo.py itself, so that an error ends in its one line."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2", "--rdzv_backend",
+           "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes"]
+    if out is None:
+        cmd += [os.path.join(REPO, "online_dpo.py"), *flags]
+    else:
+        cmd += [WORKER, out, mode, *flags]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    agents = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for cwd in cwds]
+    procs = [subprocess.CompletedProcess(cmd, a.wait(timeout=3 * TIMEOUT), *a.communicate()) for a in agents]
+    if out is None:
+        return procs, None
+    for p in procs:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return procs, [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(4)]
+
+
+def test_two_nodes_shard_within_a_node_replicate_across_and_resume(tiny, tmp_path):
+    """FSDP2 on 2 nodes x 2 ranks: a 2-D (HSDP) mesh, whose replicas (ranks 0 and 2, 1 and 3) stay equal; a resume
+    from checkpoint-2 ends where the uninterrupted run did. Then a resume that one node cannot see (each node its own
+    output_dir, as without a shared filesystem) is refused on both nodes with the same line."""
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    extra = dict(reward_funcs="tests.rewards:low_token_ids", per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                 max_steps=3, save_steps=2, distributed="fsdp")
+    _, ranks = _two_nodes("sampled", _flags(tiny, whole, **extra), out=whole)
+    assert {r["mesh"] for r in ranks} == {(2, 2)}
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(ranks[2]["params"][name], value) and torch.equal(ranks[3]["params"][name],
+                                                                            ranks[1]["params"][name]), name
+    assert any(not torch.equal(ranks[1]["params"][n], v) for n, v in ranks[0]["params"].items()), "not sharded"
+    shutil.copytree(os.path.join(whole, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    flags = _flags(tiny, resumed, resume_from_checkpoint=os.path.join(resumed, "checkpoint-2"), **extra)
+    procs, again = _two_nodes("sampled", flags, out=resumed)
+    assert "resuming from" in procs[0].stdout + procs[1].stdout
+    for r, r_again in zip(ranks, again):
+        for name, value in r["params"].items():
+            torch.testing.assert_close(r_again["params"][name], value, rtol=0, atol=1e-10, msg=name)
+    # Node-local output_dirs: one node's holds the checkpoint, the other's is empty.
+    cwds = [tmp_path / "node_a", tmp_path / "node_b"]
+    shutil.copytree(whole, cwds[0] / "out", ignore=shutil.ignore_patterns("rank[0-9].pt", ".lock"))
+    cwds[1].mkdir()
+    procs, _ = _two_nodes(None, _flags(tiny, "out", **extra, resume_from_checkpoint="latest"), cwds=cwds)
+    lines = [re.findall(r"^online_dpo.py: error \(rank \d\): (.*)$", p.stderr, re.M) for p in procs]
+    assert all(p.returncode != 0 for p in procs) and all(len(x) == 2 for x in lines), [p.stderr[-3000:] for p in procs]
+    assert len({line for x in lines for line in x}) == 1, lines
+    assert "several nodes need an --output_dir that all of them see" in lines[0][0]
+    # Each node sees a checkpoint, but not the same one.
+    shutil.copytree(cwds[0] / "out", cwds[1] / "out", dirs_exist_ok=True)
+    os.rename(cwds[1] / "out" / "checkpoint-2", cwds[1] / "out" / "checkpoint-1")
+    (cwds[1] / "out" / "latest").write_text("checkpoint-1")
+    procs, _ = _two_nodes(None, _flags(tiny, "out", **extra, resume_from_checkpoint="latest"), cwds=cwds)
+    lines = {line for p in procs for line in re.findall(r"^online_dpo.py: error \(rank \d\): (.*)$", p.stderr, re.M)}
+    assert len(lines) == 1 and "ranks see different checkpoints (rank 0: checkpoint-" in lines.pop()
+
+
+def test_rank_0_reads_the_weights_and_every_rank_gets_the_same(tiny, tmp_path):
+    """Under torchrun only rank 0 reads a model's weights (the others build it on the meta device): after loading,
+    every rank's model, sharded (FSDP2) or whole, gathers to exactly what from_pretrained reads, its rotary
+    buffers (in no state dict) too, and tied embeddings stay tied."""
+    out = str(tmp_path / "loaded")
+    os.makedirs(out)
+    flags = _flags(tiny, out, reward_model_path=tiny["reward"], distributed="fsdp")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER, out, "loaded",
+           *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    policy = AutoModelForCausalLM.from_pretrained(tiny["policy"], dtype=torch.float64)
+    reward = AutoModelForSequenceClassification.from_pretrained(tiny["reward"], num_labels=1)
+    for r in range(2):
+        record = torch.load(os.path.join(out, f"rank{r}.pt"))
+        for name, loaded in record.items():
+            reference = policy if name.startswith("policy") else reward
+            expected = reference.state_dict()
+            assert set(loaded["weights"]) <= set(expected), name
+            for key, value in loaded["weights"].items():
+                assert torch.equal(value, expected[key]), (r, name, key)
+            for key, value in reference.named_buffers():
+                assert torch.equal(loaded["buffers"][key], value), (r, name, key)
+        assert record["policy_fsdp"]["tied"] and record["policy_ddp"]["tied"]
 
 
 def _initial(tiny):

@@ -156,6 +156,34 @@ def test_triton_tiles_at_full_size_on_cuda(dtype):
     _triton_check({}, "cuda", 2048, 896, 151936, dtype, 1.0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_operands_on_cuda_take_the_bf16_matmul_and_lose_nothing_against_float32_tiles():
+    """On CUDA, bf16 hidden states and weight give their logits tiles from torch.mm(..., out_dtype=float32), the
+    tensor-core matmul (until then both were copied to float32 and multiplied without TF32). Products of bf16 numbers
+    are exact in float32, so against float64 math on the same bf16 inputs the values and gradients must be as close
+    as those of the float32 tiles (the same function on float32 copies), bar the order of the float32 sums."""
+    hidden, weight, targets, upstream = (t.cuda() for t in _case(2048, 896, 32768, seed=5, dtype=torch.bfloat16,
+                                                                 scale=3.0))
+    truth_h = hidden.double().requires_grad_()
+    truth_w = weight.double().requires_grad_()
+    truth = naive_linear_logprobs(truth_h, truth_w, targets)
+    (truth * upstream).sum().backward()
+    results = {}
+    for name, dtype in (("bf16 matmul", torch.bfloat16), ("float32 tiles", torch.float32)):
+        h = hidden.to(dtype).requires_grad_()
+        w = weight.to(dtype).requires_grad_()
+        logp = linear_logprobs(h, w, targets, tiles="torch")
+        (logp.double() * upstream).sum().backward()
+        results[name] = [(x.double() - t).abs().max().item() for x, t in
+                         ((logp, truth), (h.grad.float(), truth_h.grad), (w.grad.float(), truth_w.grad))]
+    ours, before = results["bf16 matmul"], results["float32 tiles"]
+    print(f"max error against float64 (values, d hidden, d weight): bf16 matmul {ours}, float32 tiles {before}")
+    assert ours[0] <= 2 * before[0] + 1e-6
+    # The gradients come back in the inputs' dtype: bf16 rounding (2**-8 relative) of gradients of order 1.
+    scale_h, scale_w = truth_h.grad.abs().max().item(), truth_w.grad.abs().max().item()
+    assert ours[1] <= before[1] + 2**-8 * scale_h and ours[2] <= before[2] + 2**-8 * scale_w
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_a_triton_that_cannot_launch_falls_back_to_the_pytorch_tiles_with_one_line():
     """Triton imports where it cannot launch (a slim GPU image without a C compiler; here, the CPU without Triton's

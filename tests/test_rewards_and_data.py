@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from online_dpo import Args, UsageError, encode_prompts, load_prompts, load_reward_func, score_completions
+from online_dpo import (Args, UsageError, encode_prompts, load_frozen, load_prompts, load_reward_func,
+                        score_completions)
 from tests import rewards
 
 
@@ -144,3 +145,23 @@ def test_encode_prompts_applies_the_chat_template_and_cuts_from_the_left(tokeniz
     no_template.chat_template = None
     with pytest.raises(UsageError, match="chat template"):
         encode_prompts(no_template, [chat], 6)
+
+
+def test_a_bf16_reward_model_scores_in_fp32(tiny):
+    """In a bf16 run the reward model's weights and body run in bf16, but its score head in fp32: each score is the
+    float64 product of the body's (bf16) last hidden state with the head, to fp32 accuracy, not rounded to bf16's
+    3 significant digits (which ties scores that differ, and --drop_ties drops the pair)."""
+    tok = AutoTokenizer.from_pretrained(tiny["reward"])
+    model = load_frozen(AutoModelForSequenceClassification, tiny["reward"], Args(), torch.device("cpu"), False, True,
+                        num_labels=1, pad_token_id=tok.pad_token_id)
+    assert model.dtype == torch.bfloat16
+    texts = [f"the old cat number {i} sits near the river" for i in range(16)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as run.autocast
+        scores, _ = score_completions(texts, [""] * 16, [[1]] * 16, {}, [(model, tok)], [], torch.ones(1))
+    batch = tok(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]  # (16, L, H) bf16, after the final norm
+    last = batch["attention_mask"].sum(1) - 1
+    expected = hidden[torch.arange(16), last].double() @ model.score.weight.double()[0]
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-6, atol=1e-6)
+    assert (scores.bfloat16().float() != scores).any()  # finer than bf16

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from online_dpo import encode_prompts, filter_logits, sample
+from kernels.decode import draw, filter_logits
+from online_dpo import encode_prompts, sample
 from tests import assets
 
 PROMPTS = ["the cat", "a big old dog sits near the river and sings", "sun", "red stone house under a blue moon"]
@@ -152,3 +153,24 @@ def test_token_frequencies_match_the_filtered_distribution(policy, tokenizer, to
     # allow 1.5 times that. Sampling without the temperature lands at 0.23 and 0.10 in the first and last cases.
     k = int(allowed.sum())
     assert 0.5 * (observed - expected).abs().sum().item() < 0.6 * (k / n) ** 0.5
+
+
+DEVICES = ["cpu"] + ["cuda"] * torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_exponential_race_draws_the_tokens_multinomial_draws(dtype, device):
+    """draw() is torch.multinomial(p, 1) without its host syncs: the same token in every row, and the generator
+    left where multinomial leaves it, over filtered (zero-probability) and peaked distributions alike."""
+    for seed in range(50):
+        g = torch.Generator().manual_seed(seed)
+        V = int(torch.randint(2, 300, (1,), generator=g))
+        logits = torch.randn(8, V, generator=g, dtype=dtype) * 4
+        logits[torch.rand(8, V, generator=g) < 0.6] = float("-inf")  # as top_k / top_p / min_p leave them
+        logits[:, seed % V] = 0.0
+        probs = logits.softmax(-1).to(device)
+        ours, theirs = (torch.Generator(device).manual_seed(seed) for _ in range(2))
+        for _ in range(3):  # consecutive tokens: the generator's state carries over
+            assert torch.equal(draw(probs, ours), torch.multinomial(probs, 1, generator=theirs).squeeze(1))
+        assert torch.equal(ours.get_state(), theirs.get_state())

@@ -197,7 +197,8 @@ def test_inputs_that_need_a_look_fail_before_any_model_loads(tiny, tmp_path, mon
         with pytest.raises(UsageError, match=message):
             main(Args(**vars(_args(tiny, tmp_path)) | changes))
     for name, value in dict(WORLD_SIZE="8", RANK="0", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT="1").items():
-        monkeypatch.setenv(name, value)  # the global batch counts every process, checked before any process group
+        monkeypatch.setenv(name, value)  # the global batch counts every process, checked before any model loads
+    monkeypatch.setattr(online_dpo, "init_distributed", lambda args: (0, 8, torch.device("cpu")))  # no other ranks
     with pytest.raises(UsageError, match=r"x processes = 4 x 2 x 8 = 64"):
         main(Args(**vars(_args(tiny, tmp_path)) | dict(gradient_accumulation_steps=2)))
 
