@@ -261,11 +261,14 @@ def test_a_bad_input_stops_every_rank_with_a_message(tiny, tmp_path, flags, mess
     assert 'online_dpo.py", line' not in proc.stderr  # no traceback of ours (torchrun prints its own summary)
 
 
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_two_ranks_resume_where_they_stopped(tiny, tmp_path, distributed):
+@pytest.mark.parametrize("distributed, lora", [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_two_ranks_resume_where_they_stopped(tiny, tmp_path, distributed, lora):
     """Sampled completions (each rank its own random stream), 4 steps with a checkpoint at 2; a second run resumes from
-    it. Steps 3 and 4 must be the same: metrics, and every rank's weights (FSDP2: its shard)."""
+    it. Steps 3 and 4 must be the same: metrics, and every rank's weights (FSDP2: its shard). With LoRA, rank 0 alone
+    reads the checkpoint's adapters, and the other ranks get them from it."""
     extra = dict(per_device_train_batch_size=2, max_steps=4, save_steps=2, distributed=distributed)
+    if lora:
+        extra |= dict(use_peft=True, lora_r=4, lora_dropout=0.0, learning_rate=1e-2)
     whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
     logs, ranks, _ = _run(whole, "sampled", _flags(tiny, whole, **extra), nproc=2)
     shutil.copytree(os.path.join(whole, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
