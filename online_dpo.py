@@ -367,7 +367,7 @@ def place(model, device, shard, mixed_precision=None):
             mixed_precision = MixedPrecisionPolicy()
         for block in decoder_blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=mixed_precision)
-        # A frozen root has no backward to reshard it: it would stay gathered all run.
+        # No backward reshards a frozen root: it would stay gathered.
         frozen = not any(p.requires_grad for p in model.parameters())
         fully_shard(model, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=True if frozen else None)
     from_rank_0(model, whole, device, shard, meta)
@@ -387,7 +387,7 @@ def gathered(model):
         yield
     finally:
         root = getattr(model, "module", model)
-        for unit in units:  # as place() set them: all reshard after forward but a policy's root
+        for unit in units:  # as place() set them
             unit.set_reshard_after_forward(unit is not root or not trains, recurse=False)
             unit.reshard()
 
@@ -521,7 +521,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num
     is_stop = torch.isin(tokens, stop).long()
     after_stop = (is_stop.cumsum(-1) - is_stop) > 0
     completion_mask = (~after_stop).long()
-    # The longest completion: a decoder that checks for the end every few tokens may have gone past it.
+    # The longest completion: a decoder checking the end every few tokens may go past it.
     T = int(completion_mask.sum(1).max())
     return tokens.masked_fill(after_stop, pad_id)[:, :T], completion_mask[:, :T]
 
@@ -998,7 +998,7 @@ def main(args):
     check_args(args)
     check_torchrun()
     rank, world, device = init_distributed(args)  # one process per device; rank 0 alone prints and writes
-    with all_or_none(UsageError):  # a rank that cannot read a file (another node's) stops all
+    with all_or_none(UsageError):  # one rank that cannot read a file stops all
         check_output_dir(args)
         resume = resume_point(args, world)  # the checkpoint to continue from, or None
         policy_path = resume or args.model_name_or_path
@@ -1299,7 +1299,7 @@ def check_args(args):
 def check_output_dir(args):
     """output_dir: writable, not a root, not in use, holding no input (it would be overwritten)."""
     out = os.path.realpath(args.output_dir)
-    if os.path.dirname(out) == out:  # the model's files and its .tmp directory would land in a root
+    if os.path.dirname(out) == out:  # the model and its .tmp would land in a root
         raise UsageError(f"--output_dir {args.output_dir!r} is a root directory; give a directory inside one")
     if os.path.islink(args.output_dir) and not os.path.exists(args.output_dir):
         raise UsageError(f"--output_dir {args.output_dir!r} is a dangling symlink; remove it or give another")
@@ -1308,7 +1308,7 @@ def check_output_dir(args):
         real = os.path.realpath(path) if path and os.path.exists(path) else None
         if real == out or real and args.overwrite_output_dir and real.startswith(out + os.sep):
             raise UsageError(f"--{flag} {path!r} is in --output_dir, which this run would overwrite: give another")
-    try:  # on every rank: on several nodes, each has a disk of its own
+    try:  # on every rank: each node may have a disk of its own
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()
     except OSError as e:
@@ -1317,11 +1317,11 @@ def check_output_dir(args):
         lock_output_dir(args.output_dir)
 
 
-LOCK = []  # rank 0's open output_dir/.lock, locked until the process ends or run() returns
+LOCK = []  # rank 0's open output_dir/.lock, locked until exit or run()'s end
 
 
 def lock_output_dir(path):
-    """An exclusive flock on path/.lock, which names its holder (the kernel frees it at any exit)."""
+    """An exclusive flock on path/.lock, naming its holder (freed at any exit)."""
     unlock_output_dir()  # an earlier main() here (tests, benchmarks)
     f = open(os.path.join(path, ".lock"), "a+")
     try:
@@ -1384,7 +1384,7 @@ DATA_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
 
 
 def load_prompts(args):
-    """The train and held-out (or None) splits from a data file, save_to_disk or the Hub, checked."""
+    """The train and held-out (or None) splits from a file, save_to_disk or the Hub, checked."""
     name = args.dataset_name
     train_split = args.dataset_train_split
     test_split = args.dataset_test_split
@@ -1413,7 +1413,7 @@ def load_prompts(args):
                 splits = {train_split: splits}
         else:
             splits = datasets.load_dataset(name, args.dataset_config)
-    except Exception as e:  # a malformed file, no rows, no Hub: the root cause says which
+    except Exception as e:  # malformed, no rows, no Hub: the root cause says
         while e.__cause__ or e.__context__:
             e = e.__cause__ or e.__context__
         cache = os.path.abspath(datasets.config.HF_DATASETS_CACHE)
@@ -1494,7 +1494,7 @@ def check_torchrun():
 
 
 def load_model(auto_class, path, args, **kwargs):
-    if not is_main():  # torchrun: place() sends rank 0's weights (one copy in host RAM)
+    if not is_main():  # place() sends rank 0's weights (one copy in RAM)
         kwargs["device_map"] = "meta"
     try:
         model = auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
@@ -1540,7 +1540,7 @@ def load_tokenizer(path, args, flag):
 
 
 def model_config(path, args, flag):
-    """The model's config, checked for its role: in the wrong one a model would run a random head."""
+    """The model's config, checked for its role (in the wrong one it would run a random head)."""
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: no model config
@@ -1632,7 +1632,7 @@ def check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_
 
 
 def check_packing(args, *models):
-    """Whether training can pack each pair into one row (training_rows()); if not, a line says why."""
+    """Whether training can pack each pair into one row (training_rows()); if not, says why."""
     if not args.prefix_sharing:
         return False
     for model in models:
@@ -1767,7 +1767,7 @@ def resume_point(args, world):
         what = "not a checkpoint of online_dpo.py" if os.path.isdir(path) else "no such directory"
         raise UsageError(f"--resume_from_checkpoint {path!r}: {what}; give output_dir/checkpoint-N, or `latest`"
                          f"{shared}")
-    try:  # the flags first: a changed one explains a missing file (--use_peft added: no adapter)
+    try:  # flags first: a changed one explains a missing file (--use_peft: no adapter)
         saved = read_json(os.path.join(path, "online_dpo_args.json"))
         ran_on = read_json(os.path.join(path, "trainer_state.json"))
     except (OSError, ValueError):
@@ -1822,7 +1822,7 @@ def check_checkpoint_files(path, args):
 
 
 def start_output_dir(args, resume, state):
-    """Resuming: `latest` names the checkpoint. Overwriting: earlier ones go after this run's first."""
+    """Resuming: `latest` names the checkpoint. Overwriting: earlier ones go after the first save."""
     if resume and is_main():
         replace_file(os.path.join(args.output_dir, "latest"), os.path.basename(os.path.normpath(resume)))
     elif args.overwrite_output_dir:
@@ -2013,12 +2013,13 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # preemption or scance
 STOP: list[int] = []  # the signals that stop_signals() deferred
 
 
-class Stopped(BaseException):  # as KeyboardInterrupt: a library's `except Exception` lets it through
+class Stopped(BaseException):  # as KeyboardInterrupt: `except Exception` lets it through
     """A signal outside stop_signals(): the run ends where it is."""
 
 
 DEFER = False  # True inside stop_signals()
-SAVED: list[str] = []  # output_dir, once save_final() has written the trained model into it
+SAVED: list[str] = []  # output_dir, once save_final() has written the model into it
+EVERYWHERE: list[str] = []  # all_or_none()'s error (all ranks)
 
 
 def on_signal(signum, frame):
@@ -2056,7 +2057,7 @@ def signal_exit(signals):
 JUDGE_PROMPT = ("Which of the two responses below answers the request better: more helpful, accurate and harmless?\n\n"
                 "Request:\n{prompt}\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
                 "Answer with one letter, A or B.")
-JUDGE_WAIT_S = 30  # a step waiting this long on the HTTP judge says so, and so on every 30 s
+JUDGE_WAIT_S = 30  # a step waiting this long on the HTTP judge says so, every 30 s
 
 
 def as_text(x):
@@ -2089,7 +2090,7 @@ def load_judge(args, tokenizer, frozen):
 
 
 def judge_answer_ids(tokenizer):
-    """The ids of A and B as an answer's first token (" A" after Answer: without a chat template)."""
+    """The ids of A and B as an answer's first token (" A" after Answer: with no chat template)."""
     lead = "" if tokenizer.chat_template is not None else " "
     return [tokenizer.encode(lead + letter, add_special_tokens=False)[-1] for letter in "AB"]
 
@@ -2126,7 +2127,7 @@ def judge_over_http(texts, args):
                 f"answers in {noted - start:.0f} s (timeout: {args.judge_api_timeout:g} s)")
     pool.shutdown(wait=False, cancel_futures=True)
     answers = [f.result() if f.done() and not f.cancelled() and f.exception() is None else None for f in futures]
-    # An answer that is not exactly A or B, or none at all, is invalid: never guessed at.
+    # An answer other than exactly A or B, or none, is invalid: never guessed at.
     letters = [(a or "").strip() for a in answers]
     q = torch.tensor([float(x in "A") for x in letters])
     mass = torch.tensor([float(x in ("A", "B")) for x in letters])
@@ -2142,7 +2143,7 @@ def judge_request(text, args):
     body = json.dumps({"model": args.judge_api_model, "messages": [{"role": "user", "content": text}],
                        "temperature": 0, "max_tokens": 4}).encode()
     for attempt in range(args.judge_api_retries + 1):
-        if attempt:  # the jitter has a stream of its own: Python's is saved in checkpoints, for an exact resume
+        if attempt:  # the jitter's own stream: Python's is in checkpoints, for an exact resume
             time.sleep(min(0.25 * 2 ** attempt, 8.0) * (0.5 + random.Random().random()))
         try:
             request = urllib.request.Request(args.judge_api_base.rstrip("/") + "/chat/completions", body, headers)
@@ -2347,6 +2348,8 @@ def all_or_none(kind=FeedbackError):
         error = str(e)
     if dist.is_initialized():
         error = next((f"{e} (on rank {r})" for r, e in enumerate(gather_lists([error])) if e), None)
+    if error and dist.is_initialized():
+        EVERYWHERE.append(error)
     if error:
         raise kind(error)
 
@@ -2394,7 +2397,7 @@ def push_to_hub(args):
 
 
 def cli(argv=None):
-    """The Args from the command line; a preset's values become defaults that later flags override."""
+    """The Args from the command line; a preset's values are defaults that later flags override."""
     argv = sys.argv[1:] if argv is None else list(argv)
     preset = None
     for i, word in enumerate(argv):
@@ -2435,6 +2438,7 @@ def run(argv=None):
     was saved, else signal_exit()'s."""
     STOP.clear()
     SAVED.clear()
+    EVERYWHERE.clear()
     handlers = {sig: signal.signal(sig, on_signal) for sig in SIGNALS}
     where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
     for stream in (sys.stdout, sys.stderr):  # under LC_ALL=C, a prompt may not be ASCII
@@ -2446,6 +2450,8 @@ def run(argv=None):
     except (UsageError, TrainingError, OSError) as e:
         kept = f"; the trained model is saved in {SAVED[0]}" if SAVED else ""  # the closing comparison failed
         print(f"online_dpo.py: error{where}: {' '.join(str(e).splitlines())}{kept}", file=sys.stderr)
+        if EVERYWHERE:  # none exits (torchrun stops the rest) before all said it
+            dist.barrier()
         return 2 if isinstance(e, FlagError) else 1
     except SystemExit as e:  # --help, or the loop's stop after a signal, the step saved
         return 0 if e.code is None else e.code

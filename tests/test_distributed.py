@@ -382,7 +382,8 @@ def test_two_nodes_shard_within_a_node_replicate_across_and_resume(tiny, tmp_pat
     (cwds[1] / "out" / "latest").write_text("checkpoint-1")
     procs, _ = _two_nodes(None, _flags(tiny, "out", **extra, resume_from_checkpoint="latest"), cwds=cwds)
     lines = {line for p in procs for line in re.findall(r"^online_dpo.py: error \(rank \d\): (.*)$", p.stderr, re.M)}
-    assert len(lines) == 1 and "ranks see different checkpoints (rank 0: checkpoint-" in lines.pop()
+    assert len(lines) == 1, "\n".join(sorted(lines))
+    assert "ranks see different checkpoints (rank 0: checkpoint-" in lines.pop()
 
 
 def test_rank_0_reads_the_weights_and_every_rank_gets_the_same(tiny, tmp_path):
