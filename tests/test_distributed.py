@@ -372,9 +372,10 @@ def test_two_nodes_shard_within_a_node_replicate_across_and_resume(tiny, tmp_pat
     shutil.copytree(whole, cwds[0] / "out", ignore=shutil.ignore_patterns("rank[0-9].pt", ".lock"))
     cwds[1].mkdir()
     procs, _ = _two_nodes(None, _flags(tiny, "out", **extra, resume_from_checkpoint="latest"), cwds=cwds)
+    # Every node says it (each rank prints before any exits; a line torchrun cut anyway is not required), the same.
     lines = [re.findall(r"^online_dpo.py: error \(rank \d\): (.*)$", p.stderr, re.M) for p in procs]
-    assert all(p.returncode != 0 for p in procs) and all(len(x) == 2 for x in lines), [p.stderr[-3000:] for p in procs]
-    assert len({line for x in lines for line in x}) == 1, lines
+    if not (all(p.returncode != 0 for p in procs) and all(lines) and len({x for ls in lines for x in ls}) == 1):
+        pytest.fail("\n=====\n".join(p.stderr[-6000:] for p in procs), pytrace=False)
     assert "several nodes need an --output_dir that all of them see" in lines[0][0]
     # Each node sees a checkpoint, but not the same one.
     shutil.copytree(cwds[0] / "out", cwds[1] / "out", dirs_exist_ok=True)
@@ -382,7 +383,8 @@ def test_two_nodes_shard_within_a_node_replicate_across_and_resume(tiny, tmp_pat
     (cwds[1] / "out" / "latest").write_text("checkpoint-1")
     procs, _ = _two_nodes(None, _flags(tiny, "out", **extra, resume_from_checkpoint="latest"), cwds=cwds)
     lines = {line for p in procs for line in re.findall(r"^online_dpo.py: error \(rank \d\): (.*)$", p.stderr, re.M)}
-    assert len(lines) == 1, "\n".join(sorted(lines))
+    if len(lines) != 1:
+        pytest.fail("\n=====\n".join(p.stderr[-6000:] for p in procs), pytrace=False)
     assert "ranks see different checkpoints (rank 0: checkpoint-" in lines.pop()
 
 
