@@ -296,12 +296,12 @@ def load_policy(path, args, device, world, bf16, resume=False):
     if world == 1 or fsdp:  # FSDP2 shards the model in place: no wrapper
         return policy, policy
     device_ids = [device.index] if device.type == "cuda" else None
-    return policy, DDP(policy, device_ids=device_ids)
+    return policy, DDP(policy, device_ids=device_ids, init_sync=False)  # place() synced them
 
 
 def load_frozen(auto_class, path, args, device, shard, bf16, **kwargs):
     """A model that only runs forwards (reference, reward model, judge): no gradients, eval mode;
-    bf16 weights when the matmuls run in bf16 (fp32 ones would buy nothing)."""
+    bf16 weights when the matmuls run in bf16."""
     kwargs = {"dtype": torch.float32} | kwargs
     if bf16:
         kwargs["dtype"] = torch.bfloat16
@@ -1540,7 +1540,7 @@ def load_tokenizer(path, args, flag):
 
 
 def model_config(path, args, flag):
-    """The model's config, checked for its role (in the wrong one it would run a random head)."""
+    """The model's config, checked for its role (in another it would run a random head)."""
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: no model config
@@ -1632,7 +1632,7 @@ def check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_
 
 
 def check_packing(args, *models):
-    """Whether training can pack each pair into one row (training_rows()); if not, says why."""
+    """Whether training can pack each pair into a row (training_rows()); if not, says why."""
     if not args.prefix_sharing:
         return False
     for model in models:
@@ -1789,7 +1789,7 @@ SEVERAL_NODES = "; several nodes need an --output_dir that all of them see"
 
 
 def check_same_resume(resume):
-    """Every rank resumes from one checkpoint (nodes read output_dir each)."""
+    """Every rank resumes from one checkpoint (each node reads its own)."""
     names = gather_lists([None if resume is None else os.path.basename(resume)])
     if len(set(names)) > 1:
         seen = ", ".join(f"rank {r}: {name}" for r, name in enumerate(names))
