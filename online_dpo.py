@@ -18,7 +18,6 @@ import contextlib
 import copy
 import datetime
 import difflib
-import fcntl
 import functools
 import importlib
 import io
@@ -28,9 +27,7 @@ import os
 import random
 import re
 import runpy
-import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -60,6 +57,9 @@ from tyro.constructors import PrimitiveConstructorSpec
 
 from kernels import fp32_head, linear_logprobs, naive_token_logprobs
 from kernels.decode import EAGER, Decoder, draw, filter_logits, make_decoder
+from kernels.durable import (SIGNALS, STOP, Stopped, lock_output_dir, on_signal, remove, replace_file, signal_exit,
+                             stop_signals, unlock_output_dir, written_in_place)
+from kernels.judge import JUDGE_PROMPT, as_text, judge_answer_ids, judge_locally, judge_texts
 from kernels.lora import AdaptersOff, add_adapters, load_adapter, merged, save_adapter
 
 TINY_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "tiny")
@@ -130,8 +130,18 @@ class Args:
     # --- online DPO (OnlineDPOConfig)
     beta: tuple[float, ...] = (0.1,)
     """KL strength (IPO: tau); several: one per epoch, the last for the rest"""
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    """sigmoid: the DPO loss; ipo: the IPO loss"""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """sigmoid (DPO), ipo, hinge (SLiC) or robust (rDPO): see dpo_loss"""
+    label_smoothing: float = 0.0
+    """the chance that a preference is flipped, in [0, 0.5): sigmoid becomes cDPO, robust corrects for it"""
+    rpo_alpha: float | None = None
+    """RPO: add rpo_alpha x the chosen completion's NLL per token to the loss (None: off)"""
+    sync_ref_model: Bool = False
+    """TR-DPO: the reference moves toward the policy every ref_model_sync_steps"""
+    ref_model_mixup_alpha: float = 0.6
+    """TR-DPO: the reference becomes alpha x policy + (1 - alpha) x reference"""
+    ref_model_sync_steps: int = 512
+    """TR-DPO: steps between the reference's moves"""
     max_new_tokens: int = 64
     """the most tokens sampled per completion"""
     max_length: int = 256
@@ -312,6 +322,18 @@ def load_frozen(auto_class, path, args, device, shard, bf16, **kwargs):
     return place(model, device, shard)
 
 
+def load_reference(args, policy, resume, frozen):
+    """The reference: the policy with its adapters off (--use_peft), or a frozen model; with
+    --sync_ref_model in fp32 (the policy mixes into it), and on a resume the checkpoint's."""
+    if args.use_peft:
+        return AdaptersOff(policy)
+    path = args.ref_model_path or args.model_name_or_path
+    if resume and args.sync_ref_model:
+        path = os.path.join(resume, "reference")
+    return load_frozen(AutoModelForCausalLM, path, **frozen | {"bf16": frozen["bf16"] and not args.sync_ref_model},
+                       **json_dict(args.model_init_kwargs, "model_init_kwargs"))
+
+
 def decoder_blocks(model):
     """The model's repeated blocks (Qwen2DecoderLayer, ...): what FSDP2 shards
     one by one and LoRA adapts."""
@@ -328,6 +350,7 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 def init_distributed(args):
     """Join the process group that torchrun set up, one device per rank.
     Returns rank, world size, device."""
+    check_torchrun()  # its variables: all or none, whole numbers, ranks in order
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -417,12 +440,6 @@ def micro_batches(dataset, args, plan, rank, world, start):
         for i in range(first_batch, per_epoch):
             first = (i * world + rank) * B
             yield dataset[order[first : first + B]]
-
-
-def is_conversational(prompt):
-    if not isinstance(prompt, list) or len(prompt) == 0:
-        return False
-    return isinstance(prompt[0], dict) and "role" in prompt[0]
 
 
 def prompt_token_ids(tokenizer, prompts):
@@ -543,6 +560,7 @@ class Rollout:
     packed: bool = False  # training packs each pair into one row (check_packing)
     judged: bool = False  # a judge compares the completions; rewards do not score them
     decoder: Decoder = EAGER  # the decode step: eager, or compiled (--torch_compile)
+    reference: list = field(default_factory=list)  # its held-out answers and scores, sampled once (evaluate())
 
 
 # What a training forward takes: prompts (left-padded) and completions (right-padded).
@@ -820,7 +838,7 @@ def training_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, pack
     return ids, mask[:, None], position_ids, row, column
 
 
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type):
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type, label_smoothing=0.0):
     """The loss of each pair (B,) from the completions' log-probs (B,) under the policy and the
     reference. h is how much more than the reference the policy prefers the chosen completion:
 
@@ -828,7 +846,15 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     if loss_type == "ipo":  # IPO (Azar et al. 2023): h regressed onto 1 / (2 beta)
         return (h - 1 / (2 * beta)) ** 2
-    return -F.logsigmoid(beta * h)  # DPO (Rafailov et al. 2023), the sigmoid loss
+    if loss_type == "hinge":  # SLiC (Zhao et al. 2023), as RSO writes it (Liu et al. 2024, eq. 12)
+        return torch.relu(1 - beta * h)
+    eps = label_smoothing  # the chance that a pair's label is flipped
+    right = -F.logsigmoid(beta * h)  # the loss if the label is right
+    flipped = -F.logsigmoid(-beta * h)  # and if it is flipped
+    if loss_type == "robust":  # rDPO (Chowdhury et al. 2024): its mean over flipped labels is the clean loss
+        return ((1 - eps) * right - eps * flipped) / (1 - 2 * eps)
+    # DPO (Rafailov et al. 2023); with eps, cDPO (Mitchell 2023): the expected loss under that chance
+    return (1 - eps) * right + eps * flipped
 
 
 # ---- Metrics
@@ -956,6 +982,174 @@ def optimizer_step(policy, optimizer, scheduler, args, micro, stop):
     return grad_norm, status, stop
 
 
+@torch.no_grad()
+def mix_reference(ref, policy, alpha):
+    """TR-DPO's soft update (Gorbatovski et al. 2024): ref = alpha * policy + (1 - alpha) * ref. Under
+    FSDP2 both are sharded alike: each rank mixes its own shards."""
+    for r, p in zip(ref.parameters(), policy.parameters(), strict=True):  # shaped alike (check_loading)
+        r.copy_(alpha * p + (1 - alpha) * r)
+
+
+# ---- main(): set up, then the training loop
+
+
+def main(args):
+    """Train, and return the policy (sharded under FSDP2). Under torchrun every rank runs this."""
+    # 0. Check before any model loads: flags, files, data, models, rewards, the judge.
+    check_args(args)
+    rank, world, device = init_distributed(args)  # one process per device; rank 0 alone prints and writes
+    with all_or_none(UsageError):  # one rank that cannot read a file stops all
+        check_output_dir(args)
+        resume = resume_point(args, world)  # the checkpoint to continue from, or None
+        policy_path = resume or args.model_name_or_path
+        reward_funcs = [load_reward_func(spec) for spec in args.reward_funcs]
+        dataset, test_set = load_prompts(args)
+        tokenizer, config = load_tokenizer(policy_path, args, "--model_name_or_path")
+        check_loading(args, config)
+        reward_tokenizers = [load_tokenizer(path, args, "--reward_model_path")[0] for path in args.reward_model_path]
+        check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_funcs)
+        judge_tokenizer = check_judge(args)  # a local judge's tokenizer; the HTTP judge: a trial question
+        plan = make_plan(args, len(dataset), world)
+    check_same_resume(resume)
+    B, GA, K = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_samples  # a step's shape
+    set_seed(args.seed)  # Python's, NumPy's and torch's streams, which reward functions may use
+    bf16 = wants_bf16(args, device)
+
+    # 1. Models: the policy (or its checkpoint), the frozen reference, the reward models or the judge.
+    policy, train_model = load_policy(policy_path, args, device, world, bf16, resume=bool(resume))
+    frozen = dict(args=args, device=device, shard=world > 1 and args.distributed == "fsdp", bf16=bf16)
+    ref = load_reference(args, policy, resume, frozen)
+    reward_models = [(load_frozen(AutoModelForSequenceClassification, path, **frozen, num_labels=1,
+                                  pad_token_id=reward_tokenizer.pad_token_id), reward_tokenizer)  # it finds rows' ends
+                     for path, reward_tokenizer in zip(args.reward_model_path, reward_tokenizers)]
+    judge = load_judge(args, judge_tokenizer, frozen)  # a local judge, or None
+    generation, stop_ids = sampling_settings(args, tokenizer, policy)
+    packed = check_packing(args, policy, ref)  # a trial forward: do the models apply a 4D attention mask?
+    decoder = make_decoder(args.torch_compile, policy, args.max_length, device, say)  # eager, or compiled
+    run = Rollout(args=args, tokenizer=tokenizer, rank=rank, world=world, device=device,
+                  autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), generation=generation,
+                  stop_ids=stop_ids, reward_models=reward_models, reward_funcs=reward_funcs, judge=judge,
+                  packed=packed, judged=bool(args.judge_model_path or args.judge_api_base), decoder=decoder)
+    say(feedback_line(args))
+    generator = torch.Generator(device).manual_seed(args.seed + rank)  # each rank samples completions of its own
+    optimizer, scheduler = make_optimizer(policy, args, plan)
+    checkpoint = functools.partial(save_checkpoint, policy, optimizer, scheduler, tokenizer, args, ref, run.reference)
+
+    state = dict(step=0, epoch=0.0, micro_batches_done=0, world_size=world, nonfinite_steps=0, empty_steps=0,
+                 wandb_id=None)  # what trainer_state.json holds
+    window = Window()  # the metrics since the last logged line
+    if resume:  # the optimizer, schedule, data position, random streams, window
+        state, window = load_checkpoint(resume, policy, optimizer, scheduler, generator, rank, run.reference)
+    start_output_dir(args, resume, state)
+    log = Log(args, plan, state, resume is not None)
+    eval_prompts, eval_columns = held_out(args, test_set, rank, world)
+    data = micro_batches(dataset, args, plan, rank, world, state["micro_batches_done"])
+
+    with stop_signals() as signals, log.bar:  # SIGTERM, Ctrl-C, SIGHUP: finish the step (or save), exit
+        for step in range(state["step"] + 1, plan.total + 1):
+            beta = args.beta[min((step - 1) // plan.per_epoch, len(args.beta) - 1)]  # one per epoch, then the last
+            micro = Window()  # this step's metrics
+            last_good = rank_state(generator, window)  # where a failing reward function or judge rewinds to
+            for micro_step in range(GA):
+                batch = next(data)
+                prompts = batch.pop(args.dataset_prompt_column)
+
+                # 2. Sample K completions per prompt from the policy as it is now: rows [all 1st samples, ..., K-th].
+                samples = rollout(run, policy, prompts, generator, K, window)
+
+                # 3-4. Feedback and pairs: per prompt the best and worst sample by reward, or the judge's choice.
+                try:
+                    pairs = preferences(run, prompts, samples, {k: v * K for k, v in batch.items()})
+                except FeedbackError as e:  # saved: the step before, from which a resume is exact
+                    before = progress(state, step - 1, plan, args)
+                    raise feedback_failed(e, f"step {step}", checkpoint, before, last_good) from None
+                pick = torch.cat([pairs.chosen, pairs.rejected])  # (2B,) rows: the chosen completions, the rejected
+
+                # 5. Log-probs of the pairs' completions under the policy (with grad) and the reference, (2B, T).
+                sync_gradients(train_model, micro_step == GA - 1)  # DDP: averaged in the last backward only
+                inputs = samples.training_inputs(pick, run.packed)
+                with run.autocast:
+                    logps = completion_logprobs(train_model, *inputs, packed=run.packed)
+                    with torch.no_grad():
+                        ref_logps = completion_logprobs(ref, *inputs, packed=run.packed)
+
+                # 6. Loss: per pair (dpo_loss, plus RPO's term), averaged over the pairs kept (none kept: 0, and
+                # backward keeps DDP in step); divided by GA, the gradients of the micro-batches add up to their mean.
+                logp, ref_logp = logps.sum(1), ref_logps.sum(1)  # (2B,) each completion's log-prob
+                losses = dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], beta, args.loss_type,
+                                  args.label_smoothing)  # (B,)
+                kept = pairs.kept
+                parts = {}
+                if args.rpo_alpha is not None:  # RPO (Pang et al. 2024): + alpha x the chosen's NLL per token
+                    nll = args.rpo_alpha * -logp[:B] / inputs.completion_mask[:B].sum(1)  # (B,)
+                    parts = {"loss/dpo": losses[kept].detach(), "loss/nll": nll[kept].detach()}
+                    losses = losses + nll
+                loss = torch.where(kept, losses, 0.0).sum() / kept.sum().clamp(min=1)
+                (loss / GA).backward()
+                in_loss = torch.arange(B, device=device)[kept]  # the kept pairs' chosen rows among the 2B
+                micro.add(step_metrics(logps.detach(), ref_logps, inputs.completion_mask, pairs.scores, in_loss,
+                                       in_loss + B, samples.has_eos[pick], losses[kept], beta) | pairs.metrics | parts)
+
+            # 7. Optimizer step: clip, AdamW, schedule; skipped on all ranks for a NaN/inf, or if no pair was kept.
+            grad_norm, status, stopping = optimizer_step(policy, optimizer, scheduler, args, micro, bool(signals))
+            halt = count_steps(state, status, step, args, micro)  # why the run must stop now, or None
+            if args.sync_ref_model and step % args.ref_model_sync_steps == 0:  # TR-DPO: the reference moves
+                reference_answers(run, ref, eval_prompts, eval_columns)  # evaluate(): against the one it was
+                mix_reference(ref, policy, args.ref_model_mixup_alpha)
+                log.line(step, {"ref_model_sync": 1})
+            if status != "nonfinite":
+                window.add(micro.sums, micro.counts)
+            window.steps += 1
+            log.bar.update(1)
+
+            # 8. Log (means over all ranks since the last line), the completions, an evaluation, a checkpoint.
+            if step % plan.log == 0 or step == plan.total or halt:
+                log.line(step, window.means(
+                    learning_rate=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), epoch=step / plan.per_epoch,
+                    nonfinite_steps=state["nonfinite_steps"], empty_steps=state["empty_steps"], **decoder.stats()))
+                window = Window()
+            if plan.eval and step % plan.eval == 0:  # the last micro-batch's pairs; the policy against the reference
+                log.pairs(step, prompts, samples.texts, pairs)
+                try:
+                    if step < plan.total and eval_prompts:
+                        log.line(step, *evaluate(run, policy, ref, eval_prompts, eval_columns))
+                except FeedbackError as e:
+                    done = progress(state, step, plan, args)
+                    raise feedback_failed(e, f"step {step}, in the comparison with the reference", checkpoint, done,
+                                          rank_state(generator, window)) from None
+            if (plan.save and step % plan.save == 0 and step < plan.total) or stopping or halt:
+                state = progress(state, step, plan, args)
+                saved = checkpoint(state, rank_state(generator, window))
+            if halt:
+                log.close()
+                raise TrainingError(f"{halt}; saved {saved}")
+            if stopping:
+                say(f"stopped by a signal after step {step}; saved {saved}: go on with --resume_from_checkpoint latest")
+                log.close()
+                del train_model  # DDP's reducer goes now: freed at exit, it can deadlock gloo
+                raise SystemExit(signal_exit(signals))
+
+        # 9. Save the policy for from_pretrained(output_dir).
+        save_final(policy, tokenizer, args, progress(state, plan.total, plan, args), rank_state(generator, window),
+                   plan, checkpoint)
+    say(f"saved the trained model to {args.output_dir}")
+
+    # 10. Before / after: the reference and the trained policy answer the same held-out prompts, scored as in training.
+    if eval_prompts:
+        logs, records = evaluate(run, policy, ref, eval_prompts, eval_columns)
+        log.line(plan.total, logs, records)
+        say(before_after(logs, records))
+    log.close()
+    if args.push_to_hub and is_main():
+        push_to_hub(args)
+    return policy
+
+
+# ==== Below: what a first reading can skip
+
+
+# ---- Skipped steps: counted, and the run stops when they persist
+
 MAX_EMPTY_STEPS = 5  # steps in a row in which no pair carried a preference: the run stops
 MAX_NONFINITE_STEPS = 10  # steps in a row with a NaN/inf loss or gradient: the run stops
 EMPTY_CAUSES = {  # why no pair was kept: the metric that counts it, and what it means
@@ -987,162 +1181,6 @@ def count_steps(state, status, step, args, micro):
         return (f"no pair carried a preference in {MAX_EMPTY_STEPS} steps in a row (up to step {step}): "
                 + state["empty_cause"])
     return None
-
-
-# ---- main(): set up, then the training loop
-
-
-def main(args):
-    """Train, and return the policy (sharded under FSDP2). Under torchrun every rank runs this."""
-    # 0. Check before any model loads: flags, files, data, models, rewards, the judge.
-    check_args(args)
-    check_torchrun()
-    rank, world, device = init_distributed(args)  # one process per device; rank 0 alone prints and writes
-    with all_or_none(UsageError):  # one rank that cannot read a file stops all
-        check_output_dir(args)
-        resume = resume_point(args, world)  # the checkpoint to continue from, or None
-        policy_path = resume or args.model_name_or_path
-        reward_funcs = [load_reward_func(spec) for spec in args.reward_funcs]
-        dataset, test_set = load_prompts(args)
-        tokenizer, config = load_tokenizer(policy_path, args, "--model_name_or_path")
-        check_loading(args, config)
-        reward_tokenizers = [load_tokenizer(path, args, "--reward_model_path")[0] for path in args.reward_model_path]
-        check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_funcs)
-        judge_tokenizer = load_judge_tokenizer(args)  # None without a local judge
-        if args.judge_api_base:
-            check_judge_api(args)
-        plan = make_plan(args, len(dataset), world)
-    check_same_resume(resume)
-    B, GA, K = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_samples  # a step's shape
-    set_seed(args.seed)  # Python's, NumPy's and torch's streams, which reward functions may use
-    bf16 = wants_bf16(args, device)
-
-    # 1. Models: the policy (or its checkpoint), the frozen reference, the reward models or the judge.
-    policy, train_model = load_policy(policy_path, args, device, world, bf16, resume=bool(resume))
-    frozen = dict(args=args, device=device, shard=world > 1 and args.distributed == "fsdp", bf16=bf16)
-    if args.use_peft:
-        ref = AdaptersOff(policy)
-    else:
-        ref = load_frozen(AutoModelForCausalLM, args.ref_model_path or args.model_name_or_path, **frozen,
-                          **json_dict(args.model_init_kwargs, "model_init_kwargs"))
-    reward_models = [(load_frozen(AutoModelForSequenceClassification, path, **frozen, num_labels=1,
-                                  pad_token_id=reward_tokenizer.pad_token_id), reward_tokenizer)  # it finds rows' ends
-                     for path, reward_tokenizer in zip(args.reward_model_path, reward_tokenizers)]
-    judge = load_judge(args, judge_tokenizer, frozen)  # a local judge, or None
-    generation, stop_ids = sampling_settings(args, tokenizer, policy)
-    packed = check_packing(args, policy, ref)  # a trial forward: do the models apply a 4D attention mask?
-    decoder = make_decoder(args.torch_compile, policy, args.max_length, device, say)  # eager, or compiled
-    run = Rollout(args=args, tokenizer=tokenizer, rank=rank, world=world, device=device,
-                  autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), generation=generation,
-                  stop_ids=stop_ids, reward_models=reward_models, reward_funcs=reward_funcs, judge=judge,
-                  packed=packed, judged=bool(args.judge_model_path or args.judge_api_base), decoder=decoder)
-    say(feedback_line(args))
-    generator = torch.Generator(device).manual_seed(args.seed + rank)  # each rank samples completions of its own
-    optimizer, scheduler = make_optimizer(policy, args, plan)
-    checkpoint = functools.partial(save_checkpoint, policy, optimizer, scheduler, tokenizer, args)
-
-    state = dict(step=0, epoch=0.0, micro_batches_done=0, world_size=world, nonfinite_steps=0, empty_steps=0,
-                 wandb_id=None)  # what trainer_state.json holds
-    window = Window()  # the metrics since the last logged line
-    if resume:  # the optimizer, schedule, data position, random streams, window
-        state, window = load_checkpoint(resume, policy, optimizer, scheduler, generator, rank, device)
-    start_output_dir(args, resume, state)
-    log = Log(args, plan, state, resume is not None)
-    eval_prompts, eval_columns = held_out(args, test_set, rank, world)
-    reference = []  # the reference's answers to eval_prompts, sampled once
-    data = micro_batches(dataset, args, plan, rank, world, state["micro_batches_done"])
-
-    with stop_signals() as signals, log.bar:  # SIGTERM, Ctrl-C, SIGHUP: finish the step (or save), exit
-        for step in range(state["step"] + 1, plan.total + 1):
-            beta = args.beta[min((step - 1) // plan.per_epoch, len(args.beta) - 1)]  # one per epoch, then the last
-            micro = Window()  # this step's metrics
-            last_good = rank_state(generator, window)  # where a failing reward function or judge rewinds to
-            for micro_step in range(GA):
-                batch = next(data)
-                prompts = batch.pop(args.dataset_prompt_column)
-
-                # 2. Sample K completions per prompt from the policy as it is now: rows [all 1st samples, ..., K-th].
-                samples = rollout(run, policy, prompts, generator, K, window)
-
-                # 3-4. Feedback and pairs: per prompt the best and worst sample by reward, or the judge's choice.
-                try:
-                    pairs = preferences(run, prompts, samples, {k: v * K for k, v in batch.items()})
-                except FeedbackError as e:  # saved: the step before, from which a resume is exact
-                    before = progress(state, step - 1, plan, args)
-                    raise feedback_failed(e, f"step {step}", checkpoint, before, last_good) from None
-                pick = torch.cat([pairs.chosen, pairs.rejected])  # (2B,) rows: the chosen completions, the rejected
-
-                # 5. Log-probs of the pairs' completions under the policy (with grad) and the reference, (2B, T).
-                sync_gradients(train_model, micro_step == GA - 1)  # DDP: averaged in the last backward only
-                inputs = samples.training_inputs(pick, run.packed)
-                with run.autocast:
-                    logps = completion_logprobs(train_model, *inputs, packed=run.packed)
-                    with torch.no_grad():
-                        ref_logps = completion_logprobs(ref, *inputs, packed=run.packed)
-
-                # 6. Loss: DPO or IPO per pair, averaged over the pairs kept (none kept: 0, and backward keeps DDP in
-                # step); divided by GA, the gradients of the micro-batches add up to their mean.
-                logp, ref_logp = logps.sum(1), ref_logps.sum(1)  # (2B,) each completion's log-prob
-                losses = dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], beta, args.loss_type)  # (B,)
-                kept = pairs.kept
-                loss = torch.where(kept, losses, 0.0).sum() / kept.sum().clamp(min=1)
-                (loss / GA).backward()
-                in_loss = torch.arange(B, device=device)[kept]  # the kept pairs' chosen rows among the 2B
-                micro.add(step_metrics(logps.detach(), ref_logps, inputs.completion_mask, pairs.scores, in_loss,
-                                       in_loss + B, samples.has_eos[pick], losses[kept], beta) | pairs.metrics)
-
-            # 7. Optimizer step: clip, AdamW, schedule; skipped on all ranks for a NaN/inf, or if no pair was kept.
-            grad_norm, status, stopping = optimizer_step(policy, optimizer, scheduler, args, micro, bool(signals))
-            halt = count_steps(state, status, step, args, micro)  # why the run must stop now, or None
-            if status != "nonfinite":
-                window.add(micro.sums, micro.counts)
-            window.steps += 1
-            log.bar.update(1)
-
-            # 8. Log (means over all ranks since the last line), the completions, an evaluation, a checkpoint.
-            if step % plan.log == 0 or step == plan.total or halt:
-                log.line(step, window.means(
-                    learning_rate=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), epoch=step / plan.per_epoch,
-                    nonfinite_steps=state["nonfinite_steps"], empty_steps=state["empty_steps"], **decoder.stats()))
-                window = Window()
-            if plan.eval and step % plan.eval == 0:  # the last micro-batch's pairs; the policy against the reference
-                log.pairs(step, prompts, samples.texts, pairs)
-                try:
-                    if step < plan.total and eval_prompts:
-                        log.line(step, *evaluate(run, policy, ref, eval_prompts, eval_columns, reference))
-                except FeedbackError as e:
-                    done = progress(state, step, plan, args)
-                    raise feedback_failed(e, f"step {step}, in the comparison with the reference", checkpoint, done,
-                                          rank_state(generator, window)) from None
-            if (plan.save and step % plan.save == 0 and step < plan.total) or stopping or halt:
-                state = progress(state, step, plan, args)
-                saved = checkpoint(state, rank_state(generator, window))
-            if halt:
-                log.close()
-                raise TrainingError(f"{halt}; saved {saved}")
-            if stopping:
-                say(f"stopped by a signal after step {step}; saved {saved}: go on with --resume_from_checkpoint latest")
-                log.close()
-                del train_model  # DDP's reducer goes now: freed at exit, it can deadlock gloo
-                raise SystemExit(signal_exit(signals))
-
-        # 9. Save the policy for from_pretrained(output_dir).
-        save_final(policy, optimizer, scheduler, tokenizer, args, progress(state, plan.total, plan, args),
-                   rank_state(generator, window), plan)
-    say(f"saved the trained model to {args.output_dir}")
-
-    # 10. Before / after: the reference and the trained policy answer the same held-out prompts, scored as in training.
-    if eval_prompts:
-        logs, records = evaluate(run, policy, ref, eval_prompts, eval_columns, reference)
-        log.line(plan.total, logs, records)
-        say(before_after(records))
-    log.close()
-    if args.push_to_hub and is_main():
-        push_to_hub(args)
-    return policy
-
-
-# ==== Below: what a first reading can skip
 
 
 # ---- Loading: rank 0 reads, several nodes; LoRA (--use_peft, kernels/lora.py)
@@ -1187,17 +1225,17 @@ GENERATION_KEYS = "temperature top_k top_p min_p repetition_penalty do_sample su
 # What each numeric flag allows (NaN and inf: never).
 RULES = {flag: (ok, what) for flags, ok, what in [
     ("max_new_tokens per_device_train_batch_size gradient_accumulation_steps save_total_limit lora_r "
-     "judge_api_concurrency", lambda v: v >= 1, ">= 1"),
+     "judge_api_concurrency ref_model_sync_steps", lambda v: v >= 1, ">= 1"),
     ("beta logging_steps lora_alpha judge_api_timeout", lambda v: v > 0, "> 0"),
     ("temperature repetition_penalty", lambda v: v >= 1e-4, ">= 1e-4 (logits divided by less can overflow)"),
     ("top_k missing_eos_penalty learning_rate warmup_steps weight_decay max_grad_norm save_steps "
-     "eval_steps eval_prompts tie_threshold judge_api_retries", lambda v: v >= 0, ">= 0"),
+     "eval_steps eval_prompts tie_threshold judge_api_retries rpo_alpha", lambda v: v >= 0, ">= 0"),
     ("reward_weights num_train_epochs", lambda v: True, "finite"),
     ("num_samples", lambda v: v >= 2, ">= 2 (a pair needs two completions)"),
     ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("min_p ref_model_mixup_alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("judge_undecided", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    ("judge_undecided label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)")] for flag in flags.split()}
 
 
@@ -1259,7 +1297,12 @@ def check_args(args):
     except (KeyError, IndexError, ValueError):
         bad_template = True
     raise_first([
-        (args.loss_type not in ("sigmoid", "ipo"), f"--loss_type must be sigmoid or ipo, got {args.loss_type!r}"),
+        (args.loss_type not in ("sigmoid", "ipo", "hinge", "robust"),
+         f"--loss_type must be sigmoid, ipo, hinge or robust, got {args.loss_type!r}"),
+        (args.label_smoothing and args.loss_type in ("ipo", "hinge"), f"--label_smoothing with --loss_type "
+         f"{args.loss_type}: only sigmoid (cDPO) and robust weigh a flipped label; drop one"),
+        (args.sync_ref_model and args.use_peft, "--sync_ref_model with --use_peft: the reference, the policy with "
+         "its adapters off, has no weights of its own to move; drop one"),
         (not args.beta, "--beta needs one or more values"),
         (args.max_new_tokens >= args.max_length,
          f"--max_new_tokens ({args.max_new_tokens}) must be smaller than --max_length ({args.max_length})"),
@@ -1313,34 +1356,9 @@ def check_output_dir(args):
         tempfile.TemporaryFile(dir=args.output_dir).close()
     except OSError as e:
         raise UsageError(f"--output_dir {args.output_dir!r} is not writable ({e.strerror}); give another") from None
-    if is_main():
-        lock_output_dir(args.output_dir)
-
-
-LOCK = []  # rank 0's open output_dir/.lock, locked until exit or run()'s end
-
-
-def lock_output_dir(path):
-    """An exclusive flock on path/.lock, naming its holder (freed at any exit)."""
-    unlock_output_dir()  # an earlier main() here (tests, benchmarks)
-    f = open(os.path.join(path, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UsageError(f"--output_dir {path!r} is in use by {holder}: wait for it to end, or give another") from None
-    f.truncate(0)
-    f.write(f"process {os.getpid()} on {socket.gethostname()}")
-    f.flush()
-    LOCK.append(f)
-
-
-def unlock_output_dir():
-    for f in LOCK:
-        f.close()
-    LOCK.clear()
+    holder = lock_output_dir(args.output_dir) if is_main() else None
+    if holder:
+        raise UsageError(f"--output_dir {args.output_dir!r} is in use by {holder}: wait for it to end, or give another")
 
 
 def load_reward_func(spec):
@@ -1450,7 +1468,7 @@ def check_prompt_rows(prompts, name, split):
     """All prompts non-empty text, or all conversations; the first that is not is named."""
     kinds = set()
     for i, prompt in enumerate(prompts):
-        chat = is_chat_prompt(prompt)
+        chat = is_conversational(prompt)
         kinds.add(chat)
         if len(kinds) > 1:
             problem = "conversations and text mixed"
@@ -1462,7 +1480,7 @@ def check_prompt_rows(prompts, name, split):
                          "text, or all lists of {role, content} messages")
 
 
-def is_chat_prompt(prompt):
+def is_conversational(prompt):
     """A non-empty list of {role, content} messages, each with some text."""
     if not isinstance(prompt, list) or prompt == []:
         return False
@@ -1558,6 +1576,8 @@ def model_config(path, args, flag):
 
 LOADING_KEYS = set("attn_implementation dtype torch_dtype revision low_cpu_mem_usage use_safetensors variant cache_dir "
                    "subfolder local_files_only token".split())  # from_pretrained's own arguments
+SHAPE_KEYS = ("model_type vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
+              "num_key_value_heads head_dim tie_word_embeddings").split()  # what fixes the weights' shapes
 ATTENTION = "eager, sdpa, flash_attention_2, flash_attention_3, flex_attention"
 
 
@@ -1586,11 +1606,17 @@ def check_loading(args, config):
          f"attn_implementation must be one of {ATTENTION}"),
         (dtype not in ("float32", "float64"), f"dtype must be float32 or float64, got {dtype!r} (see --bf16)")]
     raise_first(problems, prefix="--model_init_kwargs: ")
-    if args.ref_model_path:  # it scores the policy's tokens
-        ref_vocab = getattr(model_config(args.ref_model_path, args, "--ref_model_path"), "vocab_size", None)
-        if (ref_vocab or math.inf) < vocab:
-            raise UsageError(f"--ref_model_path {args.ref_model_path!r} has {ref_vocab} token embeddings, fewer than "
-                             f"the policy's {vocab}")
+    if not args.ref_model_path:
+        return
+    ref_config = model_config(args.ref_model_path, args, "--ref_model_path")
+    ref_vocab = getattr(ref_config, "vocab_size", None)
+    if (ref_vocab or math.inf) < vocab:  # it scores the policy's tokens
+        raise UsageError(f"--ref_model_path {args.ref_model_path!r} has {ref_vocab} token embeddings, fewer than "
+                         f"the policy's {vocab}")
+    differ = [k for k in SHAPE_KEYS if getattr(ref_config, k, None) != getattr(config, k, None)]
+    if args.sync_ref_model and differ:  # mixed weight by weight
+        raise UsageError(f"--sync_ref_model mixes the policy into --ref_model_path, whose {differ[0]} differs from "
+                         "the policy's; give a reference of the policy's shape")
 
 
 def check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_funcs, n=512):
@@ -1801,7 +1827,10 @@ def check_checkpoint_files(path, args):
     files = list(CHECKPOINT_FILES)
     if args.use_peft:
         files.append("adapter/adapter_model.safetensors")
-    files += [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    if args.sync_ref_model:  # TR-DPO's reference
+        files.append("reference/config.json")
+    files += [os.path.relpath(os.path.join(folder, f), path) for folder, _, names in os.walk(path) for f in names
+              if f.endswith(".safetensors")]
     name = files[0]
     try:
         for name in files:
@@ -1852,15 +1881,17 @@ def rank_state(generator, window):
             "sampling": generator.get_state(), "sums": dict(window.sums), "counts": dict(window.counts)}
 
 
-def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, trainer_state, mine):
-    """output_dir/checkpoint-{step}, complete before it takes its name; then `latest`. Rank 0 writes."""
+def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, ref, reference, trainer_state, mine):
+    """output_dir/checkpoint-{step}, complete before it takes its name; then `latest`. Rank 0 writes.
+    --sync_ref_model: the reference too, in reference/ (TR-DPO has moved it)."""
     state_dict = full_state_dict(policy)
+    ref_state = full_state_dict(ref) if args.sync_ref_model else None
     # FSDP2: a collective. DDP: rank 0 reads it, but reading an empty one (no update yet) takes a zero-lr
     # step, which every rank must take, or their step counts part.
     if is_main() or isinstance(policy, FSDPModule) or not optimizer.state:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optimizer_state = get_optimizer_state_dict(policy, optimizer, options=options)
-    ranks = gather_lists([mine | {"sums": {k: v.cpu() for k, v in mine["sums"].items()}}])
+    ranks = gather_lists([mine | {"sums": {k: v.cpu() for k, v in mine["sums"].items()}, "reference": reference}])
     step = trainer_state["step"]
     earlier = {"earlier": trainer_state.pop("earlier", [])}
     name = f"checkpoint-{step}"
@@ -1872,6 +1903,8 @@ def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, trainer_state
                     optimizer_pt = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
                     torch.save(optimizer_pt, f"{tmp}/optimizer.pt")
                     torch.save(ranks, f"{tmp}/rank_states.pt")
+                    if args.sync_ref_model:
+                        ref.save_pretrained(f"{tmp}/reference", state_dict=ref_state)
                     with open(f"{tmp}/trainer_state.json", "w") as f:
                         json.dump(trainer_state, f, indent=2)
                 replace_file(os.path.join(args.output_dir, "latest"), name)
@@ -1888,8 +1921,10 @@ def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, trainer_state
     return name
 
 
-def load_checkpoint(path, policy, optimizer, scheduler, generator, rank, device):
-    """Restore the optimizer, schedule and random streams; return trainer_state and the window."""
+def load_checkpoint(path, policy, optimizer, scheduler, generator, rank, reference):
+    """Restore the optimizer, schedule, random streams and the reference's held-out answers; return
+    trainer_state and the window."""
+    device = generator.device
     saved = torch.load(f"{path}/optimizer.pt", weights_only=True, mmap=True)
     try:
         set_optimizer_state_dict(policy, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -1906,6 +1941,7 @@ def load_checkpoint(path, policy, optimizer, scheduler, generator, rank, device)
     if mine["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda"])
     generator.set_state(mine["sampling"])
+    reference.extend(mine.get("reference", []))  # none in checkpoints before 12-03
     state = read_json(f"{path}/trainer_state.json")
     say(f"resuming from {path} at step {state['step']}")
     return state, Window({k: v.to(device) for k, v in mine["sums"].items()}, mine["counts"])
@@ -1937,7 +1973,7 @@ def full_state_dict(model):
     return None
 
 
-def save_final(policy, optimizer, scheduler, tokenizer, args, state, mine, plan):
+def save_final(policy, tokenizer, args, state, mine, plan, checkpoint):
     """The trained model into output_dir; if that fails, a checkpoint, which the error names."""
     if state["nonfinite_steps"] + state["empty_steps"] >= plan.total:
         cause = f"; the last: {state['empty_cause']}" if "empty_cause" in state else ""
@@ -1954,7 +1990,7 @@ def save_final(policy, optimizer, scheduler, tokenizer, args, state, mine, plan)
     errors = [e for e in gather_lists([error]) if e]  # rank 0 wrote; every rank learns how that went
     if errors:
         try:
-            where = f"they are in {save_checkpoint(policy, optimizer, scheduler, tokenizer, args, state, mine)}"
+            where = f"they are in {checkpoint(state, mine)}"
         except TrainingError:
             where = f"so did a checkpoint (the latest: {latest_checkpoint(args)})"
         raise TrainingError(f"could not write the trained model into {args.output_dir!r} ({errors[0]}); {where}")
@@ -1964,118 +2000,20 @@ def save_final(policy, optimizer, scheduler, tokenizer, args, state, mine, plan)
         raise Stopped(STOP[0])
 
 
-@contextlib.contextmanager
-def written_in_place(path, merge=False):
-    """A path that then replaces `path` in one rename (merge: file by file)."""
-    tmp = os.path.abspath(path) + ".tmp"  # beside path, in its parent
-    remove(tmp)  # left by a crash
-    try:
-        yield tmp
-        fsync_tree(tmp)
-    except BaseException:
-        remove(tmp)
-        raise
-    if merge:
-        os.makedirs(path, exist_ok=True)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(path, name))
-        os.rmdir(tmp)
-    else:
-        if os.path.isdir(path):  # saved again after resuming from an earlier checkpoint
-            remove(path)
-        os.replace(tmp, path)
-
-
-def replace_file(path, text):
-    with written_in_place(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-
-
-def remove(path):
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
-def fsync_tree(path):
-    """A file, or a directory and its files, onto the disk."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-
-
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # preemption or scancel, Ctrl-C, a closed terminal
-STOP: list[int] = []  # the signals that stop_signals() deferred
-
-
-class Stopped(BaseException):  # as KeyboardInterrupt: `except Exception` lets it through
-    """A signal outside stop_signals(): the run ends where it is."""
-
-
-DEFER = False  # True inside stop_signals()
 SAVED: list[str] = []  # output_dir, once save_final() has written the model into it
 EVERYWHERE: list[str] = []  # all_or_none()'s error (all ranks)
 
 
-def on_signal(signum, frame):
-    """Inside stop_signals(), a signal waits in STOP (a second kills); elsewhere it ends the run."""
-    if not DEFER:
-        raise Stopped(signum)
-    if STOP:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-    STOP.append(signum)
+# ---- The judges: the HTTP client (the local judge's mechanics: kernels/judge.py)
 
-
-@contextlib.contextmanager
-def stop_signals():
-    """For the loop and the final save: a signal waits in STOP until the step or save is done."""
-    global DEFER
-    STOP.clear()
-    DEFER = True
-    old = {sig: signal.signal(sig, on_signal) for sig in SIGNALS}  # as run() does, for main() called alone
-    try:
-        yield STOP
-    finally:
-        DEFER = False
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
-def signal_exit(signals):
-    """The exit code once the work is saved: 130 after Ctrl-C (as a shell's), else 0."""
-    return 128 + signal.SIGINT if signal.SIGINT in signals else 0
-
-
-# ---- The judges' mechanics
-
-JUDGE_PROMPT = ("Which of the two responses below answers the request better: more helpful, accurate and harmless?\n\n"
-                "Request:\n{prompt}\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
-                "Answer with one letter, A or B.")
 JUDGE_WAIT_S = 30  # a step waiting this long on the HTTP judge says so, every 30 s
 
 
-def as_text(x):
-    """Text as the judge reads it: a conversation becomes `role: content` lines."""
-    if is_conversational(x):
-        return "\n".join(f"{m['role']}: {m['content']}" for m in x)
-    return x
-
-
-def judge_texts(template, prompts, first, second):
-    """Every pair as (A, B), then swapped: judge_decisions() cancels a position bias."""
-    fill = [dict(prompt=as_text(p), response_a=as_text(a), response_b=as_text(b))
-            for p, a, b in zip(prompts, first, second)]
-    swapped = [f | dict(response_a=f["response_b"], response_b=f["response_a"]) for f in fill]
-    return [template.format(**f) for f in fill + swapped]
-
-
-def load_judge_tokenizer(args):
+def check_judge(args):
+    """Before any model loads: the local judge's tokenizer (None without one), or a trial question to the
+    HTTP judge."""
+    if args.judge_api_base:
+        check_judge_api(args)
     if not args.judge_model_path:
         return None
     return load_tokenizer(args.judge_model_path, args, "--judge_model_path")[0]
@@ -2087,32 +2025,6 @@ def load_judge(args, tokenizer, frozen):
         return None
     model = load_frozen(AutoModelForCausalLM, args.judge_model_path, **frozen)
     return model, tokenizer, judge_answer_ids(tokenizer)
-
-
-def judge_answer_ids(tokenizer):
-    """The ids of A and B as an answer's first token (" A" after Answer: with no chat template)."""
-    lead = "" if tokenizer.chat_template is not None else " "
-    return [tokenizer.encode(lead + letter, add_special_tokens=False)[-1] for letter in "AB"]
-
-
-@torch.no_grad()
-def judge_locally(model, tokenizer, texts, answer_ids, batch_size):
-    """One forward per question: q = P(A) / (P(A) + P(B)) and mass = P(A) + P(B), (M,) each."""
-    chat = tokenizer.chat_template is not None
-    if chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                               add_generation_prompt=True) for t in texts]
-    else:
-        texts = [t + "\nAnswer:" for t in texts]
-    p = []
-    for i in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="left",
-                          add_special_tokens=not chat).to(next(model.parameters()).device)
-        logits = model(**batch, position_ids=positions(batch["attention_mask"]), use_cache=False,
-                       logits_to_keep=1).logits[:, -1].float()
-        p.append(logits.softmax(-1)[:, answer_ids])  # (b, 2)
-    p = torch.cat(p)
-    return p[:, 0] / p.sum(1).clamp(min=1e-30), p.sum(1)
 
 
 def judge_over_http(texts, args):
@@ -2213,15 +2125,22 @@ def answers(run, model, prompts, columns, seed):
     return texts, torch.tensor(scores, dtype=torch.float64)
 
 
-def evaluate(run, policy, ref, prompts, columns, reference):
-    """The policy against the reference on held-out prompts, judged as in training (a tie counts 1/2).
-    Returns the eval/* logs and all ranks' records."""
+def reference_answers(run, ref, prompts, columns):
+    """The reference's answers to the held-out prompts and their scores, sampled once into run.reference
+    (and checkpoints), before TR-DPO first moves it."""
     streams = global_streams()
-    seed = run.args.seed + 1 + run.rank
-    if not reference:
-        reference.extend(answers(run, ref, prompts, columns, seed))
-    ref_texts, ref_scores = reference
-    texts, scores = answers(run, policy, prompts, columns, seed + run.world)
+    if prompts and not run.reference:
+        run.reference.extend(answers(run, ref, prompts, columns, run.args.seed + 1 + run.rank))
+    set_global_streams(streams)
+    return run.reference
+
+
+def evaluate(run, policy, ref, prompts, columns):
+    """The policy against the reference as it began, on held-out prompts, judged as in training (a tie
+    counts 1/2). Returns the eval/* logs and all ranks' records."""
+    ref_texts, ref_scores = reference_answers(run, ref, prompts, columns)
+    streams = global_streams()
+    texts, scores = answers(run, policy, prompts, columns, run.args.seed + 1 + run.rank + run.world)
     if run.judged:
         p, counted, decided, _ = (t.cpu() for t in judge(run, prompts, texts, ref_texts))
         wins = torch.where(decided, (p > 0.5).double(), 0.5)
@@ -2366,8 +2285,8 @@ def cut(text, n=100):
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def before_after(records, show=4):
-    """The report at the end: held-out prompts, both answers, the mean rewards, the win rate."""
+def before_after(logs, records, show=4):
+    """The report at the end: held-out prompts, both answers, the mean rewards, the win rate (evaluate())."""
     rewarded = ", reward in brackets" if not math.isnan(records[0]["reference_reward"]) else ""
     lines = [f"before (reference) / after (trained) on held-out prompts{rewarded}:"]
     for i, r in enumerate(records[:show]):
@@ -2376,13 +2295,11 @@ def before_after(records, show=4):
             reward = "" if math.isnan(r[name + "_reward"]) else f"({r[name + '_reward']:+.2f})  "
             lines.append(f"    {name:9} {reward}{cut(r[name])}")
     if rewarded:
-        before = np.nanmean([r["reference_reward"] for r in records])
-        after = np.nanmean([r["trained_reward"] for r in records])
-        lines.append(f"mean reward over {len(records)} held-out prompts: reference {before:+.3f}, trained {after:+.3f}")
-    won = [r["win"] for r in records if not math.isnan(r["win"])]
-    if won:
-        lines.append(f"win rate of the trained policy over the reference: {sum(won) / len(won):.3f} on {len(won)} "
-                     f"prompts (a tie counts 1/2)")
+        lines.append(f"mean reward over {len(records)} held-out prompts: reference {logs['eval/reward_reference']:+.3f}"
+                     f", trained {logs['eval/reward_trained']:+.3f}")
+    if logs["eval/judged"]:
+        lines.append(f"win rate of the trained policy over the reference: {logs['eval/win_rate']:.3f} on "
+                     f"{round(logs['eval/judged'] * len(records))} prompts (a tie counts 1/2)")
     return "\n".join(lines)
 
 

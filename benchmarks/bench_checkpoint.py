@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import online_dpo  # noqa: E402
+from kernels import durable  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny", "policy")
 
@@ -80,14 +81,15 @@ def main() -> None:
         state = {"step": r + 1, "epoch": 0.0, "micro_batches_done": r + 1, "world_size": 1, "nonfinite_steps": 0,
                  "nonfinite_in_a_row": 0, "wandb_id": None}
         t0 = time.perf_counter()
-        online_dpo.save_checkpoint(model, optimizer, scheduler, tokenizer, args, state, mine)
+        online_dpo.save_checkpoint(model, optimizer, scheduler, tokenizer, args, None, [], state, mine)
         rows["online_dpo.save_checkpoint"].append(time.perf_counter() - t0)
         sizes["online_dpo.save_checkpoint"] = size_gb(os.path.join(root, f"checkpoint-{r + 1}"))
-        fsync, online_dpo.fsync_tree = online_dpo.fsync_tree, lambda path: None
+        fsync, durable.fsync_tree = durable.fsync_tree, lambda path: None
         t0 = time.perf_counter()
-        online_dpo.save_checkpoint(model, optimizer, scheduler, tokenizer, args, state | {"step": 1000 + r}, mine)
+        online_dpo.save_checkpoint(model, optimizer, scheduler, tokenizer, args, None, [], state | {"step": 1000 + r},
+                                   mine)
         rows["the same without fsync (for the breakdown)"].append(time.perf_counter() - t0)
-        online_dpo.fsync_tree = fsync
+        durable.fsync_tree = fsync
         sizes["the same without fsync (for the breakdown)"] = sizes["online_dpo.save_checkpoint"]
         ours = os.path.join(root, f"checkpoint-{1000 + r}")  # save_total_limit=1 kept only this one: load it
 

@@ -8,6 +8,8 @@
 - decode.py: how sample() runs its decode steps, eagerly (EAGER) or compiled (CompiledDecoder, --torch_compile),
   and draws each token (filter_logits, draw: the exponential race).
 - lora.py: --use_peft's adapters (LoRALinear, AdaptersOff) and their files in peft's layout.
+- judge.py: the local LLM judge's questions (JUDGE_PROMPT, judge_texts) and its forward (judge_locally).
+- durable.py: writes that land in one rename (written_in_place), and signals deferred to the end of a step.
 """
 
 from kernels.logprobs import fp32_head, linear_logprobs, naive_linear_logprobs, naive_token_logprobs

@@ -107,6 +107,32 @@ def test_a_checkpoint_from_before_a_flag_existed_resumes_as_if_it_had_the_defaul
     _assert_same_run(str(out), uninterrupted)
 
 
+def test_tr_dpo_moves_the_reference_and_a_resume_across_a_sync_is_exact(tiny, tmp_path):
+    """--sync_ref_model every 2 steps (2, 4, 6) with checkpoints at 2 and 4. Each checkpoint's reference/ is
+    alpha * its policy + (1 - alpha) * the reference before, exactly (the first one: the model on disk). A run
+    resumed from checkpoint-2 crosses the sync at 4 and ends as the uninterrupted run, bit for bit: metrics, the
+    reference of checkpoint-4, the final weights."""
+    kw = dict(sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.6, save_steps=2)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    main(_args(tiny, whole, **kw))
+    assert [m["step"] for m in _metrics(str(whole)) if "ref_model_sync" in m] == [2, 4, 6]  # logged when it happens
+    before = load_file(os.path.join(tiny["policy"], "model.safetensors"))
+    for step in (2, 4):
+        checkpoint = os.path.join(whole, f"checkpoint-{step}")
+        reference, policy = _weights(os.path.join(checkpoint, "reference")), _weights(checkpoint)
+        assert reference.keys() == policy.keys() == before.keys()
+        for k in reference:
+            assert torch.equal(reference[k], 0.6 * policy[k] + (1 - 0.6) * before[k]), (step, k)
+        assert any(not torch.equal(reference[k], before[k]) for k in reference)
+        before = reference
+    shutil.copytree(os.path.join(whole, "checkpoint-2"), resumed / "checkpoint-2")
+    shutil.copy(os.path.join(whole, "metrics.jsonl"), resumed / "metrics.jsonl")
+    main(_args(tiny, resumed, resume_from_checkpoint=str(resumed / "checkpoint-2"), **kw))
+    _assert_same_run(str(resumed), str(whole))
+    again = _weights(os.path.join(resumed, "checkpoint-4", "reference"))
+    assert all(torch.equal(again[k], before[k]) for k in before)
+
+
 def test_checkpoints_are_complete_kept_to_the_limit_and_not_overwritten(tiny, tmp_path):
     out = tmp_path / "out"
     main(_args(tiny, out, save_steps=1, save_total_limit=2))

@@ -88,6 +88,8 @@ def one_process(tiny, tmp_path_factory):
 
 def _compare_with_one_process(one_process, logs, ranks):
     one_logs, (one,), _ = one_process
+    logs = [m for m in logs if "loss" in m]  # not --sync_ref_model's lines
+    one_logs = [m for m in one_logs if "loss" in m]
     # The same prompts: rank r's micro-step i holds the r-th half of the one process's micro-step i.
     for i, rec in enumerate(one["records"]):
         B = len(rec["chosen"])
@@ -141,6 +143,41 @@ def test_fsdp2_two_ranks_train_like_one_process_and_save_the_gathered_weights(ti
     assert type(saved).__name__ == "Qwen2ForCausalLM"
     for name, value in saved.named_parameters():
         assert torch.equal(value.detach(), _full(ranks, name)), name
+
+
+TR_DPO = dict(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.6)
+
+
+@pytest.fixture(scope="module")
+def one_process_tr_dpo(tiny, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("one_tr_dpo"))
+    return _run(out, "fixed", _flags(tiny, out, per_device_train_batch_size=4, **TR_DPO), nproc=1)
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_tr_dpo_on_two_ranks_moves_the_reference_like_one_process(tiny, tmp_path, one_process_tr_dpo, one_process,
+                                                                  distributed):
+    """--sync_ref_model after every step: step 2 scores against the reference that step 1's sync moved. Under FSDP2
+    each rank mixes its own shard of the policy into its own shard of the reference, with no gather; 2 ranks must
+    still give one process's reference log-probs, metrics and weights."""
+    out = str(tmp_path / distributed)
+    flags = _flags(tiny, out, per_device_train_batch_size=2, distributed=distributed, **TR_DPO)
+    logs, ranks, _ = _run(out, "fixed", flags, nproc=2)
+    synced = [m for m in logs if "ref_model_sync" in m]
+    assert [m["step"] for m in synced] == [1, 2]
+    _compare_with_one_process(one_process_tr_dpo, logs, ranks)
+    _, (one,), _ = one_process_tr_dpo
+    # Step 2's reference log-probs: those of the moved reference, not the model on disk.
+    for i in (2, 3):
+        B = len(one["records"][i]["chosen"])
+        for r, half in zip(ranks, (slice(0, B // 2), slice(B // 2, B))):
+            mine, theirs = r["records"][i], one["records"][i]
+            rows = torch.cat([torch.arange(B)[half], B + torch.arange(B)[half]])
+            torch.testing.assert_close(_summed(mine, "ref_logps"), _summed(theirs, "ref_logps", rows), rtol=0,
+                                       atol=1e-9)
+    unmoved = one_process[1][0]  # the same run without --sync_ref_model
+    assert torch.equal(_summed(unmoved["records"][1], "ref_logps"), _summed(one["records"][1], "ref_logps"))
+    assert not torch.allclose(_summed(unmoved["records"][2], "ref_logps"), _summed(one["records"][2], "ref_logps"))
 
 
 LORA = dict(use_peft=True, lora_r=4, lora_dropout=0.0, learning_rate=1e-2)
@@ -261,19 +298,25 @@ def test_a_bad_input_stops_every_rank_with_a_message(tiny, tmp_path, flags, mess
     assert 'online_dpo.py", line' not in proc.stderr  # no traceback of ours (torchrun prints its own summary)
 
 
-@pytest.mark.parametrize("distributed, lora", [("ddp", False), ("fsdp", False), ("fsdp", True)])
-def test_two_ranks_resume_where_they_stopped(tiny, tmp_path, distributed, lora):
+@pytest.mark.parametrize("distributed, variant", [("ddp", ""), ("fsdp", ""), ("fsdp", "lora"), ("fsdp", "tr_dpo")])
+def test_two_ranks_resume_where_they_stopped(tiny, tmp_path, distributed, variant):
     """Sampled completions (each rank its own random stream), 4 steps with a checkpoint at 2; a second run resumes from
     it. Steps 3 and 4 must be the same: metrics, and every rank's weights (FSDP2: its shard). With LoRA, rank 0 alone
-    reads the checkpoint's adapters, and the other ranks get them from it."""
+    reads the checkpoint's adapters, and the other ranks get them from it. With TR-DPO (a sync after every step), the
+    checkpoint holds the gathered moved reference, which the resumed ranks shard again."""
     extra = dict(per_device_train_batch_size=2, max_steps=4, save_steps=2, distributed=distributed)
-    if lora:
+    if variant == "lora":
         extra |= dict(use_peft=True, lora_r=4, lora_dropout=0.0, learning_rate=1e-2)
+    if variant == "tr_dpo":
+        extra |= dict(sync_ref_model=True, ref_model_sync_steps=1)
     whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
     logs, ranks, _ = _run(whole, "sampled", _flags(tiny, whole, **extra), nproc=2)
     shutil.copytree(os.path.join(whole, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
     flags = _flags(tiny, resumed, resume_from_checkpoint=os.path.join(resumed, "checkpoint-2"), **extra)
     again, ranks_again, proc = _run(resumed, "sampled", flags, nproc=2)
+    if variant == "tr_dpo":
+        assert [m["step"] for m in again if "ref_model_sync" in m] == [3, 4]
+        logs, again = ([m for m in lines if "loss" in m] for lines in (logs, again))
     assert "resuming from" in proc.stdout and [m["step"] for m in again] == [3, 4]
     for a, b in zip(again, logs[2:], strict=True):
         for k, v in b.items():
@@ -427,7 +470,8 @@ def test_collectives_wait_long_enough_for_rank_0_to_write_a_checkpoint(monkeypat
     calls = []
     monkeypatch.setattr(online_dpo.dist, "init_process_group", lambda *a, **kw: calls.append(kw))
     monkeypatch.setattr(online_dpo.dist, "is_initialized", lambda: False)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
     online_dpo.init_distributed(online_dpo.Args(use_cpu=True))
     assert calls[0]["timeout"].total_seconds() >= 3600
 

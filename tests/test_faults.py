@@ -173,6 +173,19 @@ def test_weights_made_nan_by_an_update_stop_the_run(tiny, tmp_path, capsys, monk
 
 # ---- models in the wrong role
 
+def test_tr_dpo_refuses_a_reference_of_another_shape_before_loading(tiny, tmp_path, capsys, no_models):
+    """--sync_ref_model mixes the policy's weights into the reference: one with another number of layers cannot take
+    them. Without --sync_ref_model the same reference is fine (it only scores tokens)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny["policy"])
+    config.num_hidden_layers += 1
+    config.layer_types = config.layer_types + config.layer_types[-1:]
+    config.save_pretrained(tmp_path / "deeper")
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--ref_model_path", tmp_path / "deeper", "--sync_ref_model"),
+             "--sync_ref_model mixes the policy into --ref_model_path, whose num_hidden_layers differs")
+
+
 def test_a_reward_model_as_reference_or_judge_is_refused(tiny, tmp_path, capsys, no_models):
     _refused(capsys, _flags(tiny, tmp_path / "out", "--ref_model_path", tiny["reward"]), "--ref_model_path",
              "LlamaForSequenceClassification, not a causal LM")

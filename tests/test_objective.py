@@ -59,6 +59,91 @@ def test_dpo_and_ipo_losses(beta):
     assert dpo_loss(c, r, c, r, beta, "sigmoid").allclose(torch.full((8,), math.log(2), dtype=torch.float64))
 
 
+def _softplus(x):  # log(1 + e^x) in float64, written out
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def _logistic(x):
+    return 1 / (1 + math.exp(-x))
+
+
+# Each loss of h (the policy's margin over the reference's) and its derivative d loss / d h, written out from the
+# papers: hinge (SLiC; RSO eq. 12), cDPO (Mitchell 2023, the label right with probability 1 - e), robust (Chowdhury
+# et al. 2024, rDPO), all with beta b and the flip rate e.
+LOSSES = {
+    "hinge": (lambda h, b, e: max(0.0, 1 - b * h), lambda h, b, e: -b if b * h < 1 else 0.0),
+    "sigmoid": (lambda h, b, e: (1 - e) * _softplus(-b * h) + e * _softplus(b * h),
+                lambda h, b, e: -b * (1 - e) * _logistic(-b * h) + b * e * _logistic(b * h)),
+    "robust": (lambda h, b, e: ((1 - e) * _softplus(-b * h) - e * _softplus(b * h)) / (1 - 2 * e),
+               lambda h, b, e: (-b * (1 - e) * _logistic(-b * h) - b * e * _logistic(b * h)) / (1 - 2 * e)),
+}
+
+
+@pytest.mark.parametrize("loss_type", list(LOSSES))
+@pytest.mark.parametrize("beta, eps", [(0.1, 0.0), (0.5, 0.1), (2.0, 0.3)])
+def test_hinge_cdpo_and_robust_losses_and_their_gradients(loss_type, beta, eps):
+    """Values and gradients (with respect to all four log-probs) against the formulas above, float64."""
+    if loss_type == "hinge":
+        eps = 0.0  # no label smoothing with hinge (refused)
+    g = torch.Generator().manual_seed(3)
+    c, r, rc, rr = (torch.randn(16, generator=g, dtype=torch.float64).mul(8).requires_grad_() for _ in range(4))
+    losses = dpo_loss(c, r, rc, rr, beta, loss_type, eps)
+    grads = torch.autograd.grad(losses.sum(), [c, r, rc, rr])
+    value, slope = LOSSES[loss_type]
+    for i in range(16):
+        h = (c[i].item() - r[i].item()) - (rc[i].item() - rr[i].item())
+        assert losses[i].item() == pytest.approx(value(h, beta, eps), rel=1e-12, abs=1e-14)
+        d = slope(h, beta, eps)  # dh/dc = 1, dh/dr = -1, dh/drc = -1, dh/drr = 1
+        for grad, sign in zip(grads, (1, -1, -1, 1)):
+            assert grad[i].item() == pytest.approx(sign * d, rel=1e-12, abs=1e-14)
+
+
+def test_label_smoothing_0_is_the_sigmoid_loss_bit_for_bit_and_robust_is_unbiased_under_flipped_labels():
+    g = torch.Generator().manual_seed(4)
+    c, r, rc, rr = (torch.randn(64, generator=g, dtype=torch.float64) * 4 for _ in range(4))
+    plain = torch.nn.functional.softplus(-0.1 * ((c - r) - (rc - rr)))  # -log sigmoid(beta h)
+    for kind in ("sigmoid", "robust"):
+        torch.testing.assert_close(dpo_loss(c, r, rc, rr, 0.1, kind, 0.0), plain, rtol=1e-15, atol=0)
+    assert torch.equal(dpo_loss(c, r, rc, rr, 0.1, "sigmoid", 0.0), dpo_loss(c, r, rc, rr, 0.1, "sigmoid"))
+    # A toy distribution of labels: each pair's true preference is (c, r); the annotator flips it with probability
+    # e, which swaps chosen and rejected (h -> -h). Averaged over that flip, robust's loss is the clean sigmoid loss
+    # (its defining property); cDPO's and the plain sigmoid's are not.
+    for eps in (0.05, 0.2, 0.45):
+        robust = (1 - eps) * dpo_loss(c, r, rc, rr, 0.1, "robust", eps) + eps * dpo_loss(r, c, rr, rc, 0.1, "robust", eps)
+        torch.testing.assert_close(robust, plain, rtol=1e-12, atol=1e-14)
+        sigmoid = (1 - eps) * dpo_loss(c, r, rc, rr, 0.1, "sigmoid") + eps * dpo_loss(r, c, rr, rc, 0.1, "sigmoid")
+        assert (sigmoid - plain).abs().max() > 1e-3
+    # And by sampling: 20000 flips drawn at random, the mean of robust's loss tends to the clean loss.
+    flips = torch.rand(20000, 64, generator=g, dtype=torch.float64) < 0.2
+    h = (c - r) - (rc - rr)
+    noisy = torch.where(flips, -h, h)  # what the annotator's labels make of h
+    draws = dpo_loss(noisy, torch.zeros_like(noisy), torch.zeros_like(noisy), torch.zeros_like(noisy), 0.1, "robust",
+                     0.2)  # (20000, 64)
+    standard_error = draws.std(0) / math.sqrt(draws.size(0))
+    assert ((draws.mean(0) - plain).abs() < 5 * standard_error).all()
+
+
+def test_reference_mixing_is_alpha_policy_plus_1_minus_alpha_reference():
+    """TR-DPO's soft update on two models of one shape: every weight (the tied embedding once) becomes
+    alpha * policy + (1 - alpha) * old, exactly as written here in the same dtype, and within float32 rounding of
+    the float64 mix."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    policy, ref = Qwen2ForCausalLM(config), Qwen2ForCausalLM(config)
+    old = {k: v.clone() for k, v in ref.state_dict().items()}
+    online_dpo.mix_reference(ref, policy, 0.6)
+    new, pol = ref.state_dict(), policy.state_dict()
+    for k in old:
+        assert torch.equal(new[k], 0.6 * pol[k] + (1 - 0.6) * old[k]), k
+        exact = 0.6 * pol[k].double() + 0.4 * old[k].double()
+        torch.testing.assert_close(new[k].double(), exact, rtol=1e-6, atol=1e-7)
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight  # still tied
+    assert any(not torch.equal(new[k], old[k]) for k in old)
+
+
 def test_every_metric_against_the_formulas():
     g = torch.Generator().manual_seed(2)
     B, T, beta = 3, 5, 0.2

@@ -50,6 +50,55 @@ def test_first_step_policy_equals_reference(tiny, tmp_path):
     assert first["beta"] == 0.1 and first["step"] == 1
 
 
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+def test_rpo_adds_alpha_times_the_chosen_completions_nll_per_token(tiny, tmp_path, monkeypatch, prefix_sharing):
+    """--rpo_alpha 0.5, step 1 (the policy is still the model on disk): loss/nll is 0.5 x the mean over pairs of each
+    chosen completion's negative log-likelihood per token, computed here by a separate forward of [prompt | chosen]
+    alone with cross_entropy (float64); loss/dpo is the sigmoid loss (ln 2 at step 1) and loss their sum."""
+    calls = []
+    logprobs = online_dpo.completion_logprobs
+
+    def recording(model, prompt_ids, prompt_mask, completion_ids, completion_mask, **kw):
+        if torch.is_grad_enabled():  # the policy's call
+            calls.append([t.clone() for t in (prompt_ids, prompt_mask, completion_ids, completion_mask)])
+        return logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, **kw)
+
+    monkeypatch.setattr(online_dpo, "completion_logprobs", recording)
+    args = _args(tiny, tmp_path, max_steps=1, rpo_alpha=0.5, model_init_kwargs='{"dtype": "float64"}',
+                 prefix_sharing=prefix_sharing)
+    main(args)
+    (first,) = [m for m in _read_metrics(args.output_dir) if "loss" in m]
+    (prompt_ids, prompt_mask, completion_ids, completion_mask), = calls
+    model = AutoModelForCausalLM.from_pretrained(tiny["policy"], dtype=torch.float64)
+    B = completion_ids.size(0) // 2
+    nlls = []
+    for i in range(B):  # the chosen completions are the first B rows
+        prompt, chosen = prompt_ids[i][prompt_mask[i].bool()], completion_ids[i][completion_mask[i].bool()]
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([prompt, chosen])[None]).logits[0]
+        nlls.append(torch.nn.functional.cross_entropy(logits[len(prompt) - 1 : -1], chosen).item())
+    assert first["loss/nll"] == pytest.approx(0.5 * sum(nlls) / B, rel=1e-9)
+    assert first["loss/dpo"] == pytest.approx(math.log(2), abs=1e-9)
+    assert first["loss"] == pytest.approx(first["loss/dpo"] + first["loss/nll"], rel=1e-12)
+
+
+def test_tr_dpo_under_bf16_keeps_and_mixes_a_float32_reference(tiny, tmp_path):
+    """Frozen models are bf16 under --bf16, but TR-DPO's reference stays float32: the fp32 master weights mix into it
+    without rounding to bf16 (checkpoint-1's reference/ is the mix, exactly, in float32)."""
+    from safetensors.torch import load_file
+
+    args = _args(tiny, tmp_path, bf16=True, sync_ref_model=True, ref_model_sync_steps=1, max_steps=2, save_steps=1,
+                 reward_model_path=(tiny["reward"],))
+    main(args)
+    checkpoint = os.path.join(args.output_dir, "checkpoint-1")
+    reference = load_file(os.path.join(checkpoint, "reference", "model.safetensors"))
+    policy = load_file(os.path.join(checkpoint, "model.safetensors"))
+    initial = load_file(os.path.join(tiny["policy"], "model.safetensors"))
+    for k, v in reference.items():
+        assert v.dtype == torch.float32, k
+        assert torch.equal(v, 0.6 * policy[k] + (1 - 0.6) * initial[k]), k
+
+
 def test_bf16_mixed_precision_keeps_fp32_master_weights(tiny, tmp_path):
     args = _args(tiny, tmp_path, bf16=True, max_steps=1, reward_model_path=(tiny["reward"],))
     main(args)
@@ -108,7 +157,15 @@ def test_saves_a_model_transformers_loads(tiny, tmp_path):
 
 @pytest.mark.parametrize("changes,message", [
     (dict(max_new_tokens=64, max_length=64), "--max_new_tokens \\(64\\) must be smaller than --max_length \\(64\\)"),
-    (dict(loss_type="hinge"), "--loss_type must be sigmoid or ipo"),
+    (dict(loss_type="dpo"), "--loss_type must be sigmoid, ipo, hinge or robust, got 'dpo'"),
+    (dict(label_smoothing=0.5), r"--label_smoothing must be in \[0, 0.5\), got 0.5"),
+    (dict(loss_type="ipo", label_smoothing=0.1), "--label_smoothing with --loss_type ipo: only sigmoid"),
+    (dict(loss_type="hinge", label_smoothing=0.1), "--label_smoothing with --loss_type hinge: only sigmoid"),
+    (dict(rpo_alpha=-1.0), "--rpo_alpha must be >= 0, got -1.0"),
+    (dict(ref_model_mixup_alpha=1.5), r"--ref_model_mixup_alpha must be in \[0, 1\], got 1.5"),
+    (dict(ref_model_sync_steps=0), "--ref_model_sync_steps must be >= 1, got 0"),
+    (dict(sync_ref_model=True, use_peft=True), "--sync_ref_model with --use_peft: the reference, the policy with "
+     "its adapters off, has no weights of its own to move"),
     (dict(beta=()), "--beta needs one or more values"),
     (dict(beta=(0.1, -1.0)), r"--beta must be > 0, got \(0.1, -1.0\)"),
     (dict(reward_weights=(1.0, 2.0)), "--reward_weights has 2 values but there are 1 rewards"),
