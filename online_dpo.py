@@ -2129,8 +2129,9 @@ def reference_answers(run, ref, prompts, columns):
     """The reference's answers to the held-out prompts and their scores, sampled once into run.reference
     (and checkpoints), before TR-DPO first moves it."""
     streams = global_streams()
-    if prompts and not run.reference:
-        run.reference.extend(answers(run, ref, prompts, columns, run.args.seed + 1 + run.rank))
+    texts = run.reference[0] if run.reference else []
+    if prompts and len(texts) != len(prompts):  # none yet, or resumed with another --eval_prompts
+        run.reference[:] = answers(run, ref, prompts, columns, run.args.seed + 1 + run.rank)
     set_global_streams(streams)
     return run.reference
 

@@ -133,6 +133,19 @@ def test_tr_dpo_moves_the_reference_and_a_resume_across_a_sync_is_exact(tiny, tm
     assert all(torch.equal(again[k], before[k]) for k in before)
 
 
+def test_a_resume_with_other_eval_prompts_samples_the_reference_answers_again(tmp_path):
+    """Checkpoints keep the reference's held-out answers (TR-DPO compares with the reference as it began). A resume
+    may change --eval_prompts: it then samples the reference's answers to its own prompts, the same as a run that had
+    those prompts from the start."""
+    common = ["--preset", "tiny", "--max_steps", "2", "--eval_steps", "1", "--max_new_tokens", "16"]
+    main(online_dpo.cli(common + ["--eval_prompts", "4", "--save_steps", "1", "--output_dir", str(tmp_path / "a")]))
+    main(online_dpo.cli(common + ["--eval_prompts", "8", "--output_dir", str(tmp_path / "a"),
+                                  "--resume_from_checkpoint", "latest"]))
+    main(online_dpo.cli(common + ["--eval_prompts", "8", "--output_dir", str(tmp_path / "b")]))
+    resumed, fresh = (_metrics(str(tmp_path / name))[-1] for name in "ab")
+    assert resumed["eval/reward_reference"] == fresh["eval/reward_reference"]
+
+
 def test_checkpoints_are_complete_kept_to_the_limit_and_not_overwritten(tiny, tmp_path):
     out = tmp_path / "out"
     main(_args(tiny, out, save_steps=1, save_total_limit=2))
