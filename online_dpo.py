@@ -55,12 +55,12 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           StaticCache, get_scheduler, set_seed)
 from tyro.constructors import PrimitiveConstructorSpec
 
-from kernels import fp32_head, linear_logprobs, naive_token_logprobs
-from kernels.decode import EAGER, Decoder, draw, filter_logits, make_decoder
-from kernels.durable import (SIGNALS, STOP, Stopped, lock_output_dir, on_signal, remove, replace_file, signal_exit,
+from dpo_kernels import fp32_head, linear_logprobs, naive_token_logprobs
+from dpo_kernels.decode import EAGER, Decoder, draw, filter_logits, make_decoder
+from dpo_kernels.durable import (SIGNALS, STOP, Stopped, lock_output_dir, on_signal, remove, replace_file, signal_exit,
                              stop_signals, unlock_output_dir, written_in_place)
-from kernels.judge import JUDGE_PROMPT, as_text, judge_answer_ids, judge_locally, judge_texts
-from kernels.lora import AdaptersOff, add_adapters, load_adapter, merged, save_adapter
+from dpo_kernels.judge import JUDGE_PROMPT, as_text, judge_answer_ids, judge_locally, judge_texts
+from dpo_kernels.lora import AdaptersOff, add_adapters, load_adapter, merged, save_adapter
 
 TINY_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "tiny")
 OFFLINE_HINT = "no network or Hub? `python online_dpo.py --preset tiny` trains the embedded world offline"
@@ -481,7 +481,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num
            decoder=EAGER):
     """Sample K = num_samples completions of each of N prompts, all rows at once, over a KV cache.
     Returns completion ids and mask (K*N, T), rows [all 1st samples, ..., all K-th samples]; each
-    row ends at its first stop token, and padding follows it. `decoder` (kernels/decode.py) runs the
+    row ends at its first stop token, and padding follows it. `decoder` (dpo_kernels/decode.py) runs the
     one-token steps: eagerly, or compiled with --torch_compile."""
     N, P = prompt_ids.shape
     K = num_samples
@@ -764,7 +764,7 @@ def preferences(run, prompts, samples, columns):
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, impl="fused", packed=False):
     """Per-token log-probs of the completions under `model`, (N, T), 0 on padding. fused: from the
-    last hidden states and the output embedding, tile by tile (kernels/), so that no (tokens,
+    last hidden states and the output embedding, tile by tile (dpo_kernels/), so that no (tokens,
     vocabulary) logits exist; naive: from the logits. packed: a row per pair (training_rows())."""
     ids, mask, position_ids, row, column = training_rows(
         prompt_ids, prompt_mask, completion_ids, completion_mask, packed)
@@ -1183,7 +1183,7 @@ def count_steps(state, status, step, args, micro):
     return None
 
 
-# ---- Loading: rank 0 reads, several nodes; LoRA (--use_peft, kernels/lora.py)
+# ---- Loading: rank 0 reads, several nodes; LoRA (--use_peft, dpo_kernels/lora.py)
 
 
 def from_rank_0(model, whole, device, shard, meta):
@@ -1512,6 +1512,9 @@ def check_torchrun():
 
 
 def load_model(auto_class, path, args, **kwargs):
+    # transformers >= 5.25 swaps layers for Hub kernels by default: fetched from the Hub, chosen for the device the
+    # model loads on (the CPU here; meta, which they refuse, on ranks > 0). Off: the model's own layers, as before.
+    kwargs = {"use_kernels": False} | kwargs
     if not is_main():  # place() sends rank 0's weights (one copy in RAM)
         kwargs["device_map"] = "meta"
     try:
@@ -2004,7 +2007,7 @@ SAVED: list[str] = []  # output_dir, once save_final() has written the model int
 EVERYWHERE: list[str] = []  # all_or_none()'s error (all ranks)
 
 
-# ---- The judges: the HTTP client (the local judge's mechanics: kernels/judge.py)
+# ---- The judges: the HTTP client (the local judge's mechanics: dpo_kernels/judge.py)
 
 JUDGE_WAIT_S = 30  # a step waiting this long on the HTTP judge says so, every 30 s
 

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import online_dpo  # noqa: E402
-from kernels import durable  # noqa: E402
+from dpo_kernels import durable  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny", "policy")
 

@@ -1,5 +1,5 @@
 """Per-token log-probs from the last hidden states, forward + backward: naive (float32 logits, log_softmax, gather)
-against kernels.linear_logprobs (lm_head fused, tile by tile).
+against dpo_kernels.linear_logprobs (lm_head fused, tile by tile).
 
     python benchmarks/bench_logprobs.py                     # CPU cases; each in a fresh process, peak RSS growth
     python benchmarks/bench_logprobs.py --full --device cuda   # N in {2k, 8k} x H in {896, 2048} x V in {32k, 152k}
@@ -25,7 +25,7 @@ def one(impl: str, n: int, h: int, v: int, dtype: str, device: str, repeats: int
     """In its own process: (median seconds, peak memory growth in MB) of forward + backward."""
     import torch
 
-    from kernels import linear_logprobs, naive_linear_logprobs
+    from dpo_kernels import linear_logprobs, naive_linear_logprobs
 
     fn = naive_linear_logprobs if impl == "naive" else linear_logprobs
     g = torch.Generator().manual_seed(0)

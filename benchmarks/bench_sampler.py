@@ -29,7 +29,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import online_dpo  # noqa: E402
-from kernels.decode import CompiledDecoder  # noqa: E402
+from dpo_kernels.decode import CompiledDecoder  # noqa: E402
 
 SHAPES = {"qwen2-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936)}
 

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
 
 import online_dpo
-from kernels.decode import CompiledDecoder, compile_problem
+from dpo_kernels.decode import CompiledDecoder, compile_problem
 from online_dpo import TINY_WORLD, encode_prompts, main, sample
 from tests.test_sampler import _generate
 from tests.test_train import _args

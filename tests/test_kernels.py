@@ -1,4 +1,4 @@
-"""kernels.linear_logprobs (lm_head fused with the log-softmax) against float64 ground truth and the naive oracle."""
+"""dpo_kernels.linear_logprobs (lm_head fused with the log-softmax) against float64 ground truth and the naive oracle."""
 
 import importlib.util
 import os
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from kernels import linear_logprobs, naive_linear_logprobs
+from dpo_kernels import linear_logprobs, naive_linear_logprobs
 
 
 def _case(n, h, v, seed=0, dtype=torch.float32, scale=1.0):
@@ -112,7 +112,7 @@ def test_bad_shapes_are_refused():
 
 TRITON_CHECK = r"""
 import sys, torch
-from kernels import linear_logprobs
+from dpo_kernels import linear_logprobs
 device, N, H, V, dtype, scale = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], float(sys.argv[6])
 g = torch.Generator().manual_seed(0)
 hidden = (torch.randn(N, H, generator=g) * scale).to(device, getattr(torch, dtype))
@@ -189,14 +189,14 @@ def test_a_triton_that_cannot_launch_falls_back_to_the_pytorch_tiles_with_one_li
     """Triton imports where it cannot launch (a slim GPU image without a C compiler; here, the CPU without Triton's
     interpreter): the probe's one launch fails, it says so in one line, once, and answers False. Under the
     interpreter the same probe launches and answers True."""
-    code = ("import torch; from kernels.logprobs import _triton_works; d = torch.device('cpu'); "
+    code = ("import torch; from dpo_kernels.logprobs import _triton_works; d = torch.device('cpu'); "
             "print(_triton_works(d), _triton_works(d))")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     runs = {name: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, env=env | extra,
                                  timeout=300) for name, extra in (("fails", {}), ("works", {"TRITON_INTERPRET": "1"}))}
     assert runs["fails"].stdout.split() == ["False", "False"], runs["fails"].stderr[-2000:]
-    assert runs["fails"].stderr.count("kernels: Triton does not run on cpu") == 1, runs["fails"].stderr[-2000:]
+    assert runs["fails"].stderr.count("dpo_kernels: Triton does not run on cpu") == 1, runs["fails"].stderr[-2000:]
     assert "using the PyTorch tiles" in runs["fails"].stderr
     assert runs["works"].stdout.split() == ["True", "True"], runs["works"].stderr[-2000:]
     assert "Triton does not run" not in runs["works"].stderr

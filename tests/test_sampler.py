@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kernels.decode import draw, filter_logits
+from dpo_kernels.decode import draw, filter_logits
 from online_dpo import encode_prompts, sample
 from tests import assets
 

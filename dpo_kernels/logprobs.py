@@ -87,7 +87,7 @@ def _logits_tile(h: torch.Tensor, w: torch.Tensor, low: bool) -> torch.Tensor:
 def _tile_ops(use_triton: bool):
     if not use_triton:
         return _fold_torch, _grad_torch
-    from kernels import triton_tiles
+    from dpo_kernels import triton_tiles
 
     return triton_tiles.fold, triton_tiles.grad
 
@@ -148,7 +148,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     hidden (N, H) and weight (V, H) of any float dtype (the lm_head's; tied to the embeddings is fine), targets (N,)
     int64 -> float32 (N,) (float64 for float64 inputs), differentiable w.r.t. hidden and weight. With entropy=True
     also returns the per-token entropy (N,), without gradient. tiles: the element-wise work on each logits tile in
-    PyTorch or in Triton (kernels/triton_tiles.py); auto picks Triton on CUDA when it is installed. Memory besides the gradients: one (token_tile,
+    PyTorch or in Triton (dpo_kernels/triton_tiles.py); auto picks Triton on CUDA when it is installed. Memory besides the gradients: one (token_tile,
     vocab_tile) float32 tile (16 MB by default) and a float32 copy of a (vocab_tile, H) slice of the weight."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected hidden (N, H), weight (V, H), targets (N,); got {tuple(hidden.shape)}, "
@@ -171,7 +171,7 @@ def _triton_works(device: torch.device) -> bool:
     run instead."""
     if device not in _TRITON_WORKS:
         try:
-            from kernels import triton_tiles
+            from dpo_kernels import triton_tiles
         except ImportError:  # not installed: the PyTorch tiles, as on the CPU
             _TRITON_WORKS[device] = False
             return False
@@ -184,6 +184,6 @@ def _triton_works(device: torch.device) -> bool:
             _TRITON_WORKS[device] = False
             if os.environ.get("RANK", "0") == "0":
                 first_line = (str(e).strip().splitlines() or [""])[0][:160]
-                print(f"kernels: Triton does not run on {device} ({type(e).__name__}: {first_line}); "
+                print(f"dpo_kernels: Triton does not run on {device} ({type(e).__name__}: {first_line}); "
                       "using the PyTorch tiles", file=sys.stderr)
     return _TRITON_WORKS[device]

@@ -12,6 +12,6 @@
 - durable.py: writes that land in one rename (written_in_place), and signals deferred to the end of a step.
 """
 
-from kernels.logprobs import fp32_head, linear_logprobs, naive_linear_logprobs, naive_token_logprobs
+from dpo_kernels.logprobs import fp32_head, linear_logprobs, naive_linear_logprobs, naive_token_logprobs
 
 __all__ = ["fp32_head", "linear_logprobs", "naive_linear_logprobs", "naive_token_logprobs"]

@@ -1,4 +1,4 @@
-"""Triton versions of the two element-wise steps of kernels.linear_logprobs, on one float32 logits tile.
+"""Triton versions of the two element-wise steps of dpo_kernels.linear_logprobs, on one float32 logits tile.
 
 The matmuls that make a tile (hidden @ weight.T) stay with the BLAS (cuBLAS on CUDA). What PyTorch would do in
 half a dozen passes over the tile, each reading and writing it whole, these kernels do in one:
