@@ -2,84 +2,57 @@
 
 Each step, for every prompt of the batch: sample K (2) completions from the *current* policy ->
 reward models and/or functions score them, or an LLM judge compares them -> the better is "chosen",
-the worse "rejected" -> DPO (sigmoid) or IPO loss against a frozen reference model.
+the worse "rejected" -> DPO (sigmoid), IPO, hinge or robust loss against a reference model.
 
-    python online_dpo.py --preset tiny               # the embedded offline world (later flags override it)
-    torchrun --nproc_per_node 8 online_dpo.py --beta 0.1    # one process per GPU: DDP, or --distributed fsdp to shard
+    python online_dpo.py --preset tiny        # the embedded offline world (later flags override it)
+    torchrun --nproc_per_node 8 online_dpo.py --beta 0.1   # a process per GPU (DDP, or FSDP2)
 
-Flags are spelled as in TRL's OnlineDPOConfig and TrainingArguments. Read main() first:
-its loop is one step in numbered stages; above it, what a step uses, in order; below,
-what a first reading can skip.
+Flags are spelled as in TRL's OnlineDPOConfig and TrainingArguments. Read main() first: its loop is
+one step in numbered stages, and above it is everything a step runs, in the order it runs it. The
+numerical kernels (fused log-probs, the compiled decode step) are in dpo_kernels/; the machinery a
+first reading skips (checks, checkpoints and resume, the command line, the HTTP judge) is in
+dpo_support/, and the loop marks its lines `# TRY NOT TO MODIFY`.
 """
 
 import collections
-import concurrent.futures
-import contextlib
 import copy
+import contextlib
 import datetime
-import difflib
 import functools
-import importlib
-import io
 import json
 import math
 import os
 import random
-import re
-import runpy
-import signal
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Literal
+from typing import Literal
 
-import datasets
-import huggingface_hub
 import numpy as np
-import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import tyro
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          StaticCache, get_scheduler, set_seed)
-from tyro.constructors import PrimitiveConstructorSpec
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, MinPLogitsWarper,
+                          StaticCache, TopKLogitsWarper, TopPLogitsWarper, get_scheduler, set_seed)
 
-from dpo_kernels import fp32_head, linear_logprobs, naive_token_logprobs
-from dpo_kernels.decode import EAGER, Decoder, draw, filter_logits, make_decoder
-from dpo_kernels.durable import (SIGNALS, STOP, Stopped, lock_output_dir, on_signal, remove, replace_file, signal_exit,
-                             stop_signals, unlock_output_dir, written_in_place)
-from dpo_kernels.judge import JUDGE_PROMPT, as_text, judge_answer_ids, judge_locally, judge_texts
-from dpo_kernels.lora import AdaptersOff, add_adapters, load_adapter, merged, save_adapter
+from dpo_kernels import (CompiledDecoder, compile_problem, fp32_head, linear_logprobs,
+                         naive_token_logprobs)
+from dpo_support import checkpoint, checks, command_line, http_judge
+from dpo_support.command_line import Bool
+from dpo_support.faults import USER_FAULTS, FeedbackError, UsageError, all_or_none, why
+from dpo_support.ranks import gather_lists, is_main, say
+from dpo_support.signals import stop_signals
 
 TINY_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "tiny")
-OFFLINE_HINT = "no network or Hub? `python online_dpo.py --preset tiny` trains the embedded world offline"
 
 
-# ---- Args
-
-
-def _parse_bool(words):
-    word = words[0].lower() if words else "true"  # a bare `--flag`: True
-    if word not in ("true", "1", "yes", "false", "0", "no"):
-        raise ValueError(f"expected True or False, got {words[0]!r}")
-    return word in ("true", "1", "yes")
-
-
-# Booleans take `--flag`, `--flag True` and `--flag False`, as in TRL's commands.
-Bool = Annotated[bool, PrimitiveConstructorSpec(
-    nargs=(0, 1), metavar="{True,False}", instance_from_str=_parse_bool, is_instance=lambda x: isinstance(x, bool),
-    str_from_instance=lambda x: [str(x)])]
+# ---- Args and presets
 
 
 @dataclass
@@ -93,7 +66,7 @@ class Args:
     ref_model_path: str | None = None
     """reference model; None: a frozen copy of the policy"""
     reward_model_path: tuple[str, ...] | None = None
-    """reward models (sequence classifiers); None: trl-lib/Qwen2-0.5B-Reward, unless other feedback"""
+    """reward models (sequence classifiers); None: trl-lib/Qwen2-0.5B-Reward, unless a judge"""
     reward_funcs: tuple[str, ...] = ()
     """Python reward functions: `module:function` or `path/to/file.py:function`"""
     reward_weights: tuple[float, ...] | None = None
@@ -111,7 +84,7 @@ class Args:
     dataset_prompt_column: str = "prompt"
     """prompt column: text, or lists of {role, content} messages"""
     model_init_kwargs: str | None = None
-    """JSON dict for from_pretrained of policy and reference, e.g. '{"attn_implementation": "sdpa"}'"""
+    """JSON dict for from_pretrained of the policy and reference: '{"attn_implementation": "sdpa"}'"""
     trust_remote_code: Bool = False
     """let models and tokenizers run their Hub repository's code (trusted sources only)"""
 
@@ -125,7 +98,7 @@ class Args:
     lora_dropout: float = 0.05
     """dropout on the adapters' input (with --disable_dropout False only, as in TRL)"""
     lora_target_modules: tuple[str, ...] = ("all-linear",)
-    """linear layers to adapt, by name (q_proj v_proj ...); all-linear: every one in the decoder blocks"""
+    """linear layers to adapt, by name (q_proj v_proj ...); all-linear: all in the decoder blocks"""
 
     # --- online DPO (OnlineDPOConfig)
     beta: tuple[float, ...] = (0.1,)
@@ -133,7 +106,7 @@ class Args:
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """sigmoid (DPO), ipo, hinge (SLiC) or robust (rDPO): see dpo_loss"""
     label_smoothing: float = 0.0
-    """the chance that a preference is flipped, in [0, 0.5): sigmoid becomes cDPO, robust corrects for it"""
+    """the chance that a preference is flipped, in [0, 0.5): cDPO with sigmoid; robust corrects it"""
     rpo_alpha: float | None = None
     """RPO: add rpo_alpha x the chosen completion's NLL per token to the loss (None: off)"""
     sync_ref_model: Bool = False
@@ -173,9 +146,9 @@ class Args:
     judge_prompt: str | None = None
     """the judge's instruction with {prompt}, {response_a}, {response_b}; None: JUDGE_PROMPT"""
     judge_undecided: float = 0.05
-    """a judgement within this of 0.5 (P(first is better)) is undecided and leaves the pair out of the loss"""
+    """a judgement P(first is better) within this of 0.5 is undecided: the pair leaves the loss"""
     judge_api_base: str | None = None
-    """the judge over an OpenAI-compatible API, e.g. http://localhost:8000/v1 (vLLM); key: $OPENAI_API_KEY"""
+    """a judge over an OpenAI-compatible API: http://localhost:8000/v1 (vLLM); key: $OPENAI_API_KEY"""
     judge_api_model: str | None = None
     """model name for --judge_api_base"""
     judge_api_concurrency: int = 16
@@ -185,7 +158,7 @@ class Args:
     judge_api_retries: int = 3
     """retries of a judge request after a timeout, a connection error, a 429 or a 5xx"""
     prefix_sharing: Bool = True
-    """each prompt once: one prefill for its K samples, one [prompt | chosen | rejected] row per pair"""
+    """each prompt once: a prefill for its K samples, a [prompt | chosen | rejected] row per pair"""
 
     # --- training (TrainingArguments)
     output_dir: str = "Qwen2-0.5B-OnlineDPO"
@@ -213,7 +186,7 @@ class Args:
     save_steps: float = 500
     """save output_dir/checkpoint-N every N steps or fraction (0: the final save only)"""
     eval_steps: float = 0
-    """every N steps or fraction: log the pairs (completions.jsonl, wandb), compare policy and reference (0: end)"""
+    """every N steps (or fraction): the pairs into completions.jsonl, policy vs reference (0: end)"""
     save_total_limit: int | None = None
     """keep the newest N checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
@@ -231,7 +204,7 @@ class Args:
     gradient_checkpointing: Bool = True
     """recompute activations in the training forward, to save memory"""
     torch_compile: Bool = False
-    """compile the policy's one-token decode step (torch.compile; on a GPU replayed as CUDA graphs)"""
+    """compile the policy's one-token decode step (torch.compile; on a GPU, CUDA graphs)"""
     report_to: Literal["none", "wandb"] = "none"
     """also send metrics to Weights & Biases (project: $WANDB_PROJECT or online-dpo)"""
     run_name: str | None = None
@@ -241,52 +214,162 @@ class Args:
     hub_model_id: str | None = None
     """Hub repository for --push_to_hub; None: output_dir's name"""
 
+    # The JSON flags, parsed once (checks.check_args refuses anything but a JSON object).
+    @functools.cached_property
+    def init_kwargs(self) -> dict:
+        """--model_init_kwargs: from_pretrained's keyword arguments (policy and reference)."""
+        return checks.json_dict(self.model_init_kwargs, "model_init_kwargs")
+
+    @functools.cached_property
+    def generation(self) -> dict:
+        """--generation_kwargs: sampling settings over the flags of the same names."""
+        return checks.json_dict(self.generation_kwargs, "generation_kwargs")
+
 
 PRESETS = {
     # The embedded world (benchmarks/tiny_world.py): the reward likes
     # positive, short, ended answers.
     "tiny": dict(
-        model_name_or_path=f"{TINY_WORLD}/policy", reward_model_path=(f"{TINY_WORLD}/reward",), use_cpu=True,
-        dataset_name=f"{TINY_WORLD}/prompts", output_dir="tiny-OnlineDPO", bf16=False, gradient_checkpointing=False,
-        max_new_tokens=64, max_length=128, learning_rate=1e-4, warmup_steps=0.1, per_device_train_batch_size=16,
-        max_steps=150, logging_steps=10, save_steps=0),
+        model_name_or_path=f"{TINY_WORLD}/policy", reward_model_path=(f"{TINY_WORLD}/reward",),
+        dataset_name=f"{TINY_WORLD}/prompts", output_dir="tiny-OnlineDPO", use_cpu=True, bf16=False,
+        gradient_checkpointing=False, max_new_tokens=64, max_length=128, learning_rate=1e-4,
+        warmup_steps=0.1, per_device_train_batch_size=16, max_steps=150, logging_steps=10, save_steps=0),
     # The spec's quick start: the Args defaults.
     "qwen2-0.5b": dict(),
     # The spec's 1B TL;DR benchmark (it adds --push_to_hub).
     "pythia-1b-tldr": dict(
-        model_name_or_path="trl-lib/pythia-1b-deduped-tldr-sft", dataset_name="trl-lib/tldr", save_steps=0.1,
-        reward_model_path=("trl-lib/pythia-1b-deduped-tldr-rm",), output_dir="pythia-1b-deduped-tldr-online-dpo",
-        per_device_train_batch_size=8, gradient_accumulation_steps=2, num_train_epochs=3, max_new_tokens=53,
-        warmup_steps=0.1, missing_eos_penalty=1.0),
+        model_name_or_path="trl-lib/pythia-1b-deduped-tldr-sft", dataset_name="trl-lib/tldr",
+        reward_model_path=("trl-lib/pythia-1b-deduped-tldr-rm",),
+        output_dir="pythia-1b-deduped-tldr-online-dpo", save_steps=0.1, per_device_train_batch_size=8,
+        gradient_accumulation_steps=2, num_train_epochs=3, max_new_tokens=53, warmup_steps=0.1,
+        missing_eos_penalty=1.0),
 }
 
 
-class UsageError(ValueError):
-    """Bad input: the message names it and says what to do."""
+# ---- Setup: processes, devices, models (under torchrun rank 0 reads the weights and sends them)
+
+# Ranks wait while rank 0 writes a checkpoint (7B: minutes): NCCL's default 10 would abort them.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on: the message says why and what to do."""
+def init_distributed(args):
+    """Join torchrun's process group, one device per rank. Returns rank, world size, device."""
+    checks.check_torchrun()  # its variables: all or none, whole numbers, ranks in order
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and not args.use_cpu
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise UsageError(f"LOCAL_RANK {local_rank} but {torch.cuda.device_count()} GPUs: "
+                         "lower --nproc_per_node")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=COLLECTIVE_TIMEOUT)
+    return rank, world, device
 
 
-USER_FAULTS = (Exception, SystemExit, KeyboardInterrupt)  # a reward function's sys.exit() too
+def device_mesh(device_type):
+    """FSDP2's mesh: the ranks; on several nodes (nodes, ranks per node), HSDP: shards within a
+    node, replicas across, so that the layers' all-gathers stay on the node's fast links."""
+    world = dist.get_world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if per_node == world:
+        return init_device_mesh(device_type, (world,))
+    nodes = world // per_node
+    return init_device_mesh(device_type, (nodes, per_node), mesh_dim_names=("replicate", "shard"))
 
 
-def why(e):  # an exception as the error line shows it
-    return f"{type(e).__name__}: {e}"
+def place(model, device, shard, mixed_precision=None):
+    """Move the model to this rank's device or, with shard, split it over all ranks with FSDP2, a
+    unit per decoder block, so that one block's weights are gathered at a time. Under torchrun rank
+    0 alone has read the weights (load_model) and sends them to every rank (FSDP2: each its shards),
+    then the buffers (rotary frequencies), which are in no state dict."""
+    if not dist.is_initialized():
+        return model.to(device)
+    meta = next(model.parameters()).is_meta
+    whole = model.state_dict() if is_main() else {}  # what rank 0 sends
+    if shard:
+        mesh = device_mesh(device.type)
+        if mixed_precision is None:
+            mixed_precision = MixedPrecisionPolicy()
+        for block in decoder_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=mixed_precision)
+        # No backward reshards a frozen root: it would stay gathered.
+        frozen = not any(p.requires_grad for p in model.parameters())
+        reshard = True if frozen else None
+        fully_shard(model, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=reshard)
+    if meta:
+        model.to_empty(device=device)  # filled below
+    elif not shard:
+        model.to(device)
+    if meta and not shard:  # to_empty unties them (FSDP2's does not)
+        model.tie_weights()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole, options=options)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
+    return model
 
 
-class FeedbackError(UsageError):
-    """A reward function or the judge failed on the completions."""
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP2, gather every unit once for a whole decode: then decoding needs no collectives,
+    and ranks whose completions end early need not run forwards for the others."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    trains = any(p.requires_grad for p in model.parameters())
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        root = getattr(model, "module", model)
+        for unit in units:  # as place() set them
+            unit.set_reshard_after_forward(unit is not root or not trains, recurse=False)
+            unit.reshard()
 
 
-# ---- Loading models
+def decoder_blocks(model):
+    """The model's repeated blocks (Qwen2DecoderLayer, ...): FSDP2's units, and what LoRA adapts."""
+    names = model._no_split_modules if getattr(model, "_no_split_modules", None) else []
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+def load_model(auto_class, path, args, **kwargs):
+    """from_pretrained, or on ranks above 0 the model's shape alone (on meta: place() sends rank 0's
+    weights, so that a node holds one copy in RAM). Errors name the path."""
+    # transformers >= 5.25 swaps layers for Hub kernels by default: fetched from the Hub, chosen for
+    # the device the model loads on (the CPU here; meta, which they refuse, on ranks > 0). Off: the
+    # model's own layers, as before.
+    kwargs = {"use_kernels": False} | kwargs
+    if not is_main():
+        kwargs["device_map"] = "meta"
+    try:
+        model = auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
+    except OSError as e:
+        raise checks.unreachable("model", path, e) from None
+    except Exception as e:  # corrupt weights, an argument the model refuses
+        raise UsageError(f"could not load the model in {path!r}: {why(e)}") from None
+    if not is_main():  # as from_pretrained does after reading weights
+        model.tie_weights()
+    return model
+
+
+def wants_bf16(args, device):
+    """--bf16; when it is not given, whether the device is a GPU that has bf16."""
+    if args.bf16 is not None:
+        return args.bf16
+    cuda = device.type == "cuda"
+    return cuda and torch.cuda.is_bf16_supported(including_emulation=False)  # emulated: slow
 
 
 def load_policy(path, args, device, world, bf16, resume=False):
     """The policy in fp32 (bf16 runs under autocast), and what the training forward goes through:
     DDP's wrapper (it averages gradients over ranks), or the policy."""
-    kwargs = {"dtype": torch.float32} | json_dict(args.model_init_kwargs, "model_init_kwargs")
+    kwargs = {"dtype": torch.float32} | args.init_kwargs
     policy = load_model(AutoModelForCausalLM, path, args, **kwargs)
     # LoRA first, so that turning dropout off turns the adapters' off too (as TRL).
     if args.use_peft:
@@ -301,7 +384,7 @@ def load_policy(path, args, device, world, bf16, resume=False):
     fsdp = world > 1 and args.distributed == "fsdp"
     mixed_precision = None
     if bf16:
-        mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        mixed_precision = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32)
     policy = place(policy, device, fsdp, mixed_precision)
     if world == 1 or fsdp:  # FSDP2 shards the model in place: no wrapper
         return policy, policy
@@ -330,97 +413,111 @@ def load_reference(args, policy, resume, frozen):
     path = args.ref_model_path or args.model_name_or_path
     if resume and args.sync_ref_model:
         path = os.path.join(resume, "reference")
-    return load_frozen(AutoModelForCausalLM, path, **frozen | {"bf16": frozen["bf16"] and not args.sync_ref_model},
-                       **json_dict(args.model_init_kwargs, "model_init_kwargs"))
+    bf16 = frozen["bf16"] and not args.sync_ref_model
+    return load_frozen(AutoModelForCausalLM, path, **frozen | {"bf16": bf16}, **args.init_kwargs)
 
 
-def decoder_blocks(model):
-    """The model's repeated blocks (Qwen2DecoderLayer, ...): what FSDP2 shards
-    one by one and LoRA adapts."""
-    names = model._no_split_modules if getattr(model, "_no_split_modules", None) else []
-    return [module for module in model.modules() if type(module).__name__ in names]
+def load_reward_models(args, tokenizers, frozen):
+    """Each --reward_model_path with its own tokenizer, as (model, tokenizer) pairs."""
+    reward_models = []
+    for path, tokenizer in zip(args.reward_model_path, tokenizers):
+        # pad_token_id: where a sequence classifier finds each row's end, whose output is the score.
+        model = load_frozen(AutoModelForSequenceClassification, path, **frozen, num_labels=1,
+                            pad_token_id=tokenizer.pad_token_id)
+        reward_models.append((model, tokenizer))
+    return reward_models
 
 
-# ---- Several processes: torchrun, DDP, FSDP2 (with one process, all of this does nothing)
-
-# Ranks wait while rank 0 writes a checkpoint (7B: minutes); NCCL's default 10 would abort them mid-write.
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
-
-
-def init_distributed(args):
-    """Join the process group that torchrun set up, one device per rank.
-    Returns rank, world size, device."""
-    check_torchrun()  # its variables: all or none, whole numbers, ranks in order
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and not args.use_cpu
-    if cuda and local_rank >= torch.cuda.device_count():
-        raise UsageError(f"LOCAL_RANK {local_rank} but {torch.cuda.device_count()} GPUs: lower --nproc_per_node")
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
-                                timeout=COLLECTIVE_TIMEOUT)
-    return rank, world, device
+def load_judge(args, tokenizer, frozen):
+    """A local judge: its model, its tokenizer, the ids of "A" and "B" (None without one)."""
+    if tokenizer is None:
+        return None
+    model = load_frozen(AutoModelForCausalLM, args.judge_model_path, **frozen)
+    return model, tokenizer, judge_answer_ids(tokenizer)
 
 
-def is_main():
-    """Rank 0 alone prints and writes files."""
-    return os.environ.get("RANK", "0") == "0"
+# LoRA (--use_peft), peft's method without peft: y = W x + b + (alpha / r) B A dropout(x), W and b
+# frozen, A (r, in) Kaiming-uniform, B (out, r) zeros, so that training starts at the policy.
+# checkpoint.py writes the adapters in peft's layout (its PeftModel loads them) and merges them into
+# the final save.
 
 
-def say(text):
-    if is_main():
-        print(text)
+class LoRALinear(torch.nn.Linear):
+    """nn.Linear plus a low-rank adapter: W x + b + (alpha / r) B A dropout(x). B starts at zero."""
+    on = True  # False turns every adapter off at once (AdaptersOff)
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        if not LoRALinear.on:
+            return out
+        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
 
 
-def place(model, device, shard, mixed_precision=None):
-    """Move the model to this rank's device or, with shard, split it over all ranks with FSDP2, a
-    unit per decoder block, so that one block's weights are gathered at a time. Under torchrun rank 0
-    alone has read the weights (load_model) and sends them."""
-    if not dist.is_initialized():
-        return model.to(device)
-    meta = next(model.parameters()).is_meta
-    whole = model.state_dict() if is_main() else {}  # what rank 0 sends
-    if shard:
-        mesh = device_mesh(device.type)
-        if mixed_precision is None:
-            mixed_precision = MixedPrecisionPolicy()
-        for block in decoder_blocks(model):
-            fully_shard(block, mesh=mesh, mp_policy=mixed_precision)
-        # No backward reshards a frozen root: it would stay gathered.
-        frozen = not any(p.requires_grad for p in model.parameters())
-        fully_shard(model, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=True if frozen else None)
-    from_rank_0(model, whole, device, shard, meta)
-    return model
+def add_lora(model, args, resume=None):
+    """Each nn.Linear of the decoder blocks named in --lora_target_modules (all-linear: every one)
+    becomes a LoRALinear in place (same weights, same names), and all else is frozen; on a resume,
+    the adapters saved."""
+    names = set(args.lora_target_modules) - {"all-linear"}  # empty: every linear layer
+    layers = []
+    for block in decoder_blocks(model):
+        for name, module in block.named_modules():
+            if type(module) is torch.nn.Linear and (not names or name.split(".")[-1] in names):
+                layers.append(module)
+    if not layers:
+        raise UsageError(f"--lora_target_modules {' '.join(names)}: no linear layer in the decoder blocks "
+                         "is named so")
+    model.requires_grad_(False)
+    for layer in layers:
+        kw = dict(bias=False, device=layer.weight.device, dtype=layer.weight.dtype)
+        layer.__class__ = LoRALinear
+        layer.scale = args.lora_alpha / args.lora_r
+        layer.lora_dropout = torch.nn.Dropout(args.lora_dropout)
+        layer.lora_A = torch.nn.Linear(layer.in_features, args.lora_r, **kw)
+        layer.lora_B = torch.nn.Linear(args.lora_r, layer.out_features, **kw)
+        torch.nn.init.zeros_(layer.lora_B.weight)
+    if resume and is_main():  # to the others in place()
+        checkpoint.load_adapter(model, os.path.join(resume, "adapter"))
 
 
-@contextlib.contextmanager
-def gathered(model):
-    """Under FSDP2, gather every unit once for a whole decode: then decoding needs no collectives,
-    and ranks whose completions end early need not run forwards for the others."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    trains = any(p.requires_grad for p in model.parameters())
-    for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
-        unit.unshard()
-    try:
-        yield
-    finally:
-        root = getattr(model, "module", model)
-        for unit in units:  # as place() set them
-            unit.set_reshard_after_forward(unit is not root or not trains, recurse=False)
-            unit.reshard()
+class AdaptersOff(torch.nn.Module):
+    """The reference under --use_peft: the policy, adapters off, in eval mode (no second copy)."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.module = policy
+        self.config = policy.config
+
+    def forward(self, **kwargs):
+        was_training = self.module.training
+        LoRALinear.on = False
+        try:
+            return self.module.eval()(**kwargs)
+        finally:
+            LoRALinear.on = True
+            self.module.train(was_training)
 
 
-def sync_gradients(model, sync):
-    """With gradient accumulation, DDP averages gradients (all-reduce) in the last micro-batch's
-    backward only. FSDP2 reduce-scatters in every one: unsynced, it would keep whole fp32
-    gradients on every rank (7B: 28 GB), not its shard."""
-    if isinstance(model, DDP):
-        model.require_backward_grad_sync = sync  # what DDP's no_sync() context sets
+# Steps per epoch, in all, of warmup; how often to log, save and evaluate (0: never).
+Plan = collections.namedtuple("Plan", "per_epoch total warmup log save eval")
+
+
+def make_plan(args, n_prompts, world):
+    B = args.per_device_train_batch_size
+    GA = args.gradient_accumulation_steps
+    per_epoch = n_prompts // (B * GA * world)
+    if per_epoch == 0:
+        raise UsageError(f"the dataset has {n_prompts} prompts but one optimizer step needs "
+                         "per_device_train_batch_size x gradient_accumulation_steps x processes = "
+                         f"{B} x {GA} x {world} = {B * GA * world}")
+    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+    return Plan(per_epoch=per_epoch, total=total, warmup=steps_of(args.warmup_steps, total),
+                log=max(1, steps_of(args.logging_steps, total)),
+                save=steps_of(args.save_steps, total), eval=steps_of(args.eval_steps, total))
+
+
+def steps_of(value, total):
+    """A number of steps, as TrainingArguments reads one: below 1, a fraction of all steps."""
+    return math.ceil(value * total) if 0 < value < 1 else int(value)
 
 
 # ---- Prompts
@@ -443,14 +540,17 @@ def micro_batches(dataset, args, plan, rank, world, start):
 
 
 def prompt_token_ids(tokenizer, prompts):
-    """Each prompt's token ids, whole. A conversation goes through the chat template, with the
-    assistant's turn opened so that the completion is the assistant's answer."""
-    if is_conversational(prompts[0]) and tokenizer.chat_template is None:
-        raise UsageError("conversational prompts need a tokenizer with a chat template; this one has none")
+    """Each prompt's token ids, whole. A conversation (a list of {role, content} messages: checks.py
+    has checked every row) goes through the chat template, with the assistant's turn opened so that
+    the completion is the assistant's answer."""
+    if isinstance(prompts[0], list) and tokenizer.chat_template is None:
+        raise UsageError("conversational prompts need a tokenizer with a chat template; "
+                         "this one has none")
     texts = []
     for prompt in prompts:
-        if is_conversational(prompt):
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        if isinstance(prompt, list):
+            prompt = tokenizer.apply_chat_template(prompt, tokenize=False,
+                                                   add_generation_prompt=True)
         texts.append(prompt)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     if min(map(len, ids)) == 0:
@@ -472,27 +572,130 @@ def positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-# ---- Sampling with a KV cache
+# ---- Sampling with a KV cache: the settings, the decode step, the filters, the draw, sample()
+
+
+@dataclass
+class Sampling:
+    """How sample() draws: where a completion ends, and what is done to the logits before each
+    token."""
+    max_new_tokens: int
+    stop_ids: list[int]  # a row ends at its first of these (EOS, end of turn)
+    pad_id: int  # what follows a row's end
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    do_sample: bool = True  # False: greedy (the tests hold it to generate())
+    suppress_tokens: list[int] | None = None  # never drawn
+
+
+def sampling_settings(args, tokenizer, policy):
+    """The sampling flags and --generation_kwargs over them; the stop ids default to the tokenizer's
+    and the model's generation config's EOS ids."""
+    generation = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                  "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+                  "do_sample": True, "suppress_tokens": None}
+    generation |= args.generation
+    eos = generation.pop("eos_token_id", None)
+    if eos is None:
+        configured = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+        if not isinstance(configured, list):
+            configured = [configured]
+        eos = sorted(i for i in {tokenizer.eos_token_id, *configured} - {None})
+    if isinstance(eos, int):
+        eos = [eos]
+    return Sampling(max_new_tokens=args.max_new_tokens, stop_ids=list(eos),
+                    pad_id=tokenizer.pad_token_id, **generation)
+
+
+class Decoder:
+    """How sample() runs its one-token decode steps: eagerly, with a fresh KV cache per call as wide
+    as the batch's longest prompt plus T. --torch_compile swaps in dpo_kernels.CompiledDecoder,
+    which compiles `step` and keeps its caches (make_decoder)."""
+    check_every = 1  # tokens between the checks whether every row has stopped (a host sync)
+
+    @staticmethod
+    def step(model, token, mask, position_ids, cache):
+        """One decode step: the next-token logits (N, V) after `token` (N,), whose keys and values
+        the cache then holds too."""
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids,
+                    cache=cache)
+        return out.logits[:, -1]
+
+    def width(self, model, prompt_len, max_new_tokens):
+        """The columns of the KV cache and of the attention mask."""
+        return prompt_len + max_new_tokens
+
+    def decode_cache(self, model, cache, K):
+        """The cache to decode from after the prefill of N prompts into `cache`: each prompt's keys
+        and values copied to the rows of its K samples, N -> K*N."""
+        if K > 1:
+            for layer in cache.layers:
+                layer.keys = layer.keys.repeat(K, 1, 1, 1)
+                layer.values = layer.values.repeat(K, 1, 1, 1)
+        return cache
+
+    def __call__(self, model, token, mask, position_ids, cache):
+        return self.step(model, token, mask, position_ids, cache)
+
+    def stats(self):
+        """What the log lines report of it (nothing, when eager)."""
+        return {}
+
+
+EAGER = Decoder()
+
+
+def make_decoder(args, policy, device):
+    """EAGER or, with --torch_compile, a CompiledDecoder unless the policy cannot be compiled (a
+    line says why)."""
+    if not args.torch_compile:
+        return EAGER
+    reason = compile_problem(policy)
+    if reason:
+        say(f"torch_compile: decoding eagerly, {reason}")
+        return EAGER
+    return CompiledDecoder(EAGER, policy, args.max_length, device, say)
+
+
+def filter_logits(logits, top_k=0, top_p=1.0, min_p=None):
+    """Set the logits outside top_k, then top_p, then min_p to -inf, with transformers'
+    warpers, as generate() does."""
+    if top_k:
+        logits = TopKLogitsWarper(top_k)(None, logits)
+    if top_p < 1:
+        logits = TopPLogitsWarper(top_p)(None, logits)
+    if min_p:
+        logits = MinPLogitsWarper(min_p)(None, logits)
+    return logits
+
+
+def draw(probs, generator=None):
+    """A token per row (N,) from probs (N, V) by the exponential race argmax(p / Exp(1)): how
+    torch.multinomial draws one sample (the same tokens, the generator left in the same state),
+    without multinomial's checks of its input, which make the host wait for the device at every
+    token."""
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
 
 
 @torch.no_grad()
-def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num_samples=1, temperature=1.0, top_k=0,
-           top_p=1.0, min_p=None, repetition_penalty=1.0, do_sample=True, suppress_tokens=None, generator=None,
-           decoder=EAGER):
-    """Sample K = num_samples completions of each of N prompts, all rows at once, over a KV cache.
-    Returns completion ids and mask (K*N, T), rows [all 1st samples, ..., all K-th samples]; each
-    row ends at its first stop token, and padding follows it. `decoder` (dpo_kernels/decode.py) runs the
-    one-token steps: eagerly, or compiled with --torch_compile."""
+def sample(model, prompt_ids, prompt_mask, how, num_samples=1, generator=None, decoder=EAGER):
+    """Sample K = num_samples completions of each of N prompts, all rows at once, over a KV cache,
+    as `how` (a Sampling) says. Returns completion ids and mask (K*N, T), rows [all 1st samples,
+    ..., all K-th samples]; each row ends at its first stop token, and padding follows it. `decoder`
+    runs the one-token steps: EAGER, or compiled with --torch_compile."""
     N, P = prompt_ids.shape
     K = num_samples
     device = prompt_ids.device
-    stop = torch.tensor(stop_ids, device=device)
-    width = decoder.width(model, P, max_new_tokens)
+    stop = torch.tensor(how.stop_ids, device=device)
+    width = decoder.width(model, P, how.max_new_tokens)
     cache = StaticCache(config=model.config, max_cache_len=width)
     # One attention mask for the whole decode, (N, width): each new token opens the next column.
     mask = torch.cat([prompt_mask, prompt_mask.new_zeros(N, width - P)], 1)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(prompt_mask), cache=cache,
-                logits_to_keep=1)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(prompt_mask),
+                cache=cache, logits_to_keep=1)
     logits = out.logits[:, -1]  # (N, V)
     # Each prompt was prefilled once; the rows of its K samples decode from copies of its cache.
     cache = decoder.decode_cache(model, cache, K)
@@ -504,30 +707,31 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num
         N *= K
     next_position = prompt_mask.sum(-1, keepdim=True)  # (N, 1)
     seen = None
-    if repetition_penalty != 1.0:  # (N, V): the prompt's tokens (padding aside), then the completion's
+    penalty = how.repetition_penalty
+    if penalty != 1.0:  # (N, V): the prompt's tokens (padding aside), then the completion's
         seen = torch.zeros(N, logits.size(-1), dtype=torch.bool, device=device)
         seen.scatter_(1, prompt_ids.where(prompt_mask.bool(), prompt_ids[:, -1:]), True)
-    tokens = prompt_ids.new_full((N, max_new_tokens), pad_id)
+    tokens = prompt_ids.new_full((N, how.max_new_tokens), how.pad_id)
     suppress = None
-    if suppress_tokens:  # on the device once, not every token
-        suppress = torch.tensor(suppress_tokens, device=device)
+    if how.suppress_tokens:  # on the device once, not every token
+        suppress = torch.tensor(how.suppress_tokens, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
+    for t in range(how.max_new_tokens):
         scores = logits.float()
         if seen is not None:  # as generate(): positive logits divided, negative ones multiplied
-            penalised = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
+            penalised = torch.where(scores > 0, scores / penalty, scores * penalty)
             scores = torch.where(seen, penalised, scores)
         if suppress is not None:
             scores[:, suppress] = float("-inf")
-        if do_sample:
-            scores = filter_logits(scores / temperature, top_k, top_p, min_p)
+        if how.do_sample:
+            scores = filter_logits(scores / how.temperature, how.top_k, how.top_p, how.min_p)
             token = draw(scores.softmax(-1), generator)  # as multinomial, without its host syncs
         else:
             token = scores.argmax(-1)
-        token = token.masked_fill(done, pad_id)  # (N,)
+        token = token.masked_fill(done, how.pad_id)  # (N,)
         tokens[:, t] = token
         done |= torch.isin(token, stop)
-        if t == max_new_tokens - 1:
+        if t == how.max_new_tokens - 1:
             break
         if t % decoder.check_every == decoder.check_every - 1 and done.all():
             break
@@ -540,27 +744,26 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num
     completion_mask = (~after_stop).long()
     # The longest completion: a decoder checking the end every few tokens may go past it.
     T = int(completion_mask.sum(1).max())
-    return tokens.masked_fill(after_stop, pad_id)[:, :T], completion_mask[:, :T]
+    return tokens.masked_fill(after_stop, how.pad_id)[:, :T], completion_mask[:, :T]
 
 
 @dataclass
-class Rollout:
-    """What sampling and feedback need, set up once in main()."""
+class Context:
+    """What sampling, feedback and evaluation need, set up once in main() (ctx)."""
     args: Args
     tokenizer: object
     rank: int
     world: int
     device: torch.device
     autocast: torch.autocast  # bf16 matmuls, or a no-op
-    generation: dict  # sample()'s keyword arguments
-    stop_ids: list[int]
+    sampling: Sampling
     reward_models: list  # (model, tokenizer) pairs
     reward_funcs: list
-    judge: tuple | None  # a local judge: its model, its tokenizer, the ids of "A" and "B"
+    local_judge: tuple | None  # a local judge: its model, its tokenizer, the ids of "A" and "B"
     packed: bool = False  # training packs each pair into one row (check_packing)
     judged: bool = False  # a judge compares the completions; rewards do not score them
     decoder: Decoder = EAGER  # the decode step: eager, or compiled (--torch_compile)
-    reference: list = field(default_factory=list)  # its held-out answers and scores, sampled once (evaluate())
+    reference: list = field(default_factory=list)  # its held-out answers and scores (evaluate())
 
 
 # What a training forward takes: prompts (left-padded) and completions (right-padded).
@@ -587,59 +790,61 @@ class Samples:
         completion has a copy of its prompt (2B)."""
         copies = 1 if packed else 2
         return TrainingInputs(self.prompt_ids.repeat(copies, 1), self.prompt_mask.repeat(copies, 1),
-                            self.completion_ids[pick], self.completion_mask[pick])
+                              self.completion_ids[pick], self.completion_mask[pick])
 
 
-def rollout(run, model, prompts, generator, k=1, window=None):
+def rollout(ctx, model, prompts, generator, k=1, timing=None):
     """Sample k completions of each prompt from `model` as it is now. Prompts are cut to their last
-    max_length - max_new_tokens tokens; the seconds spent go into window.sampling."""
-    args = run.args
-    ids, mask = encode_prompts(run.tokenizer, prompts, args.max_length - args.max_new_tokens)
-    ids = ids.to(run.device)
-    mask = mask.to(run.device)
+    max_length - max_new_tokens tokens; the seconds spent go into timing.sampling_seconds."""
+    args = ctx.args
+    ids, mask = encode_prompts(ctx.tokenizer, prompts, args.max_length - args.max_new_tokens)
+    ids = ids.to(ctx.device)
+    mask = mask.to(ctx.device)
     was_training = model.training
     t0 = time.perf_counter()
     model.eval()
     # Prefix sharing: sample() prefills each prompt once for its k samples. Without it, each of k
     # copies of a prompt is prefilled as a prompt of its own.
     copies = 1 if args.prefix_sharing else k
-    with gathered(model), run.autocast:
-        completion_ids, completion_mask = sample(
-            model, ids.repeat(copies, 1), mask.repeat(copies, 1), args.max_new_tokens, run.stop_ids,
-            run.tokenizer.pad_token_id, k // copies, generator=generator, decoder=run.decoder, **run.generation)
+    with gathered(model), ctx.autocast:
+        completion_ids, completion_mask = sample(model, ids.repeat(copies, 1), mask.repeat(copies, 1),
+                                                 ctx.sampling, k // copies, generator, ctx.decoder)
     model.train(was_training)
-    if window is not None:
-        window.sampling += time.perf_counter() - t0
-    stop = torch.tensor(run.stop_ids, device=run.device)
+    if timing is not None:
+        timing.sampling_seconds += time.perf_counter() - t0
+    stop = torch.tensor(ctx.sampling.stop_ids, device=ctx.device)
     has_eos = (torch.isin(completion_ids, stop) & (completion_mask == 1)).any(1)
-    token_ids = [row[m.bool()].tolist() for row, m in zip(completion_ids.cpu(), completion_mask.cpu())]  # one sync
-    texts = run.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+    rows = zip(completion_ids.cpu(), completion_mask.cpu())  # one host sync
+    token_ids = [row[m.bool()].tolist() for row, m in rows]
+    texts = ctx.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
     completions = texts
-    if is_conversational(prompts[0]):
+    if isinstance(prompts[0], list):  # conversations: the completion is the assistant's message
         completions = [[{"role": "assistant", "content": text}] for text in texts]
     return Samples(prompt_ids=ids, prompt_mask=mask, completion_ids=completion_ids,
-                   completion_mask=completion_mask, has_eos=has_eos, token_ids=token_ids, texts=texts,
-                   completions=completions)
+                   completion_mask=completion_mask, has_eos=has_eos, token_ids=token_ids,
+                   texts=texts, completions=completions)
 
 
-# ---- Feedback from rewards
+# ---- Feedback from rewards: reward models and reward functions score each completion
 
 
 @torch.no_grad()
-def score_completions(prompts, completions, completion_ids, extra_columns, reward_models, reward_funcs, weights,
-                      when=""):
+def score_completions(prompts, completions, completion_ids, extra_columns, reward_models,
+                      reward_funcs, weights, when=""):
     """Each (prompt, completion)'s score: the weighted sum of every reward model and function, as in
     TRL, a NaN (None) counting 0; NaN if no reward scored it, which ranks last. Returns the scores
     (N,) and each reward (N, R)."""
     device = weights.device
-    chat = is_conversational(prompts[0])
+    chat = isinstance(prompts[0], list)
     columns = []
     for model, tokenizer in reward_models:
         if chat:
-            texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
+            texts = [tokenizer.apply_chat_template(p + c, tokenize=False)
+                     for p, c in zip(prompts, completions)]
         else:
             texts = [p + c for p, c in zip(prompts, completions)]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right",
+                          add_special_tokens=False)
         columns.append(model(**batch.to(device)).logits[:, 0].float())
     for func in reward_funcs:
         # Copies: a function that edits its arguments changes nothing here.
@@ -657,22 +862,93 @@ def score_completions(prompts, completions, completion_ids, extra_columns, rewar
     return total.masked_fill(unscored, math.nan), per_reward
 
 
-def score(run, prompts, samples, columns):
+def reward_column(out, func, n, device):
+    """A reward function's answer as a column (n,) of floats, None as NaN.
+    Anything else names the function."""
+    name = getattr(func, "__name__", repr(func))
+    if not isinstance(out, (list, tuple)) or len(out) != n:
+        raise FeedbackError(f"reward function {name} must return a list of {n} numbers (one per "
+                            f"completion), got {type(out).__name__} {str(out)[:40]}")
+    numbers = all(not isinstance(r, (str, bytes, bool)) for r in out)  # float() takes "1" and True
+    try:
+        values = [math.nan if r is None else float(r) for r in out]
+    except (TypeError, ValueError):
+        numbers = False
+    if not numbers:
+        raise FeedbackError(f"reward function {name} returned something that is not a number or None: "
+                            f"{out[:4]}...")
+    return torch.tensor(values, device=device)
+
+
+def score(ctx, prompts, samples, columns):
     """The samples' scores (N,), less --missing_eos_penalty for each
     completion that has no stop token."""
-    n_rewards = len(run.reward_models) + len(run.reward_funcs)
-    weights = torch.tensor(run.args.reward_weights or [1.0] * n_rewards, device=run.device)
-    with all_or_none(), run.autocast:  # one rank failing stops all
-        scores, _ = score_completions(
-            prompts, samples.completions, samples.token_ids, columns, run.reward_models, run.reward_funcs, weights)
-    if run.args.missing_eos_penalty is not None:
-        scores = scores - run.args.missing_eos_penalty * (~samples.has_eos).float()
+    n_rewards = len(ctx.reward_models) + len(ctx.reward_funcs)
+    weights = torch.tensor(ctx.args.reward_weights or [1.0] * n_rewards, device=ctx.device)
+    with all_or_none(), ctx.autocast:  # one rank failing stops all
+        scores, _ = score_completions(prompts, samples.completions, samples.token_ids, columns,
+                                      ctx.reward_models, ctx.reward_funcs, weights)
+    if ctx.args.missing_eos_penalty is not None:
+        scores = scores - ctx.args.missing_eos_penalty * (~samples.has_eos).float()
     return scores
 
 
 # ---- Feedback from an LLM judge (the paper's annotator)
+# Each pair is asked in both orders, (A, B) then swapped, so that judge_decisions() can cancel a
+# bias towards one position. A local judge's answer is read off one forward, not sampled: P(A) and
+# P(B) as the answer's first token, so that q = P(A) / (P(A) + P(B)), and the mass P(A) + P(B) is
+# low when the judge answers neither.
 
+# --judge_prompt's default: the judge's question about each pair.
+JUDGE_PROMPT = ("Which of the two responses below answers the request better: "
+                "more helpful, accurate and harmless?\n\n"
+                "Request:\n{prompt}\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
+                "Answer with one letter, A or B.")
 JUDGE_MIN_MASS = 0.5  # P(A) + P(B) below this in either order: no answer A or B, an invalid pair
+
+
+def as_text(x):
+    """Text as the judge reads it: a conversation (a list of {role, content} messages) becomes
+    `role: content` lines."""
+    if isinstance(x, list):
+        return "\n".join(f"{m['role']}: {m['content']}" for m in x)
+    return x
+
+
+def judge_texts(template, prompts, first, second):
+    """Every pair as (A, B), then swapped: 2N questions."""
+    fill = [dict(prompt=as_text(p), response_a=as_text(a), response_b=as_text(b))
+            for p, a, b in zip(prompts, first, second)]
+    swapped = [f | dict(response_a=f["response_b"], response_b=f["response_a"]) for f in fill]
+    return [template.format(**f) for f in fill + swapped]
+
+
+def judge_answer_ids(tokenizer):
+    """The ids of A and B as an answer's first token (" A" after Answer: with no chat template)."""
+    lead = "" if tokenizer.chat_template is not None else " "
+    return [tokenizer.encode(lead + letter, add_special_tokens=False)[-1] for letter in "AB"]
+
+
+@torch.no_grad()
+def judge_locally(model, tokenizer, texts, answer_ids, batch_size):
+    """One forward per question: q = P(A) / (P(A) + P(B)) and mass = P(A) + P(B), (M,) each."""
+    chat = tokenizer.chat_template is not None
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                               add_generation_prompt=True) for t in texts]
+    else:
+        texts = [t + "\nAnswer:" for t in texts]
+    p = []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True,
+                          padding_side="left", add_special_tokens=not chat)
+        batch = batch.to(next(model.parameters()).device)
+        position_ids = positions(batch["attention_mask"])  # left padding
+        out = model(**batch, position_ids=position_ids, use_cache=False, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        p.append(logits.softmax(-1)[:, answer_ids])  # (b, 2)
+    p = torch.cat(p)
+    return p[:, 0] / p.sum(1).clamp(min=1e-30), p.sum(1)
 
 
 def judge_decisions(q, mass, undecided):
@@ -687,20 +963,22 @@ def judge_decisions(q, mass, undecided):
     return p, valid, decided
 
 
-def judge(run, prompts, first, second):
-    """Ask the judge about each pair in both orders, a local model or one over HTTP. Returns p,
-    valid and decided (N,) as judge_decisions() does, and which of the 2N requests failed."""
-    args = run.args
+def ask_judge(ctx, prompts, first, second):
+    """Ask the judge about each pair in both orders, a local model or one over HTTP
+    (dpo_support/http_judge.py). Returns p, valid and decided (N,) as judge_decisions() does, and
+    which of the 2N requests failed."""
+    args = ctx.args
     texts = judge_texts(args.judge_prompt or JUDGE_PROMPT, prompts, first, second)
     if args.judge_api_base:  # a failed request makes its pair invalid
-        q, mass, failed = judge_over_http(texts, args)
+        q, mass, failed = http_judge.ask(texts, args)
     else:
-        model, tokenizer, answer_ids = run.judge
-        with run.autocast:
-            q, mass = judge_locally(model, tokenizer, texts, answer_ids, 2 * args.per_device_train_batch_size)
+        model, tokenizer, answer_ids = ctx.local_judge
+        with ctx.autocast:
+            batch_size = 2 * args.per_device_train_batch_size
+            q, mass = judge_locally(model, tokenizer, texts, answer_ids, batch_size)
         failed = torch.zeros(len(texts), dtype=torch.bool)
-    p, valid, decided = judge_decisions(q.to(run.device), mass.to(run.device), args.judge_undecided)
-    return p, valid, decided, failed.to(run.device)
+    p, valid, decided = judge_decisions(q.to(ctx.device), mass.to(ctx.device), args.judge_undecided)
+    return p, valid, decided, failed.to(ctx.device)
 
 
 # ---- Pairing
@@ -731,15 +1009,15 @@ class Pairs:
     logged: dict  # (B,) each, for completions.jsonl
 
 
-def preferences(run, prompts, samples, columns):
+def preferences(ctx, prompts, samples, columns):
     """Stages 3-4 for the K*B samples of B prompts: which completion of each prompt is chosen and
     which rejected. This is the one place that knows where preferences come from: a judge, or
     rewards (the best and the worst)."""
-    args = run.args
+    args = ctx.args
     B = len(prompts)
-    if run.judged:
-        p, valid, kept, failed = judge(run, prompts, samples.texts[:B], samples.texts[B:])
-        first = torch.arange(B, device=run.device)  # prompt i's first sample: row i; its second: B + i
+    if ctx.judged:
+        p, valid, kept, failed = ask_judge(ctx, prompts, samples.texts[:B], samples.texts[B:])
+        first = torch.arange(B, device=ctx.device)  # prompt i's first sample: row i, its second B + i
         first_wins = p >= 0.5
         p_chosen = torch.maximum(p, 1 - p)  # how sure the judge is of its choice
         metrics = {"judge/p_chosen": p_chosen[kept], "judge/invalid": (~valid).float(),
@@ -750,11 +1028,12 @@ def preferences(run, prompts, samples, columns):
         rejected = torch.where(first_wins, first + B, first)
         return Pairs(chosen=chosen, rejected=rejected, kept=kept, scores=None, metrics=metrics,
                      logged={"p_chosen": p_chosen})
-    scores = score(run, prompts * args.num_samples, samples, columns)  # (K*B,)
+    scores = score(ctx, prompts * args.num_samples, samples, columns)  # (K*B,)
     chosen, rejected, tie = pair(scores, args.num_samples, args.tie_threshold)
     unscored = scores[chosen].isnan()  # the best unscored: all of its prompt's samples are
     kept = ~unscored & ~(tie & args.drop_ties)
-    return Pairs(chosen=chosen, rejected=rejected, kept=kept, scores=scores[torch.cat([chosen, rejected])],
+    pair_scores = scores[torch.cat([chosen, rejected])]
+    return Pairs(chosen=chosen, rejected=rejected, kept=kept, scores=pair_scores,
                  metrics={"pairs/ties": tie.float(), "pairs/unscored": unscored.float()},
                  logged={"score_chosen": scores[chosen], "score_rejected": scores[rejected]})
 
@@ -762,7 +1041,8 @@ def preferences(run, prompts, samples, columns):
 # ---- Log-probs and loss
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, impl="fused", packed=False):
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, impl="fused",
+                        packed=False):
     """Per-token log-probs of the completions under `model`, (N, T), 0 on padding. fused: from the
     last hidden states and the output embedding, tile by tile (dpo_kernels/), so that no (tokens,
     vocabulary) logits exist; naive: from the logits. packed: a row per pair (training_rows())."""
@@ -774,7 +1054,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
         blocked = torch.finfo(dtype).min
         mask = torch.zeros(mask.shape, dtype=dtype, device=ids.device).masked_fill(~mask, blocked)
     real = completion_mask.bool()
-    # (n,) for each real completion token: the row and column whose output predicts it, and the token.
+    # (n,) for each real completion token: the row and column whose output predicts it, and the
+    # token.
     row = row[real]
     column = column[real]
     targets = completion_ids[real]
@@ -795,8 +1076,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     if naive:
         logps = naive_token_logprobs(out.logits[row, column - first], targets)
     else:
-        # head.weight is read after the forward: FSDP2's root keeps it gathered until the backward, a
-        # frozen one gathers it again.
+        # head.weight is read after the forward: FSDP2's root keeps it gathered until the backward,
+        # a frozen one gathers it again.
         weight = head.weight
         if isinstance(weight, DTensor):
             weight = weight.full_tensor()
@@ -834,11 +1115,13 @@ def training_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, pack
     row = torch.arange(B, device=device).repeat(2)[:, None].expand(N, T)
     # Chosen token t is predicted at column P-1+t; rejected token t at P+T-1+t,
     # but its first token at P-1 too.
-    column = torch.stack([P - 1 + t, torch.where(t == 0, P - 1, P + T - 1 + t)]).repeat_interleave(B, 0)  # (2B, T)
+    column = torch.stack([P - 1 + t, torch.where(t == 0, P - 1, P + T - 1 + t)])  # (2, T)
+    column = column.repeat_interleave(B, 0)  # (2B, T)
     return ids, mask[:, None], position_ids, row, column
 
 
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type, label_smoothing=0.0):
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
+             label_smoothing=0.0):
     """The loss of each pair (B,) from the completions' log-probs (B,) under the policy and the
     reference. h is how much more than the reference the policy prefers the chosen completion:
 
@@ -851,19 +1134,63 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     eps = label_smoothing  # the chance that a pair's label is flipped
     right = -F.logsigmoid(beta * h)  # the loss if the label is right
     flipped = -F.logsigmoid(-beta * h)  # and if it is flipped
-    if loss_type == "robust":  # rDPO (Chowdhury et al. 2024): its mean over flipped labels is the clean loss
+    if loss_type == "robust":  # rDPO (Chowdhury et al. 2024): unbiased for the clean loss
         return ((1 - eps) * right - eps * flipped) / (1 - 2 * eps)
-    # DPO (Rafailov et al. 2023); with eps, cDPO (Mitchell 2023): the expected loss under that chance
+    # DPO (Rafailov et al. 2023); with eps, cDPO (Mitchell 2023): the expected loss under that
+    # chance
     return (1 - eps) * right + eps * flipped
 
 
-# ---- Metrics
+def check_packing(args, *models):
+    """Whether training can pack each pair into a row (training_rows()); if not, says why."""
+    if not args.prefix_sharing:
+        return False
+    for model in models:
+        reason = packing_problem(args, model)
+        if reason:
+            say(f"prefix sharing off in training: {reason}")
+            return False
+    return True
+
+
+def packing_problem(args, model):
+    """Why the model cannot take packed rows (a 4D mask; eager or sdpa, no short sliding window), or
+    None."""
+    config = model.config
+    if config._attn_implementation not in ("eager", "sdpa"):
+        return f"attn_implementation {config._attn_implementation} takes no 4D attention mask"
+    if (getattr(config, "sliding_window", None) or math.inf) < 2 * args.max_length:
+        return f"its sliding window ({config.sliding_window} tokens) may be shorter than a row"
+    # The trial, 5 sequences of 3 tokens: a rejected completion (5th) gets the same log-probs after
+    # either chosen one (2nd, 3rd), which it may not see, and others after another prompt (1st or
+    # 2nd), which it sees.
+    ids = (torch.arange(15, device=next(model.parameters()).device) % config.vocab_size).view(5, 3)
+    one = torch.ones_like(ids)
+    was_training = model.training
+    try:  # eval mode: no dropout; gathered: FSDP2 reshards afterwards
+        rejected = []
+        with torch.no_grad(), gathered(model.eval()):
+            for prompt, chosen in ((0, 2), (0, 3), (1, 2)):
+                logps = completion_logprobs(model, ids[[prompt]], one[:1], ids[[chosen, 4]], one[:2],
+                                            packed=True)
+                rejected.append(logps[1, 1:])  # its first token is predicted by the prompt alone
+        applied = torch.equal(rejected[0], rejected[1]) and not torch.equal(rejected[0], rejected[2])
+        reason = None if applied else "the model does not apply a 4D mask"
+    except Exception as e:
+        reason = f"the model refuses a 4D attention mask ({why(e)})"
+    model.train(was_training)
+    return reason
+
+
+# ---- Metrics and logging
 
 
 @torch.no_grad()
-def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta):
-    """Per-sample values of every logged metric, with TRL's names and formulas; no score metrics
-    when a judge decided (scores None)."""
+def step_metrics(logps, ref_logps, completion_mask, scores, pair_rows, has_eos, losses, beta):
+    """Per-sample values of every logged metric, with TRL's names and formulas, from the log-probs of
+    the pairs' completions (2B, T); pair_rows: the rows of the chosen and of the rejected completions.
+    No score metrics when a judge decided (scores None)."""
+    chosen, rejected = pair_rows
     logp = (logps * completion_mask).sum(1)  # (2B,)
     ref_logp = (ref_logps * completion_mask).sum(1)
     kl = logp - ref_logp
@@ -893,16 +1220,18 @@ def step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, ha
 
 
 @dataclass
-class Window:
-    """What a logged line averages: sums and counts of per-sample values, and a clock."""
+class MetricSums:
+    """What a logged line averages: sums and counts of per-sample metric values, and a clock. Two of
+    them in main(): this_step (one step's, which the optimizer step checks) and since_log (the steps
+    since the last line)."""
     sums: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
     start: float = field(default_factory=time.perf_counter)
-    sampling: float = 0.0  # seconds in rollout()
+    sampling_seconds: float = 0.0  # in rollout()
     steps: int = 0
 
     def add(self, values, counts=None):
-        """Add per-sample tensors, or with `counts`, another window's sums."""
+        """Add per-sample tensors, or with `counts`, another one's sums."""
         for k, v in values.items():
             if counts is None:
                 self.sums[k] = self.sums.get(k, 0.0) + v.sum()
@@ -927,1247 +1256,10 @@ class Window:
             total, count = packed.tolist()
             means = {k: s / c for k, s, c in zip(keys, total, count) if c}  # no samples: no value
             tokens = dict(zip(keys, total)).get("completions/mean_length", 0)  # all ranks' tokens
-        times = {"time/step": elapsed / self.steps, "time/sampling": self.sampling / self.steps,
+        times = {"time/step": elapsed / self.steps,
+                 "time/sampling": self.sampling_seconds / self.steps,
                  "time/tokens_per_s": tokens / elapsed}
         return means | extra | times
-
-
-# ---- Optimizer and schedule
-
-
-def make_optimizer(policy, args, plan):
-    """AdamW, without weight decay on biases and norms, and transformers' schedule: a linear
-    warmup, then --lr_scheduler_type."""
-    trained = [p for p in policy.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
-    fused = next(policy.parameters()).device.type == "cuda"  # one kernel for all parameters
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=fused)
-    kind = {"constant": "constant_with_warmup"}.get(args.lr_scheduler_type, args.lr_scheduler_type)
-    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=plan.warmup, num_training_steps=plan.total)
-    return optimizer, scheduler
-
-
-def optimizer_step(policy, optimizer, scheduler, args, micro, stop):
-    """Stage 7: clip, AdamW, schedule. Every rank skips the update if any rank's loss or gradient
-    is NaN/inf or no rank kept a pair, so that replicas stay equal. Returns the gradient norm, the
-    status (trained, nonfinite, empty; broken: the update made a weight NaN/inf), and whether any
-    rank got a stop signal."""
-    max_norm = args.max_grad_norm if args.max_grad_norm else float("inf")  # 0: the norm only
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-        grad_norm = grad_norm.full_tensor()
-    nonfinite = ~torch.isfinite(micro.sums["loss"]) | ~torch.isfinite(grad_norm)
-    kept_and_stop = torch.tensor([micro.counts["loss"] > 0, stop], device=grad_norm.device)
-    flags = torch.stack([nonfinite, *kept_and_stop]).float()
-    if dist.is_initialized():  # one all_reduce, MAX: "on any rank"
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    nonfinite, kept, stop = [bool(f) for f in flags.tolist()]
-    if nonfinite:
-        status = "nonfinite"
-    elif not kept:
-        status = "empty"
-    else:
-        status = "trained"
-        optimizer.step()
-        # Under FSDP2, each rank checks its own shards.
-        shards = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]
-        broken = (~torch.isfinite(torch.nn.utils.get_total_norm(shards))).float().reshape(1)
-        if isinstance(policy, FSDPModule):
-            dist.all_reduce(broken, op=dist.ReduceOp.MAX)
-        if broken.item():
-            status = "broken"
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, status, stop
-
-
-@torch.no_grad()
-def mix_reference(ref, policy, alpha):
-    """TR-DPO's soft update (Gorbatovski et al. 2024): ref = alpha * policy + (1 - alpha) * ref. Under
-    FSDP2 both are sharded alike: each rank mixes its own shards."""
-    for r, p in zip(ref.parameters(), policy.parameters(), strict=True):  # shaped alike (check_loading)
-        r.copy_(alpha * p + (1 - alpha) * r)
-
-
-# ---- main(): set up, then the training loop
-
-
-def main(args):
-    """Train, and return the policy (sharded under FSDP2). Under torchrun every rank runs this."""
-    # 0. Check before any model loads: flags, files, data, models, rewards, the judge.
-    check_args(args)
-    rank, world, device = init_distributed(args)  # one process per device; rank 0 alone prints and writes
-    with all_or_none(UsageError):  # one rank that cannot read a file stops all
-        check_output_dir(args)
-        resume = resume_point(args, world)  # the checkpoint to continue from, or None
-        policy_path = resume or args.model_name_or_path
-        reward_funcs = [load_reward_func(spec) for spec in args.reward_funcs]
-        dataset, test_set = load_prompts(args)
-        tokenizer, config = load_tokenizer(policy_path, args, "--model_name_or_path")
-        check_loading(args, config)
-        reward_tokenizers = [load_tokenizer(path, args, "--reward_model_path")[0] for path in args.reward_model_path]
-        check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_funcs)
-        judge_tokenizer = check_judge(args)  # a local judge's tokenizer; the HTTP judge: a trial question
-        plan = make_plan(args, len(dataset), world)
-    check_same_resume(resume)
-    B, GA, K = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_samples  # a step's shape
-    set_seed(args.seed)  # Python's, NumPy's and torch's streams, which reward functions may use
-    bf16 = wants_bf16(args, device)
-
-    # 1. Models: the policy (or its checkpoint), the frozen reference, the reward models or the judge.
-    policy, train_model = load_policy(policy_path, args, device, world, bf16, resume=bool(resume))
-    frozen = dict(args=args, device=device, shard=world > 1 and args.distributed == "fsdp", bf16=bf16)
-    ref = load_reference(args, policy, resume, frozen)
-    reward_models = [(load_frozen(AutoModelForSequenceClassification, path, **frozen, num_labels=1,
-                                  pad_token_id=reward_tokenizer.pad_token_id), reward_tokenizer)  # it finds rows' ends
-                     for path, reward_tokenizer in zip(args.reward_model_path, reward_tokenizers)]
-    judge = load_judge(args, judge_tokenizer, frozen)  # a local judge, or None
-    generation, stop_ids = sampling_settings(args, tokenizer, policy)
-    packed = check_packing(args, policy, ref)  # a trial forward: do the models apply a 4D attention mask?
-    decoder = make_decoder(args.torch_compile, policy, args.max_length, device, say)  # eager, or compiled
-    run = Rollout(args=args, tokenizer=tokenizer, rank=rank, world=world, device=device,
-                  autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), generation=generation,
-                  stop_ids=stop_ids, reward_models=reward_models, reward_funcs=reward_funcs, judge=judge,
-                  packed=packed, judged=bool(args.judge_model_path or args.judge_api_base), decoder=decoder)
-    say(feedback_line(args))
-    generator = torch.Generator(device).manual_seed(args.seed + rank)  # each rank samples completions of its own
-    optimizer, scheduler = make_optimizer(policy, args, plan)
-    checkpoint = functools.partial(save_checkpoint, policy, optimizer, scheduler, tokenizer, args, ref, run.reference)
-
-    state = dict(step=0, epoch=0.0, micro_batches_done=0, world_size=world, nonfinite_steps=0, empty_steps=0,
-                 wandb_id=None)  # what trainer_state.json holds
-    window = Window()  # the metrics since the last logged line
-    if resume:  # the optimizer, schedule, data position, random streams, window
-        state, window = load_checkpoint(resume, policy, optimizer, scheduler, generator, rank, run.reference)
-    start_output_dir(args, resume, state)
-    log = Log(args, plan, state, resume is not None)
-    eval_prompts, eval_columns = held_out(args, test_set, rank, world)
-    data = micro_batches(dataset, args, plan, rank, world, state["micro_batches_done"])
-
-    with stop_signals() as signals, log.bar:  # SIGTERM, Ctrl-C, SIGHUP: finish the step (or save), exit
-        for step in range(state["step"] + 1, plan.total + 1):
-            beta = args.beta[min((step - 1) // plan.per_epoch, len(args.beta) - 1)]  # one per epoch, then the last
-            micro = Window()  # this step's metrics
-            last_good = rank_state(generator, window)  # where a failing reward function or judge rewinds to
-            for micro_step in range(GA):
-                batch = next(data)
-                prompts = batch.pop(args.dataset_prompt_column)
-
-                # 2. Sample K completions per prompt from the policy as it is now: rows [all 1st samples, ..., K-th].
-                samples = rollout(run, policy, prompts, generator, K, window)
-
-                # 3-4. Feedback and pairs: per prompt the best and worst sample by reward, or the judge's choice.
-                try:
-                    pairs = preferences(run, prompts, samples, {k: v * K for k, v in batch.items()})
-                except FeedbackError as e:  # saved: the step before, from which a resume is exact
-                    before = progress(state, step - 1, plan, args)
-                    raise feedback_failed(e, f"step {step}", checkpoint, before, last_good) from None
-                pick = torch.cat([pairs.chosen, pairs.rejected])  # (2B,) rows: the chosen completions, the rejected
-
-                # 5. Log-probs of the pairs' completions under the policy (with grad) and the reference, (2B, T).
-                sync_gradients(train_model, micro_step == GA - 1)  # DDP: averaged in the last backward only
-                inputs = samples.training_inputs(pick, run.packed)
-                with run.autocast:
-                    logps = completion_logprobs(train_model, *inputs, packed=run.packed)
-                    with torch.no_grad():
-                        ref_logps = completion_logprobs(ref, *inputs, packed=run.packed)
-
-                # 6. Loss: per pair (dpo_loss, plus RPO's term), averaged over the pairs kept (none kept: 0, and
-                # backward keeps DDP in step); divided by GA, the gradients of the micro-batches add up to their mean.
-                logp, ref_logp = logps.sum(1), ref_logps.sum(1)  # (2B,) each completion's log-prob
-                losses = dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], beta, args.loss_type,
-                                  args.label_smoothing)  # (B,)
-                kept = pairs.kept
-                parts = {}
-                if args.rpo_alpha is not None:  # RPO (Pang et al. 2024): + alpha x the chosen's NLL per token
-                    nll = args.rpo_alpha * -logp[:B] / inputs.completion_mask[:B].sum(1)  # (B,)
-                    parts = {"loss/dpo": losses[kept].detach(), "loss/nll": nll[kept].detach()}
-                    losses = losses + nll
-                loss = torch.where(kept, losses, 0.0).sum() / kept.sum().clamp(min=1)
-                (loss / GA).backward()
-                in_loss = torch.arange(B, device=device)[kept]  # the kept pairs' chosen rows among the 2B
-                micro.add(step_metrics(logps.detach(), ref_logps, inputs.completion_mask, pairs.scores, in_loss,
-                                       in_loss + B, samples.has_eos[pick], losses[kept], beta) | pairs.metrics | parts)
-
-            # 7. Optimizer step: clip, AdamW, schedule; skipped on all ranks for a NaN/inf, or if no pair was kept.
-            grad_norm, status, stopping = optimizer_step(policy, optimizer, scheduler, args, micro, bool(signals))
-            halt = count_steps(state, status, step, args, micro)  # why the run must stop now, or None
-            if args.sync_ref_model and step % args.ref_model_sync_steps == 0:  # TR-DPO: the reference moves
-                reference_answers(run, ref, eval_prompts, eval_columns)  # evaluate(): against the one it was
-                mix_reference(ref, policy, args.ref_model_mixup_alpha)
-                log.line(step, {"ref_model_sync": 1})
-            if status != "nonfinite":
-                window.add(micro.sums, micro.counts)
-            window.steps += 1
-            log.bar.update(1)
-
-            # 8. Log (means over all ranks since the last line), the completions, an evaluation, a checkpoint.
-            if step % plan.log == 0 or step == plan.total or halt:
-                log.line(step, window.means(
-                    learning_rate=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), epoch=step / plan.per_epoch,
-                    nonfinite_steps=state["nonfinite_steps"], empty_steps=state["empty_steps"], **decoder.stats()))
-                window = Window()
-            if plan.eval and step % plan.eval == 0:  # the last micro-batch's pairs; the policy against the reference
-                log.pairs(step, prompts, samples.texts, pairs)
-                try:
-                    if step < plan.total and eval_prompts:
-                        log.line(step, *evaluate(run, policy, ref, eval_prompts, eval_columns))
-                except FeedbackError as e:
-                    done = progress(state, step, plan, args)
-                    raise feedback_failed(e, f"step {step}, in the comparison with the reference", checkpoint, done,
-                                          rank_state(generator, window)) from None
-            if (plan.save and step % plan.save == 0 and step < plan.total) or stopping or halt:
-                state = progress(state, step, plan, args)
-                saved = checkpoint(state, rank_state(generator, window))
-            if halt:
-                log.close()
-                raise TrainingError(f"{halt}; saved {saved}")
-            if stopping:
-                say(f"stopped by a signal after step {step}; saved {saved}: go on with --resume_from_checkpoint latest")
-                log.close()
-                del train_model  # DDP's reducer goes now: freed at exit, it can deadlock gloo
-                raise SystemExit(signal_exit(signals))
-
-        # 9. Save the policy for from_pretrained(output_dir).
-        save_final(policy, tokenizer, args, progress(state, plan.total, plan, args), rank_state(generator, window),
-                   plan, checkpoint)
-    say(f"saved the trained model to {args.output_dir}")
-
-    # 10. Before / after: the reference and the trained policy answer the same held-out prompts, scored as in training.
-    if eval_prompts:
-        logs, records = evaluate(run, policy, ref, eval_prompts, eval_columns)
-        log.line(plan.total, logs, records)
-        say(before_after(logs, records))
-    log.close()
-    if args.push_to_hub and is_main():
-        push_to_hub(args)
-    return policy
-
-
-# ==== Below: what a first reading can skip
-
-
-# ---- Skipped steps: counted, and the run stops when they persist
-
-MAX_EMPTY_STEPS = 5  # steps in a row in which no pair carried a preference: the run stops
-MAX_NONFINITE_STEPS = 10  # steps in a row with a NaN/inf loss or gradient: the run stops
-EMPTY_CAUSES = {  # why no pair was kept: the metric that counts it, and what it means
-    "pairs/unscored": "no reward scored the completions (None or NaN)",
-    "pairs/ties": "the samples tied",
-    "judge/undecided": "the judge was undecided",
-    "judge/invalid": "the judge gave no A or B (is it up?)",
-}
-
-
-def count_steps(state, status, step, args, micro):
-    """Count the skipped steps into trainer_state, in all and in a row; why the run must stop, or None."""
-    for kind in ("nonfinite", "empty"):
-        state[f"{kind}_steps"] = state.get(f"{kind}_steps", 0) + (status == kind)
-        if status == kind:
-            state[f"{kind}_in_a_row"] = state.get(f"{kind}_in_a_row", 0) + 1
-        else:
-            state[f"{kind}_in_a_row"] = 0
-    if status == "broken":
-        raise TrainingError(f"the update of step {step} made the weights NaN/inf (not saved); latest checkpoint: "
-                            + latest_checkpoint(args))
-    if state["nonfinite_in_a_row"] >= MAX_NONFINITE_STEPS:
-        return (f"the loss or gradient was NaN/inf in {state['nonfinite_in_a_row']} steps in a row (up to step "
-                f"{step}): lower --learning_rate or check the rewards and data")
-    if status == "empty":  # kept for the message of this stop and of save_final()'s
-        share = {k: float(micro.sums[k]) / micro.counts[k] for k in EMPTY_CAUSES if micro.counts.get(k)}
-        state["empty_cause"] = EMPTY_CAUSES[max(share, key=share.get)]
-    if state["empty_in_a_row"] >= MAX_EMPTY_STEPS:
-        return (f"no pair carried a preference in {MAX_EMPTY_STEPS} steps in a row (up to step {step}): "
-                + state["empty_cause"])
-    return None
-
-
-# ---- Loading: rank 0 reads, several nodes; LoRA (--use_peft, dpo_kernels/lora.py)
-
-
-def from_rank_0(model, whole, device, shard, meta):
-    """place(): rank 0's weights `whole` to every rank (FSDP2: its shards alone), then the buffers
-    (rotary frequencies), in no state dict."""
-    if meta:
-        model.to_empty(device=device)  # filled below
-    elif not shard:
-        model.to(device)
-    if meta and not shard:  # to_empty unties them (FSDP2's does not)
-        model.tie_weights()
-    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for buffer in model.buffers():
-        dist.broadcast(buffer, 0)
-
-
-def device_mesh(device_type):
-    """FSDP2's mesh: the ranks; on several nodes (nodes, ranks per node), HSDP: shards within a node,
-    replicas across, so that the layers' all-gathers stay on the node's fast links."""
-    world = dist.get_world_size()
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if per_node == world:
-        return init_device_mesh(device_type, (world,))
-    return init_device_mesh(device_type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
-
-
-def add_lora(model, args, resume=None):
-    """--use_peft: adapters on the targeted linear layers of the decoder blocks, all else frozen."""
-    names = set(args.lora_target_modules) - {"all-linear"}  # empty: every linear layer
-    if not add_adapters(model, decoder_blocks(model), names, args.lora_r, args.lora_alpha, args.lora_dropout):
-        raise UsageError(f"--lora_target_modules {' '.join(names)}: no linear layer in the decoder blocks is named so")
-    if resume and is_main():  # to the others in place()
-        load_adapter(model, os.path.join(resume, "adapter"))
-
-
-# ---- Checks of the inputs
-
-GENERATION_KEYS = "temperature top_k top_p min_p repetition_penalty do_sample suppress_tokens eos_token_id".split()
-# What each numeric flag allows (NaN and inf: never).
-RULES = {flag: (ok, what) for flags, ok, what in [
-    ("max_new_tokens per_device_train_batch_size gradient_accumulation_steps save_total_limit lora_r "
-     "judge_api_concurrency ref_model_sync_steps", lambda v: v >= 1, ">= 1"),
-    ("beta logging_steps lora_alpha judge_api_timeout", lambda v: v > 0, "> 0"),
-    ("temperature repetition_penalty", lambda v: v >= 1e-4, ">= 1e-4 (logits divided by less can overflow)"),
-    ("top_k missing_eos_penalty learning_rate warmup_steps weight_decay max_grad_norm save_steps "
-     "eval_steps eval_prompts tie_threshold judge_api_retries rpo_alpha", lambda v: v >= 0, ">= 0"),
-    ("reward_weights num_train_epochs", lambda v: True, "finite"),
-    ("num_samples", lambda v: v >= 2, ">= 2 (a pair needs two completions)"),
-    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("min_p ref_model_mixup_alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("judge_undecided label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
-    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)")] for flag in flags.split()}
-
-
-def bad_number(flag, value):
-    """What is wrong with a numeric flag's value (or with one of its values), or None."""
-    ok, what = RULES[flag]
-    if value is None:
-        return None
-    values = value if isinstance(value, tuple) else (value,)
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and ok(v)):
-            return f"{flag} must be {what}, got {value!r}"
-    return None
-
-
-def number_problems(values, prefix):
-    """For raise_first(): (True, message) for each value (flag: value) that breaks its rule."""
-    messages = [bad_number(flag, value) for flag, value in values.items()]
-    return [(True, prefix + message) for message in messages if message]
-
-
-def raise_first(problems, prefix=""):
-    """A UsageError with the first message whose `bad` is true."""
-    for bad, message in problems:
-        if bad:
-            raise UsageError(prefix + message)
-
-
-def json_dict(text, flag):
-    try:
-        value = json.loads(text) if text else {}
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise UsageError(f"--{flag} must be a JSON object such as '{{\"key\": 1}}', got {text!r}")
-    return value
-
-
-PATH_FLAGS = "model_name_or_path ref_model_path judge_model_path dataset_name output_dir resume_from_checkpoint".split()
-
-
-def check_args(args):
-    """Check the flags on their own; fill in the default reward model (the spec's quick start's)."""
-    judge = bool(args.judge_model_path or args.judge_api_base)
-    if args.reward_model_path is None:
-        args.reward_model_path = () if args.reward_funcs or judge else ("trl-lib/Qwen2-0.5B-Reward",)
-    for flag in PATH_FLAGS:  # no shell expands the ~ of `--output_dir=~/x`
-        value = getattr(args, flag)
-        if isinstance(value, str):
-            setattr(args, flag, os.path.expanduser(value))
-    args.reward_model_path = tuple(os.path.expanduser(path) for path in args.reward_model_path)
-    n_rewards = len(args.reward_model_path) + len(args.reward_funcs)
-    json_dict(args.model_init_kwargs, "model_init_kwargs")
-    generation = json_dict(args.generation_kwargs, "generation_kwargs")
-    unknown = sorted(set(generation) - set(GENERATION_KEYS))
-    try:
-        filled = (args.judge_prompt or JUDGE_PROMPT).format(prompt="\0p", response_a="\0a", response_b="\0b")
-        bad_template = not all(f"\0{k}" in filled for k in "pab")
-    except (KeyError, IndexError, ValueError):
-        bad_template = True
-    raise_first([
-        (args.loss_type not in ("sigmoid", "ipo", "hinge", "robust"),
-         f"--loss_type must be sigmoid, ipo, hinge or robust, got {args.loss_type!r}"),
-        (args.label_smoothing and args.loss_type in ("ipo", "hinge"), f"--label_smoothing with --loss_type "
-         f"{args.loss_type}: only sigmoid (cDPO) and robust weigh a flipped label; drop one"),
-        (args.sync_ref_model and args.use_peft, "--sync_ref_model with --use_peft: the reference, the policy with "
-         "its adapters off, has no weights of its own to move; drop one"),
-        (not args.beta, "--beta needs one or more values"),
-        (args.max_new_tokens >= args.max_length,
-         f"--max_new_tokens ({args.max_new_tokens}) must be smaller than --max_length ({args.max_length})"),
-        (n_rewards == 0 and not judge, "no reward: give --reward_model_path and/or --reward_funcs, or a judge"),
-        (judge and n_rewards > 0, "a judge and rewards both given: drop one"),
-        (args.judge_model_path and args.judge_api_base, "--judge_model_path and --judge_api_base: give one judge"),
-        (args.judge_api_base is not None and not args.judge_api_model, "--judge_api_base needs --judge_api_model"),
-        (judge and args.num_samples != 2, "a judge compares two completions: --num_samples must be 2 with it"),
-        (judge and args.missing_eos_penalty is not None, "--missing_eos_penalty lowers reward scores: drop it"),
-        (args.reward_weights is not None and len(args.reward_weights) != n_rewards, f"--reward_weights has "
-         f"{len(args.reward_weights or ())} values but there are {n_rewards} rewards (models, then functions)"),
-        (args.max_steps <= 0 and args.num_train_epochs <= 0, "set --max_steps > 0 or --num_train_epochs > 0"),
-        (args.resume_from_checkpoint is not None and args.overwrite_output_dir,
-         "--resume_from_checkpoint and --overwrite_output_dir: give one"),
-        (os.path.isfile(args.output_dir), f"--output_dir {args.output_dir!r} is a file; give a directory"),
-        (args.use_peft and args.ref_model_path, "--ref_model_path with --use_peft: the reference is the policy, "
-         "adapters off; drop one"),
-        *number_problems({flag: getattr(args, flag) for flag in RULES}, "--"),
-        (unknown, f"--generation_kwargs: unsupported keys {unknown}; supported: {', '.join(GENERATION_KEYS)}"),
-        (None in generation.values(), "--generation_kwargs: a null value; leave the key out for its default"),
-        *number_problems({k: v for k, v in generation.items() if k in RULES}, "--generation_kwargs "),
-        (type(generation.get("top_k", 0)) is not int, "--generation_kwargs top_k must be an integer"),
-        (generation.get("do_sample", True) is not True, "--generation_kwargs do_sample must be true, got "
-         f"{generation.get('do_sample')!r}: greedy decoding makes both samples the same"),
-        (bad_template, "--judge_prompt must contain {prompt}, {response_a} and {response_b}, and no other braces "
-         "(literal ones: {{ and }})"),
-    ])
-    if args.push_to_hub and huggingface_hub.get_token() is None:
-        raise UsageError("--push_to_hub needs a Hub token: run `hf auth login` or set HF_TOKEN")
-    defaults = Args()
-    lora = [f"--{k}" for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-            if getattr(args, k) != getattr(defaults, k)]
-    if lora and not args.use_peft:
-        say(f"note: {', '.join(lora)} ignored without --use_peft")
-
-
-def check_output_dir(args):
-    """output_dir: writable, not a root, not in use, holding no input (it would be overwritten)."""
-    out = os.path.realpath(args.output_dir)
-    if os.path.dirname(out) == out:  # the model and its .tmp would land in a root
-        raise UsageError(f"--output_dir {args.output_dir!r} is a root directory; give a directory inside one")
-    if os.path.islink(args.output_dir) and not os.path.exists(args.output_dir):
-        raise UsageError(f"--output_dir {args.output_dir!r} is a dangling symlink; remove it or give another")
-    paths = [(k, getattr(args, k)) for k in PATH_FLAGS[:4]]  # the inputs
-    for flag, path in paths + [("reward_model_path", p) for p in args.reward_model_path]:
-        real = os.path.realpath(path) if path and os.path.exists(path) else None
-        if real == out or real and args.overwrite_output_dir and real.startswith(out + os.sep):
-            raise UsageError(f"--{flag} {path!r} is in --output_dir, which this run would overwrite: give another")
-    try:  # on every rank: each node may have a disk of its own
-        os.makedirs(args.output_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.output_dir).close()
-    except OSError as e:
-        raise UsageError(f"--output_dir {args.output_dir!r} is not writable ({e.strerror}); give another") from None
-    holder = lock_output_dir(args.output_dir) if is_main() else None
-    if holder:
-        raise UsageError(f"--output_dir {args.output_dir!r} is in use by {holder}: wait for it to end, or give another")
-
-
-def load_reward_func(spec):
-    """A reward function from `module:function` (importable from here) or `file.py:function`."""
-    module_name, _, func_name = spec.rpartition(":")
-    if not module_name or not func_name:
-        raise UsageError(f"--reward_funcs {spec!r}: expected `module:function` or `file.py:function`")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        if module_name.endswith(".py"):
-            names = runpy.run_path(module_name)
-        else:
-            names = vars(importlib.import_module(module_name))
-    except USER_FAULTS as e:
-        raise UsageError(f"--reward_funcs {spec!r}: cannot import {module_name!r} ({why(e)})") from None
-    func = names.get(func_name)
-    if not callable(func):
-        raise UsageError(f"--reward_funcs {spec!r}: {module_name!r} has no function {func_name!r}")
-    return func
-
-
-def reward_column(out, func, n, device):
-    """A reward function's answer as a column (n,) of floats, None as NaN.
-    Anything else names the function."""
-    name = getattr(func, "__name__", repr(func))
-    if not isinstance(out, (list, tuple)) or len(out) != n:
-        raise FeedbackError(f"reward function {name} must return a list of {n} numbers (one per completion), got "
-                            f"{type(out).__name__} {str(out)[:40]}")
-    numbers = all(not isinstance(r, (str, bytes, bool)) for r in out)  # float() takes "1.5" and True
-    try:
-        values = [math.nan if r is None else float(r) for r in out]
-    except (TypeError, ValueError):
-        numbers = False
-    if not numbers:
-        raise FeedbackError(f"reward function {name} returned something that is not a number or None: {out[:4]}...")
-    return torch.tensor(values, device=device)
-
-
-DATA_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
-
-
-def load_prompts(args):
-    """The train and held-out (or None) splits from a file, save_to_disk or the Hub, checked."""
-    name = args.dataset_name
-    train_split = args.dataset_train_split
-    test_split = args.dataset_test_split
-    column = args.dataset_prompt_column
-    ext = os.path.splitext(name)[1].lower()
-    file = os.path.isfile(name)
-    local = os.path.isdir(name)
-    saved = local and not {"dataset_dict.json", "state.json"}.isdisjoint(os.listdir(name))
-    if not os.path.exists(name) and (name.startswith((".", "/")) or ext in DATA_EXTENSIONS):  # not a Hub id
-        raise UsageError(f"--dataset_name {name!r}: no such file or directory")
-    if file and ext not in DATA_EXTENSIONS:
-        raise UsageError(f"--dataset_name {name!r}: a data file must be .json, .jsonl, .parquet or .csv")
-    if file and os.path.getsize(name) == 0:  # datasets would raise a bare StopIteration
-        raise UsageError(f"--dataset_name {name!r} is an empty file")
-    if local and not os.listdir(name):
-        raise UsageError(f"--dataset_name {name!r} is an empty directory")
-    if (file or saved) and args.dataset_config:
-        say(f"note: --dataset_config {args.dataset_config!r} ignored: {name!r} is local")
-    try:
-        if file:
-            builder = {".jsonl": "json"}.get(ext, ext[1:])
-            splits = {train_split: datasets.load_dataset(builder, data_files=name, split="train")}
-        elif saved:
-            splits = datasets.load_from_disk(name)
-            if not isinstance(splits, datasets.DatasetDict):
-                splits = {train_split: splits}
-        else:
-            splits = datasets.load_dataset(name, args.dataset_config)
-    except Exception as e:  # malformed, no rows, no Hub: the root cause says
-        while e.__cause__ or e.__context__:
-            e = e.__cause__ or e.__context__
-        cache = os.path.abspath(datasets.config.HF_DATASETS_CACHE)
-        if isinstance(e, OSError) and os.path.abspath(str(e.filename)).startswith(cache):
-            problem = f"the datasets cache {cache!r} is not usable ({why(e)}); set HF_HOME to a writable directory"
-        elif file:
-            problem = f"could not read it ({why(e)}); is it a valid {ext[1:]} file?"
-        elif saved:
-            problem = f"could not read this saved dataset ({why(e)}); check that it holds prompts"
-        elif local:
-            problem = f"could not read the data files in this directory ({why(e)})"
-        else:
-            problem = f"could not load it ({why(e)}); " + OFFLINE_HINT
-        raise UsageError(f"--dataset_name {name!r}: {problem}") from None
-    if train_split not in splits:
-        raise UsageError(f"--dataset_train_split {train_split!r} is not a split of {name!r}; splits: {list(splits)}")
-    train = splits[train_split]
-    test = splits.get(test_split) if test_split != train_split else None
-    for split, ds in ((train_split, train), (test_split, test)):
-        if ds is None:
-            continue
-        if column not in ds.column_names:
-            close = difflib.get_close_matches(column, ds.column_names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UsageError(f"--dataset_prompt_column {column!r} is not a column of {name!r}; columns: "
-                             f"{ds.column_names}{hint}")
-        check_prompt_rows(ds.select_columns(column)[:][column] if len(ds) else [], name, split)  # one column: cheap
-    if len(train) == 0:
-        raise UsageError(f"--dataset_name {name!r}: the {train_split!r} split is empty")
-    return train, test
-
-
-def check_prompt_rows(prompts, name, split):
-    """All prompts non-empty text, or all conversations; the first that is not is named."""
-    kinds = set()
-    for i, prompt in enumerate(prompts):
-        chat = is_conversational(prompt)
-        kinds.add(chat)
-        if len(kinds) > 1:
-            problem = "conversations and text mixed"
-        elif not chat and not (isinstance(prompt, str) and prompt.strip()):
-            problem = f"the prompt is {prompt!r:.80}"
-        else:
-            continue
-        raise UsageError(f"--dataset_name {name!r}, split {split!r}, row {i}: {problem}; prompts are all non-empty "
-                         "text, or all lists of {role, content} messages")
-
-
-def is_conversational(prompt):
-    """A non-empty list of {role, content} messages, each with some text."""
-    if not isinstance(prompt, list) or prompt == []:
-        return False
-    return all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-               and m["content"].strip() for m in prompt)
-
-
-TORCHRUN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def check_torchrun():
-    """torchrun's variables: whole numbers, all or none, ranks in order."""
-    env = {k: os.environ[k] for k in TORCHRUN if k in os.environ}
-    for k, v in env.items():
-        if k != "MASTER_ADDR" and not v.isdigit():
-            raise UsageError(f"{k}={v!r} is not a whole number: unset it, or use torchrun")
-    world = int(env.get("WORLD_SIZE", "1"))
-    rank = int(env.get("RANK", "0"))
-    local_rank = int(env.get("LOCAL_RANK", "0"))
-    if world == 1 and rank == 0 and local_rank == 0:  # one process, torchrun's or not
-        return
-    missing = [k for k in TORCHRUN if k not in env and k != "LOCAL_WORLD_SIZE"]
-    if missing:
-        given = ", ".join(f"{k}={v}" for k, v in env.items())
-        raise UsageError(f"{given} set but {', '.join(missing)} not: unset them, or use torchrun")
-    if not (world >= 1 and rank < world and local_rank <= rank):
-        raise UsageError(f"RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world}: not 0 <= LOCAL_RANK <= RANK < "
-                         "WORLD_SIZE; unset them, or use torchrun")
-
-
-def load_model(auto_class, path, args, **kwargs):
-    # transformers >= 5.25 swaps layers for Hub kernels by default: fetched from the Hub, chosen for the device the
-    # model loads on (the CPU here; meta, which they refuse, on ranks > 0). Off: the model's own layers, as before.
-    kwargs = {"use_kernels": False} | kwargs
-    if not is_main():  # place() sends rank 0's weights (one copy in RAM)
-        kwargs["device_map"] = "meta"
-    try:
-        model = auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
-    except OSError as e:
-        raise unreachable("model", path, e) from None
-    except Exception as e:  # corrupt weights, an argument the model refuses
-        raise UsageError(f"could not load the model in {path!r}: {why(e)}") from None
-    if not is_main():  # as from_pretrained does after reading weights
-        model.tie_weights()
-    return model
-
-
-def wants_bf16(args, device):
-    """--bf16; when it is not given, whether the device is a GPU that has bf16."""
-    if args.bf16 is not None:
-        return args.bf16
-    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)  # emulated: slow
-
-
-def unreachable(what, path, error):
-    return UsageError(f"could not load {what} {path!r} ({error}). Give a Hub id you can reach or a local directory; "
-                      f"{OFFLINE_HINT}")
-
-
-def load_tokenizer(path, args, flag):
-    """The model's tokenizer and config; a missing pad token, or one past the embedding, becomes EOS."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:  # ValueError: no tokenizer files
-        raise unreachable("the tokenizer of", path, e) from None
-    if not tokenizer("Hello world.", add_special_tokens=False)["input_ids"]:  # a directory without its files
-        raise UsageError(f"could not load the tokenizer of {path!r}: it has no vocabulary; save it with the model")
-    config = model_config(path, args, flag)
-    vocab = getattr(config, "vocab_size", None) or math.inf
-    if tokenizer.vocab_size > vocab:  # another model's tokenizer
-        raise UsageError(f"{flag} {path!r}: its tokenizer has {tokenizer.vocab_size} tokens, its model {vocab} "
-                         "embeddings; save the model's own tokenizer with it")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= vocab:
-        if tokenizer.eos_token_id is None or tokenizer.eos_token_id >= vocab:
-            raise UsageError(f"the tokenizer of {path!r} has no pad or EOS token in the model's {vocab} embeddings")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, config
-
-
-def model_config(path, args, flag):
-    """The model's config, checked for its role (in another it would run a random head)."""
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:  # ValueError: no model config
-        raise unreachable("model", path, e) from None
-    kinds = config.architectures or []
-    reward = flag == "--reward_model_path"
-    heads = [k.endswith("ForSequenceClassification") for k in kinds]
-    wrong_kind = not any(heads) if reward else all(heads)
-    if kinds and wrong_kind:
-        raise UsageError(f"{flag} {path!r} is a {kinds[0]}, not a {'reward model' if reward else 'causal LM'}")
-    if reward and config.num_labels != 1:
-        raise UsageError(f"--reward_model_path {path!r} has a head with {config.num_labels} outputs, not 1")
-    return config
-
-
-LOADING_KEYS = set("attn_implementation dtype torch_dtype revision low_cpu_mem_usage use_safetensors variant cache_dir "
-                   "subfolder local_files_only token".split())  # from_pretrained's own arguments
-SHAPE_KEYS = ("model_type vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
-              "num_key_value_heads head_dim tie_word_embeddings").split()  # what fixes the weights' shapes
-ATTENTION = "eager, sdpa, flash_attention_2, flash_attention_3, flex_attention"
-
-
-def check_loading(args, config):
-    """With the policy's config: --generation_kwargs' token ids, --model_init_kwargs, the reference."""
-    vocab = getattr(config, "vocab_size", None) or math.inf
-    for key, value in json_dict(args.generation_kwargs, "generation_kwargs").items():
-        if key not in ("suppress_tokens", "eos_token_id"):
-            continue
-        if isinstance(value, list):
-            ids = value
-        elif key == "eos_token_id":  # one id, or a list of them
-            ids = [value]
-        else:  # suppress_tokens takes a list only
-            ids = [None]
-        if not all(type(i) is int and 0 <= i < vocab for i in ids):
-            raise UsageError(f"--generation_kwargs {key} must be token ids in [0, {vocab}), got {value!r}")
-        if key == "eos_token_id" and not ids:
-            raise UsageError("--generation_kwargs eos_token_id []: sampling would never stop; give one id or more")
-    kwargs = json_dict(args.model_init_kwargs, "model_init_kwargs")
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype", "float32"))
-    problems = [(k not in LOADING_KEYS and not hasattr(config, k), f"{k!r} is neither a from_pretrained argument "
-                 "nor a config field") for k in kwargs]
-    problems += [
-        (kwargs.get("attn_implementation", "sdpa") not in ATTENTION.split(", "),
-         f"attn_implementation must be one of {ATTENTION}"),
-        (dtype not in ("float32", "float64"), f"dtype must be float32 or float64, got {dtype!r} (see --bf16)")]
-    raise_first(problems, prefix="--model_init_kwargs: ")
-    if not args.ref_model_path:
-        return
-    ref_config = model_config(args.ref_model_path, args, "--ref_model_path")
-    ref_vocab = getattr(ref_config, "vocab_size", None)
-    if (ref_vocab or math.inf) < vocab:  # it scores the policy's tokens
-        raise UsageError(f"--ref_model_path {args.ref_model_path!r} has {ref_vocab} token embeddings, fewer than "
-                         f"the policy's {vocab}")
-    differ = [k for k in SHAPE_KEYS if getattr(ref_config, k, None) != getattr(config, k, None)]
-    if args.sync_ref_model and differ:  # mixed weight by weight
-        raise UsageError(f"--sync_ref_model mixes the policy into --ref_model_path, whose {differ[0]} differs from "
-                         "the policy's; give a reference of the policy's shape")
-
-
-def check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_funcs, n=512):
-    """On the first n prompts: chat templates, lengths, and a trial call of each reward function (two
-    prompts, one held out), so that a broken one fails before the models load."""
-    columns = dataset[:n]
-    prompts = columns.pop(args.dataset_prompt_column)
-    chat = is_conversational(prompts[0])
-    for path, reward_tokenizer in zip(args.reward_model_path, reward_tokenizers):
-        if chat and reward_tokenizer.chat_template is None:
-            raise UsageError(f"the prompts are conversations: reward model {path!r} has no chat template")
-    try:
-        lengths = [len(ids) for ids in prompt_token_ids(tokenizer, prompts)]
-    except UsageError as e:
-        raise UsageError(f"--dataset_name {args.dataset_name!r} with the tokenizer of {args.model_name_or_path!r}: "
-                         f"{e}") from None
-    limit = args.max_length - args.max_new_tokens
-    if min(lengths) > limit:
-        raise UsageError(f"all {len(lengths)} prompts checked are longer than --max_length - --max_new_tokens = "
-                         f"{limit} tokens: raise --max_length")
-    cut = sum(n > limit for n in lengths)
-    if cut:
-        say(f"note: {cut} of the first {len(lengths)} prompts are longer than --max_length - --max_new_tokens = "
-            f"{limit} tokens and lose their start")
-    trials = [(prompts[:2], {k: v[:2] for k, v in columns.items()}, "2 dataset prompts")]
-    if test_set is not None and len(test_set) and args.eval_prompts:
-        held = test_set[:1]
-        trials.append((held.pop(args.dataset_prompt_column), held, f"a {args.dataset_test_split!r} prompt"))
-    texts = ["A placeholder answer."] * 2
-    completions = texts
-    if chat:
-        completions = [[{"role": "assistant", "content": t}] for t in texts]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    for func in reward_funcs:
-        for trial, trial_columns, what in trials:
-            rows = len(trial)
-            score_completions(trial, completions[:rows], ids[:rows], trial_columns, [], [func], torch.ones(1),
-                              when=f" on a trial call ({what}, placeholder completions)")
-
-
-def check_packing(args, *models):
-    """Whether training can pack each pair into a row (training_rows()); if not, says why."""
-    if not args.prefix_sharing:
-        return False
-    for model in models:
-        reason = packing_problem(args, model)
-        if reason:
-            say(f"prefix sharing off in training: {reason}")
-            return False
-    return True
-
-
-def packing_problem(args, model):
-    """Why the model cannot take packed rows (a 4D mask; eager or sdpa, no short sliding window), or None."""
-    config = model.config
-    if config._attn_implementation not in ("eager", "sdpa"):
-        return f"attn_implementation {config._attn_implementation} takes no 4D attention mask"
-    if (getattr(config, "sliding_window", None) or math.inf) < 2 * args.max_length:
-        return f"its sliding window ({config.sliding_window} tokens) may be shorter than a row"
-    # The trial, 5 sequences of 3 tokens: a rejected completion (5th) gets the same log-probs after either
-    # chosen one (2nd, 3rd), which it may not see, and others after another prompt (1st or 2nd), which it sees.
-    ids = (torch.arange(15, device=next(model.parameters()).device) % config.vocab_size).view(5, 3)
-    one = torch.ones_like(ids)
-    was_training = model.training
-    try:  # eval mode: no dropout; gathered: FSDP2 reshards afterwards
-        rejected = []
-        with torch.no_grad(), gathered(model.eval()):
-            for prompt, chosen in ((0, 2), (0, 3), (1, 2)):
-                logps = completion_logprobs(model, ids[[prompt]], one[:1], ids[[chosen, 4]], one[:2], packed=True)
-                rejected.append(logps[1, 1:])  # its first token is predicted by the prompt alone
-        applied = torch.equal(rejected[0], rejected[1]) and not torch.equal(rejected[0], rejected[2])
-        reason = None if applied else "the model does not apply a 4D mask"
-    except Exception as e:
-        reason = f"the model refuses a 4D attention mask ({why(e)})"
-    model.train(was_training)
-    return reason
-
-
-# Steps per epoch, in all, of warmup; how often to log, save and evaluate (0: never).
-Plan = collections.namedtuple("Plan", "per_epoch total warmup log save eval")
-
-
-def make_plan(args, n_prompts, world):
-    B = args.per_device_train_batch_size
-    GA = args.gradient_accumulation_steps
-    per_epoch = n_prompts // (B * GA * world)
-    if per_epoch == 0:
-        raise UsageError(f"the dataset has {n_prompts} prompts but one optimizer step needs per_device_train_batch_size"
-                         f" x gradient_accumulation_steps x processes = {B} x {GA} x {world} = {B * GA * world}")
-    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
-    return Plan(per_epoch=per_epoch, total=total, warmup=steps_of(args.warmup_steps, total),
-                log=max(1, steps_of(args.logging_steps, total)), save=steps_of(args.save_steps, total),
-                eval=steps_of(args.eval_steps, total))
-
-
-def steps_of(value, total):
-    """A number of steps, as TrainingArguments reads one: below 1, a fraction of all steps."""
-    return math.ceil(value * total) if 0 < value < 1 else int(value)
-
-
-def sampling_settings(args, tokenizer, policy):
-    """sample()'s keyword arguments, and the stop ids (default: the tokenizer's and model's EOS)."""
-    generation = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
-                  "repetition_penalty": args.repetition_penalty, "do_sample": True, "suppress_tokens": None}
-    generation |= json_dict(args.generation_kwargs, "generation_kwargs")
-    eos = generation.pop("eos_token_id", None)
-    if eos is None:
-        configured = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
-        if not isinstance(configured, list):
-            configured = [configured]
-        eos = sorted(i for i in {tokenizer.eos_token_id, *configured} - {None})
-    if isinstance(eos, int):
-        eos = [eos]
-    return generation, list(eos)
-
-
-# ---- Checkpoints, resume, the final save
-
-# Args that change neither completions nor updates: a resumed run may change them.
-RESUMABLE_CHANGES = set("""preset output_dir resume_from_checkpoint overwrite_output_dir logging_steps save_steps
-    save_total_limit eval_prompts report_to run_name push_to_hub hub_model_id bf16 gradient_checkpointing
-    distributed prefix_sharing eval_steps judge_api_concurrency judge_api_timeout judge_api_retries
-    torch_compile""".split())
-CHECKPOINT_FILES = ("trainer_state.json", "online_dpo_args.json", "config.json", "optimizer.pt", "rank_states.pt")
-
-
-def progress(state, step, plan, args):
-    return state | {"step": step, "epoch": step / plan.per_epoch,
-                    "micro_batches_done": step * args.gradient_accumulation_steps}
-
-
-def latest_checkpoint(args):
-    """The path of the newest checkpoint in output_dir, or "none"."""
-    with contextlib.suppress(OSError), open(os.path.join(args.output_dir, "latest")) as f:
-        return os.path.join(args.output_dir, f.read().strip())
-    return "none"
-
-
-def checkpoint_steps(directory):
-    return sorted(int(d[11:]) for d in os.listdir(directory) if re.fullmatch(r"checkpoint-\d+", d))
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def resume_point(args, world):
-    """The checkpoint to resume from (None: start afresh), whole and of this run. An earlier run's
-    output_dir needs resume or overwrite."""
-    out = args.output_dir
-    latest = latest_checkpoint(args)
-    shared = SEVERAL_NODES if int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world else ""
-    if args.resume_from_checkpoint is None:
-        earlier = [n for n in ("config.json", "metrics.jsonl") if os.path.isfile(os.path.join(out, n))]
-        if (earlier or latest != "none") and not args.overwrite_output_dir:
-            if latest != "none":
-                what = (f"checkpoints of an earlier run (latest: {os.path.basename(latest)}): add "
-                        "--resume_from_checkpoint latest to continue it, or")
-            else:
-                what = f"an earlier run's {' and '.join(earlier)}: give another --output_dir, or"
-            raise UsageError(f"--output_dir {out!r} holds {what} --overwrite_output_dir to start afresh")
-        return None
-    path = args.resume_from_checkpoint
-    if path == "latest":
-        path = latest
-    if path == "none":
-        raise UsageError(f"--resume_from_checkpoint latest: {out!r} has no checkpoint yet{shared}")
-    if not os.path.basename(path):  # `latest` names none
-        steps = checkpoint_steps(out)
-        raise UsageError(f"--resume_from_checkpoint latest: {os.path.join(out, 'latest')!r} is empty; give "
-                         f"{out}/checkpoint-N (there: {', '.join(f'checkpoint-{n}' for n in steps) or 'none'})")
-    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        what = "not a checkpoint of online_dpo.py" if os.path.isdir(path) else "no such directory"
-        raise UsageError(f"--resume_from_checkpoint {path!r}: {what}; give output_dir/checkpoint-N, or `latest`"
-                         f"{shared}")
-    try:  # flags first: a changed one explains a missing file (--use_peft: no adapter)
-        saved = read_json(os.path.join(path, "online_dpo_args.json"))
-        ran_on = read_json(os.path.join(path, "trainer_state.json"))
-    except (OSError, ValueError):
-        check_checkpoint_files(path, args)  # names the damaged file
-        raise
-    defaults = json.loads(json.dumps(asdict(Args())))  # a flag newer than the checkpoint: as if at its default
-    here = json.loads(json.dumps(asdict(args)))
-    differ = [f"--{k} is {saved.get(k, defaults[k])!r} there and {v!r} here" for k, v in here.items()
-              if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v]
-    if ran_on["world_size"] != world:  # the data order and the random streams are per rank
-        differ.append(f"it ran on {ran_on['world_size']} processes and this run has {world}")
-    if differ:
-        raise UsageError(f"--resume_from_checkpoint {path!r} belongs to another run: {'; '.join(differ)}")
-    check_checkpoint_files(path, args)
-    return path
-
-
-SEVERAL_NODES = "; several nodes need an --output_dir that all of them see"
-
-
-def check_same_resume(resume):
-    """Every rank resumes from one checkpoint (each node reads its own)."""
-    names = gather_lists([None if resume is None else os.path.basename(resume)])
-    if len(set(names)) > 1:
-        seen = ", ".join(f"rank {r}: {name}" for r, name in enumerate(names))
-        raise UsageError(f"--resume_from_checkpoint: ranks see different checkpoints ({seen}){SEVERAL_NODES}")
-
-
-def check_checkpoint_files(path, args):
-    """Every file a resume reads opens; a damaged one is named, with the checkpoint before it."""
-    files = list(CHECKPOINT_FILES)
-    if args.use_peft:
-        files.append("adapter/adapter_model.safetensors")
-    if args.sync_ref_model:  # TR-DPO's reference
-        files.append("reference/config.json")
-    files += [os.path.relpath(os.path.join(folder, f), path) for folder, _, names in os.walk(path) for f in names
-              if f.endswith(".safetensors")]
-    name = files[0]
-    try:
-        for name in files:
-            file = os.path.join(path, name)
-            if name.endswith(".json"):
-                read_json(file)
-            elif name.endswith(".pt"):
-                torch.load(file, weights_only=True, mmap=True)
-            else:
-                safetensors.safe_open(file, "pt")
-    except Exception as e:
-        match = re.search(r"checkpoint-(\d+)$", path.rstrip("/"))
-        step = int(match.group(1)) if match else math.inf
-        before = [n for n in checkpoint_steps(os.path.dirname(os.path.abspath(path))) if n < step]
-        hint = f"resume from checkpoint-{max(before)}, the one before" if before else "and there is none before it"
-        raise UsageError(f"--resume_from_checkpoint {path!r}: {name} is missing or damaged ({why(e)}); "
-                         + hint) from None
-
-
-def start_output_dir(args, resume, state):
-    """Resuming: `latest` names the checkpoint. Overwriting: earlier ones go after the first save."""
-    if resume and is_main():
-        replace_file(os.path.join(args.output_dir, "latest"), os.path.basename(os.path.normpath(resume)))
-    elif args.overwrite_output_dir:
-        state["earlier"] = [n for n in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+(\.tmp)?|latest", n)]
-
-
-def remove_earlier(args, state, keep):
-    names = set(state.pop("earlier", [])) if is_main() else set()
-    for name in names - {keep, "latest" if keep else ""}:
-        remove(os.path.join(args.output_dir, name))
-
-
-def gather_lists(items):
-    """All ranks' lists, concatenated in rank order."""
-    if not dist.is_initialized():
-        return items
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
-
-
-def rank_state(generator, window):
-    """This rank's random streams and metric window, for a resume."""
-    python, (name, keys, pos, has_gauss, gauss), cpu = global_streams()
-    return {"python": python, "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "torch": cpu, "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-            "sampling": generator.get_state(), "sums": dict(window.sums), "counts": dict(window.counts)}
-
-
-def save_checkpoint(policy, optimizer, scheduler, tokenizer, args, ref, reference, trainer_state, mine):
-    """output_dir/checkpoint-{step}, complete before it takes its name; then `latest`. Rank 0 writes.
-    --sync_ref_model: the reference too, in reference/ (TR-DPO has moved it)."""
-    state_dict = full_state_dict(policy)
-    ref_state = full_state_dict(ref) if args.sync_ref_model else None
-    # FSDP2: a collective. DDP: rank 0 reads it, but reading an empty one (no update yet) takes a zero-lr
-    # step, which every rank must take, or their step counts part.
-    if is_main() or isinstance(policy, FSDPModule) or not optimizer.state:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optimizer_state = get_optimizer_state_dict(policy, optimizer, options=options)
-    ranks = gather_lists([mine | {"sums": {k: v.cpu() for k, v in mine["sums"].items()}, "reference": reference}])
-    step = trainer_state["step"]
-    earlier = {"earlier": trainer_state.pop("earlier", [])}
-    name = f"checkpoint-{step}"
-    with all_or_none(TrainingError):  # rank 0's failed write stops all
-        if is_main():
-            try:
-                with written_in_place(os.path.join(args.output_dir, name)) as tmp:
-                    write_model(policy, state_dict, tokenizer, args, tmp)
-                    optimizer_pt = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
-                    torch.save(optimizer_pt, f"{tmp}/optimizer.pt")
-                    torch.save(ranks, f"{tmp}/rank_states.pt")
-                    if args.sync_ref_model:
-                        ref.save_pretrained(f"{tmp}/reference", state_dict=ref_state)
-                    with open(f"{tmp}/trainer_state.json", "w") as f:
-                        json.dump(trainer_state, f, indent=2)
-                replace_file(os.path.join(args.output_dir, "latest"), name)
-            except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError
-                raise TrainingError(f"could not write {name} ({why(e)}); the latest checkpoint is intact "
-                                    f"({latest_checkpoint(args)})") from None
-    if not is_main():
-        return name
-    remove_earlier(args, earlier, name)
-    steps = checkpoint_steps(args.output_dir)
-    too_old = steps[: -args.save_total_limit] if args.save_total_limit else []
-    for old in set(too_old) - {step}:
-        remove(os.path.join(args.output_dir, f"checkpoint-{old}"))
-    return name
-
-
-def load_checkpoint(path, policy, optimizer, scheduler, generator, rank, reference):
-    """Restore the optimizer, schedule, random streams and the reference's held-out answers; return
-    trainer_state and the window."""
-    device = generator.device
-    saved = torch.load(f"{path}/optimizer.pt", weights_only=True, mmap=True)
-    try:
-        set_optimizer_state_dict(policy, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
-        error = next((f"{tuple(m.shape)} for a weight of {tuple(p.shape)}" for p, moments in optimizer.state.items()
-                      for m in moments.values() if m.dim() and m.shape != p.shape), None)
-    except (RuntimeError, ValueError, KeyError) as e:
-        error = why(e)
-    if error:
-        raise UsageError(f"--resume_from_checkpoint {path!r}: optimizer.pt does not fit the model's weights ({error})")
-    scheduler.load_state_dict(saved["scheduler"])
-    mine = torch.load(f"{path}/rank_states.pt", weights_only=True)[rank]
-    name, keys, pos, has_gauss, gauss = mine["numpy"]
-    set_global_streams((mine["python"], (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss), mine["torch"]))
-    if mine["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(mine["cuda"])
-    generator.set_state(mine["sampling"])
-    reference.extend(mine.get("reference", []))  # none in checkpoints before 12-03
-    state = read_json(f"{path}/trainer_state.json")
-    say(f"resuming from {path} at step {state['step']}")
-    return state, Window({k: v.to(device) for k, v in mine["sums"].items()}, mine["counts"])
-
-
-def write_model(model, state_dict, tokenizer, args, directory, merge=False):
-    """save_pretrained's layout, the tokenizer, the Args; no NaN/inf. --use_peft: adds adapter/ (peft's)."""
-    tensors = state_dict if state_dict is not None else model.state_dict()
-    broken = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if broken:
-        raise TrainingError(f"refusing to save weights with NaN/inf ({', '.join(broken[:3])}...)")
-    adapters = {}  # with merge: in the weights while they are written
-    if args.use_peft:
-        state_dict = save_adapter(tensors, os.path.join(directory, "adapter"), args.model_name_or_path, args.lora_r,
-                                  args.lora_alpha, args.lora_dropout)
-    if args.use_peft and merge:
-        adapters = tensors
-    with merged(state_dict, adapters, args.lora_alpha / args.lora_r):
-        model.save_pretrained(directory, state_dict=state_dict)
-    tokenizer.save_pretrained(directory)
-    with open(f"{directory}/online_dpo_args.json", "w") as f:
-        json.dump(asdict(args), f, indent=2)
-
-
-def full_state_dict(model):
-    """FSDP2: the whole model's weights, gathered onto the CPU (a collective); otherwise None."""
-    if isinstance(model, FSDPModule):
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return None
-
-
-def save_final(policy, tokenizer, args, state, mine, plan, checkpoint):
-    """The trained model into output_dir; if that fails, a checkpoint, which the error names."""
-    if state["nonfinite_steps"] + state["empty_steps"] >= plan.total:
-        cause = f"; the last: {state['empty_cause']}" if "empty_cause" in state else ""
-        raise TrainingError(f"every one of the {plan.total} steps was skipped ({state['nonfinite_steps']} NaN/inf, "
-                            f"{state['empty_steps']} with no preference{cause}): nothing to save")
-    error = None
-    state_dict = full_state_dict(policy)
-    try:
-        if is_main():
-            with written_in_place(args.output_dir, merge=True) as tmp:
-                write_model(policy, state_dict, tokenizer, args, tmp, merge=True)
-    except (OSError, RuntimeError) as e:
-        error = why(e)
-    errors = [e for e in gather_lists([error]) if e]  # rank 0 wrote; every rank learns how that went
-    if errors:
-        try:
-            where = f"they are in {checkpoint(state, mine)}"
-        except TrainingError:
-            where = f"so did a checkpoint (the latest: {latest_checkpoint(args)})"
-        raise TrainingError(f"could not write the trained model into {args.output_dir!r} ({errors[0]}); {where}")
-    remove_earlier(args, state, "")
-    SAVED.append(args.output_dir)
-    if STOP:  # a signal during the save, which has finished
-        raise Stopped(STOP[0])
-
-
-SAVED: list[str] = []  # output_dir, once save_final() has written the model into it
-EVERYWHERE: list[str] = []  # all_or_none()'s error (all ranks)
-
-
-# ---- The judges: the HTTP client (the local judge's mechanics: dpo_kernels/judge.py)
-
-JUDGE_WAIT_S = 30  # a step waiting this long on the HTTP judge says so, every 30 s
-
-
-def check_judge(args):
-    """Before any model loads: the local judge's tokenizer (None without one), or a trial question to the
-    HTTP judge."""
-    if args.judge_api_base:
-        check_judge_api(args)
-    if not args.judge_model_path:
-        return None
-    return load_tokenizer(args.judge_model_path, args, "--judge_model_path")[0]
-
-
-def load_judge(args, tokenizer, frozen):
-    """A local judge: its model, its tokenizer, the ids of "A" and "B". None without one."""
-    if tokenizer is None:
-        return None
-    model = load_frozen(AutoModelForCausalLM, args.judge_model_path, **frozen)
-    return model, tokenizer, judge_answer_ids(tokenizer)
-
-
-def judge_over_http(texts, args):
-    """Every question to the API judge, concurrently; q, mass (1 or 0) and the failures."""
-    pool = concurrent.futures.ThreadPoolExecutor(args.judge_api_concurrency)
-    futures = [pool.submit(judge_request, text, args) for text in texts]
-    start = noted = time.perf_counter()
-    while (waiting := concurrent.futures.wait(futures, timeout=1.0).not_done) and not STOP:
-        if time.perf_counter() - noted >= JUDGE_WAIT_S:
-            noted = time.perf_counter()
-            say(f"waiting for the judge at {args.judge_api_base}: {len(futures) - len(waiting)} of {len(futures)} "
-                f"answers in {noted - start:.0f} s (timeout: {args.judge_api_timeout:g} s)")
-    pool.shutdown(wait=False, cancel_futures=True)
-    answers = [f.result() if f.done() and not f.cancelled() and f.exception() is None else None for f in futures]
-    # An answer other than exactly A or B, or none, is invalid: never guessed at.
-    letters = [(a or "").strip() for a in answers]
-    q = torch.tensor([float(x in "A") for x in letters])
-    mass = torch.tensor([float(x in ("A", "B")) for x in letters])
-    return q, mass, torch.tensor([a is None for a in answers])
-
-
-def judge_request(text, args):
-    """One question, retried with backoff after a timeout, 408, 429 or 5xx; the answer."""
-    key = os.environ.get("OPENAI_API_KEY")
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    body = json.dumps({"model": args.judge_api_model, "messages": [{"role": "user", "content": text}],
-                       "temperature": 0, "max_tokens": 4}).encode()
-    for attempt in range(args.judge_api_retries + 1):
-        if attempt:  # the jitter's own stream: Python's is in checkpoints, for an exact resume
-            time.sleep(min(0.25 * 2 ** attempt, 8.0) * (0.5 + random.Random().random()))
-        try:
-            request = urllib.request.Request(args.judge_api_base.rstrip("/") + "/chat/completions", body, headers)
-            with urllib.request.urlopen(request, timeout=args.judge_api_timeout) as response:
-                return str(json.load(response)["choices"][0]["message"]["content"])
-        except urllib.error.HTTPError as e:
-            error = e
-            if e.code not in (408, 429) and e.code < 500:
-                break
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # timeout, connection, malformed body
-            error = e
-        if STOP:
-            break
-    raise error
-
-
-def check_judge_api(args):
-    """A trial question before any model loads: a wrong URL, model or key fails now."""
-    say(f"asking the judge at {args.judge_api_base} a trial question")
-    question = (args.judge_prompt or JUDGE_PROMPT).format(prompt="2 + 2?", response_a="4", response_b="5")
-    try:
-        judge_request(question, args)
-    except Exception as e:
-        raise UsageError(f"--judge_api_base {args.judge_api_base!r}: a trial question failed ({why(e)});"
-                         " is it running? Check --judge_api_model and $OPENAI_API_KEY") from None
-
-
-# ---- Evaluation
-
-
-def held_out(args, test_set, rank, world):
-    """This rank's share of the held-out prompts (equal shares), and their other columns."""
-    available = len(test_set) if test_set is not None else 0
-    n = min(args.eval_prompts, available) // world * world
-    if args.eval_prompts and n == 0:
-        say(f"no policy/reference comparison: no {args.dataset_test_split!r} split of {world}+ prompts")
-    columns = test_set[rank * n // world : (rank + 1) * n // world] if n else {}
-    return columns.pop(args.dataset_prompt_column, []), columns
-
-
-def global_streams():
-    """The global random streams (Python, NumPy, torch), which reward functions may use."""
-    return random.getstate(), np.random.get_state(), torch.get_rng_state()
-
-
-def set_global_streams(streams):
-    random.setstate(streams[0])
-    np.random.set_state(streams[1])
-    torch.set_rng_state(streams[2])
-
-
-def answers(run, model, prompts, columns, seed):
-    """An answer from `model` to each prompt, 2B at a time, and its score (NaN if judged)."""
-    texts = []
-    scores = []
-    chunk_size = 2 * run.args.per_device_train_batch_size
-    generator = torch.Generator(run.device).manual_seed(seed)
-    for i in range(0, len(prompts), chunk_size):
-        chunk = slice(i, i + chunk_size)
-        samples = rollout(run, model, prompts[chunk], generator)
-        texts += samples.texts
-        if run.judged:
-            scores += [math.nan] * len(samples.texts)
-        else:
-            chunk_columns = {k: v[chunk] for k, v in columns.items()}
-            scores += score(run, prompts[chunk], samples, chunk_columns).tolist()
-    return texts, torch.tensor(scores, dtype=torch.float64)
-
-
-def reference_answers(run, ref, prompts, columns):
-    """The reference's answers to the held-out prompts and their scores, sampled once into run.reference
-    (and checkpoints), before TR-DPO first moves it."""
-    streams = global_streams()
-    texts = run.reference[0] if run.reference else []
-    if prompts and len(texts) != len(prompts):  # none yet, or resumed with another --eval_prompts
-        run.reference[:] = answers(run, ref, prompts, columns, run.args.seed + 1 + run.rank)
-    set_global_streams(streams)
-    return run.reference
-
-
-def evaluate(run, policy, ref, prompts, columns):
-    """The policy against the reference as it began, on held-out prompts, judged as in training (a tie
-    counts 1/2). Returns the eval/* logs and all ranks' records."""
-    ref_texts, ref_scores = reference_answers(run, ref, prompts, columns)
-    streams = global_streams()
-    texts, scores = answers(run, policy, prompts, columns, run.args.seed + 1 + run.rank + run.world)
-    if run.judged:
-        p, counted, decided, _ = (t.cpu() for t in judge(run, prompts, texts, ref_texts))
-        wins = torch.where(decided, (p > 0.5).double(), 0.5)
-    else:
-        wins = (scores > ref_scores) + 0.5 * (scores == ref_scores)
-        counted = ~(scores.isnan() | ref_scores.isnan())
-    set_global_streams(streams)
-    mine = []
-    for i, prompt in enumerate(prompts):
-        question = prompt[-1]["content"] if is_conversational(prompt) else prompt
-        mine.append({"prompt": question, "reference": ref_texts[i], "reference_reward": float(ref_scores[i]),
-                     "trained": texts[i], "trained_reward": float(scores[i]),
-                     "win": float(wins[i]) if counted[i] else math.nan})
-    records = gather_lists(mine)
-    won = [r["win"] for r in records if not math.isnan(r["win"])]
-    logs = {"eval/win_rate": sum(won) / len(won) if won else math.nan, "eval/judged": len(won) / len(records)}
-    if not run.judged:
-        logs["eval/reward_reference"] = float(np.nanmean([r["reference_reward"] for r in records]))
-        logs["eval/reward_trained"] = float(np.nanmean([r["trained_reward"] for r in records]))
-    return logs, records
-
-
-# ---- Logs, reports, the command line
 
 
 class Log:
@@ -2178,15 +1270,17 @@ class Log:
         self.total = plan.total
         self.dir = args.output_dir
         self.files = {}  # name: the open file
-        self.keep = state["step"] if resumed else None  # a resumed run keeps the lines up to its checkpoint
+        self.keep = state["step"] if resumed else None  # resumed: the lines up to its checkpoint stay
         self.ties_noted = args.drop_ties
         self.wandb = None
         if self.on and args.report_to == "wandb":
             import wandb
 
-            run = wandb.init(project=os.environ.get("WANDB_PROJECT", "online-dpo"), name=args.run_name,
-                             config=asdict(args), id=state["wandb_id"], resume="allow" if state["wandb_id"] else None)
-            state["wandb_id"] = run.id
+            project = os.environ.get("WANDB_PROJECT", "online-dpo")
+            resume = "allow" if state["wandb_id"] else None
+            wandb_run = wandb.init(project=project, name=args.run_name, config=asdict(args),
+                                   id=state["wandb_id"], resume=resume)
+            state["wandb_id"] = wandb_run.id
             self.wandb = wandb
         self.bar = tqdm(total=plan.total, initial=state["step"], desc="online-dpo", dynamic_ncols=True,
                         disable=not self.on)
@@ -2201,7 +1295,7 @@ class Log:
                         with contextlib.suppress(ValueError):  # a line cut short by a crash
                             if json.loads(line)["step"] <= self.keep:
                                 kept.append(line)
-            replace_file(path, "".join(kept))
+            checkpoint.replace_file(path, "".join(kept))
             self.files[name] = open(path, "a")
         for r in records:
             r = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
@@ -2214,8 +1308,8 @@ class Log:
         self.bar.write(f"step {step}/{self.total} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
         if logs.get("pairs/ties") == 1 and not self.ties_noted:
             self.ties_noted = True
-            self.bar.write("note: every pair tied, so chosen and rejected were arbitrary: --drop_ties leaves ties out "
-                           "of the loss")
+            self.bar.write("note: every pair tied, so chosen and rejected were arbitrary: "
+                           "--drop_ties leaves ties out of the loss")
         self.write("metrics.jsonl", [{"step": step, **logs}])
         if self.wandb:
             tables = {"eval/completions": self.table(records)} if records else {}
@@ -2250,38 +1344,146 @@ def feedback_line(args):
     return f"preferences from the best and worst of {args.num_samples} samples by {rewards}"
 
 
-def feedback_failed(error, where, checkpoint, state, mine):
-    """A reward function or the judge failed (on every rank): save `state`; name the step."""
-    saved = None
-    if state["step"] > 0:
-        saved = checkpoint(state, mine)
-    return TrainingError(f"{where}: {error}; {resume_hint(saved)}")
+# ---- Optimizer and schedule
+
+
+def make_optimizer(policy, args, plan):
+    """AdamW, without weight decay on biases and norms, and transformers' schedule: a linear
+    warmup, then --lr_scheduler_type."""
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
+    fused = next(policy.parameters()).device.type == "cuda"  # one kernel for all parameters
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=fused)
+    kind = {"constant": "constant_with_warmup"}.get(args.lr_scheduler_type, args.lr_scheduler_type)
+    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=plan.warmup,
+                              num_training_steps=plan.total)
+    return optimizer, scheduler
+
+
+def optimizer_step(policy, optimizer, scheduler, args, this_step, stop):
+    """Stage 7: clip, AdamW, schedule. Every rank skips the update if any rank's loss or gradient
+    is NaN/inf or no rank kept a pair, so that replicas stay equal. Returns the gradient norm, the
+    status (trained, nonfinite, empty; broken: the update made a weight NaN/inf), and whether any
+    rank got a stop signal."""
+    max_norm = args.max_grad_norm if args.max_grad_norm else float("inf")  # 0: the norm only
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    nonfinite = ~torch.isfinite(this_step.sums["loss"]) | ~torch.isfinite(grad_norm)
+    kept_and_stop = torch.tensor([this_step.counts["loss"] > 0, stop], device=grad_norm.device)
+    flags = torch.stack([nonfinite, *kept_and_stop]).float()
+    if dist.is_initialized():  # one all_reduce, MAX: "on any rank"
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, kept, stop = [bool(f) for f in flags.tolist()]
+    if nonfinite:
+        status = "nonfinite"
+    elif not kept:
+        status = "empty"
+    else:
+        status = "trained"
+        optimizer.step()
+        # Under FSDP2, each rank checks its own shards.
+        shards = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]
+        broken = (~torch.isfinite(torch.nn.utils.get_total_norm(shards))).float().reshape(1)
+        if isinstance(policy, FSDPModule):
+            dist.all_reduce(broken, op=dist.ReduceOp.MAX)
+        if broken.item():
+            status = "broken"
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, status, stop
+
+
+@torch.no_grad()
+def mix_reference(ref, policy, alpha):
+    """TR-DPO's soft update (Gorbatovski et al. 2024): ref = alpha * policy + (1 - alpha) * ref.
+    Under FSDP2 both are sharded alike: each rank mixes its own shards."""
+    for r, p in zip(ref.parameters(), policy.parameters(), strict=True):  # shaped alike (check_loading)
+        r.copy_(alpha * p + (1 - alpha) * r)
+
+
+# ---- Evaluation: the policy against the reference on held-out prompts
+
+
+def held_out(args, test_set, rank, world):
+    """This rank's share of the held-out prompts (equal shares), and their other columns."""
+    available = len(test_set) if test_set is not None else 0
+    n = min(args.eval_prompts, available) // world * world
+    if args.eval_prompts and n == 0:
+        say(f"no policy/reference comparison: no {args.dataset_test_split!r} split of {world}+ prompts")
+    columns = test_set[rank * n // world : (rank + 1) * n // world] if n else {}
+    return columns.pop(args.dataset_prompt_column, []), columns
 
 
 @contextlib.contextmanager
-def all_or_none(kind=FeedbackError):
-    """Under torchrun, an error of `kind` on one rank is raised on all (the first one's line), which
-    would wait in their next collective for the rank that ended."""
-    error = None
+def streams_kept():
+    """The global random streams (Python's, NumPy's, torch's; reward functions may draw from them)
+    as they were before the block: an evaluation changes none of training's draws."""
+    streams = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     try:
         yield
-    except kind as e:
-        if not dist.is_initialized():
-            raise
-        error = str(e)
-    if dist.is_initialized():
-        error = next((f"{e} (on rank {r})" for r, e in enumerate(gather_lists([error])) if e), None)
-    if error and dist.is_initialized():
-        EVERYWHERE.append(error)
-    if error:
-        raise kind(error)
+    finally:
+        random.setstate(streams[0])
+        np.random.set_state(streams[1])
+        torch.set_rng_state(streams[2])
 
 
-def resume_hint(saved):
-    """What to do after a failure, given the checkpoint saved (or None)."""
-    if saved:
-        return f"saved {saved}: fix it, then resume with --resume_from_checkpoint latest"
-    return "nothing saved"
+def answers(ctx, model, prompts, columns, seed):
+    """An answer from `model` to each prompt, 2B at a time, and its score (NaN if judged)."""
+    texts = []
+    scores = []
+    chunk_size = 2 * ctx.args.per_device_train_batch_size
+    generator = torch.Generator(ctx.device).manual_seed(seed)
+    for i in range(0, len(prompts), chunk_size):
+        chunk = slice(i, i + chunk_size)
+        samples = rollout(ctx, model, prompts[chunk], generator)
+        texts += samples.texts
+        if ctx.judged:
+            scores += [math.nan] * len(samples.texts)
+        else:
+            chunk_columns = {k: v[chunk] for k, v in columns.items()}
+            scores += score(ctx, prompts[chunk], samples, chunk_columns).tolist()
+    return texts, torch.tensor(scores, dtype=torch.float64)
+
+
+def reference_answers(ctx, ref, prompts, columns):
+    """The reference's answers to the held-out prompts and their scores, sampled once into
+    ctx.reference (and checkpoints), before TR-DPO first moves it."""
+    texts = ctx.reference[0] if ctx.reference else []
+    if prompts and len(texts) != len(prompts):  # none yet, or resumed with another --eval_prompts
+        with streams_kept():
+            ctx.reference[:] = answers(ctx, ref, prompts, columns, ctx.args.seed + 1 + ctx.rank)
+    return ctx.reference
+
+
+def evaluate(ctx, policy, ref, prompts, columns):
+    """The policy against the reference as it began, on held-out prompts, judged as in training (a
+    tie counts 1/2). Returns the eval/* logs and all ranks' records."""
+    with streams_kept():
+        ref_texts, ref_scores = reference_answers(ctx, ref, prompts, columns)
+        seed = ctx.args.seed + 1 + ctx.rank + ctx.world  # the reference's: seed + 1 + rank
+        texts, scores = answers(ctx, policy, prompts, columns, seed)
+        if ctx.judged:
+            p, counted, decided, _ = (t.cpu() for t in ask_judge(ctx, prompts, texts, ref_texts))
+            wins = torch.where(decided, (p > 0.5).double(), 0.5)
+        else:
+            wins = (scores > ref_scores) + 0.5 * (scores == ref_scores)
+            counted = ~(scores.isnan() | ref_scores.isnan())
+    mine = []
+    for i, prompt in enumerate(prompts):
+        question = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+        mine.append({"prompt": question, "reference": ref_texts[i],
+                     "reference_reward": float(ref_scores[i]), "trained": texts[i],
+                     "trained_reward": float(scores[i]), "win": float(wins[i]) if counted[i] else math.nan})
+    records = gather_lists(mine)
+    won = [r["win"] for r in records if not math.isnan(r["win"])]
+    win_rate = sum(won) / len(won) if won else math.nan
+    logs = {"eval/win_rate": win_rate, "eval/judged": len(won) / len(records)}
+    if not ctx.judged:
+        logs["eval/reward_reference"] = float(np.nanmean([r["reference_reward"] for r in records]))
+        logs["eval/reward_trained"] = float(np.nanmean([r["trained_reward"] for r in records]))
+    return logs, records
 
 
 def cut(text, n=100):
@@ -2290,7 +1492,8 @@ def cut(text, n=100):
 
 
 def before_after(logs, records, show=4):
-    """The report at the end: held-out prompts, both answers, the mean rewards, the win rate (evaluate())."""
+    """The report at the end: held-out prompts, both answers, the mean rewards, the win rate
+    (evaluate())."""
     rewarded = ", reward in brackets" if not math.isnan(records[0]["reference_reward"]) else ""
     lines = [f"before (reference) / after (trained) on held-out prompts{rewarded}:"]
     for i, r in enumerate(records[:show]):
@@ -2299,98 +1502,181 @@ def before_after(logs, records, show=4):
             reward = "" if math.isnan(r[name + "_reward"]) else f"({r[name + '_reward']:+.2f})  "
             lines.append(f"    {name:9} {reward}{cut(r[name])}")
     if rewarded:
-        lines.append(f"mean reward over {len(records)} held-out prompts: reference {logs['eval/reward_reference']:+.3f}"
-                     f", trained {logs['eval/reward_trained']:+.3f}")
+        lines.append(f"mean reward over {len(records)} held-out prompts: "
+                     f"reference {logs['eval/reward_reference']:+.3f}, trained {logs['eval/reward_trained']:+.3f}")
     if logs["eval/judged"]:
         lines.append(f"win rate of the trained policy over the reference: {logs['eval/win_rate']:.3f} on "
                      f"{round(logs['eval/judged'] * len(records))} prompts (a tie counts 1/2)")
     return "\n".join(lines)
 
 
-def push_to_hub(args):
-    repo = args.hub_model_id
-    if not repo:
-        repo = os.path.basename(os.path.abspath(args.output_dir))
-    api = huggingface_hub.HfApi()
-    api.create_repo(repo, exist_ok=True)
-    api.upload_folder(folder_path=args.output_dir, repo_id=repo, ignore_patterns=["checkpoint-*", "latest", ".lock"])
-    print(f"pushed to https://huggingface.co/{repo}")
+# ---- main(): set up, then the training loop
+
+
+def main(args):
+    """Train, and return the policy (sharded under FSDP2). Under torchrun every rank runs this."""
+    # 0. Check before any model loads: flags, files, data, models, rewards, the judge (checks.py).
+    checks.check_args(args)
+    rank, world, device = init_distributed(args)  # a process per device; rank 0 prints and writes
+    with all_or_none(UsageError):  # TRY NOT TO MODIFY: one rank that cannot read a file stops all
+        inputs = checks.check_inputs(args, world, sys.modules[__name__])  # trials run this file
+        plan = make_plan(args, len(inputs.dataset), world)
+    checkpoint.check_same_resume(inputs.resume)  # TRY NOT TO MODIFY: all ranks, one checkpoint
+    resume = inputs.resume  # the checkpoint to continue from, or None
+    tokenizer = inputs.tokenizer
+    B = args.per_device_train_batch_size  # a step: GA micro-batches of B prompts, K samples each
+    GA = args.gradient_accumulation_steps
+    K = args.num_samples
+    set_seed(args.seed)  # Python's, NumPy's and torch's streams, which reward functions may use
+    bf16 = wants_bf16(args, device)
+
+    # 1. Models: the policy (or its checkpoint), the reference, the reward models or the judge.
+    policy_path = resume or args.model_name_or_path
+    policy, train_model = load_policy(policy_path, args, device, world, bf16, bool(resume))
+    shard = world > 1 and args.distributed == "fsdp"  # FSDP2 shards the frozen models too
+    frozen = dict(args=args, device=device, shard=shard, bf16=bf16)
+    ref = load_reference(args, policy, resume, frozen)
+    reward_models = load_reward_models(args, inputs.reward_tokenizers, frozen)
+    local_judge = load_judge(args, inputs.judge_tokenizer, frozen)  # a local judge, or None
+    ctx = Context(args=args, tokenizer=tokenizer, rank=rank, world=world, device=device,
+                  autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+                  sampling=sampling_settings(args, tokenizer, policy), reward_models=reward_models,
+                  reward_funcs=inputs.reward_funcs, local_judge=local_judge,
+                  packed=check_packing(args, policy, ref),  # a trial: do the models take a 4D mask?
+                  judged=bool(args.judge_model_path or args.judge_api_base),
+                  decoder=make_decoder(args, policy, device))  # eager, or compiled
+    say(feedback_line(args))
+    generator = torch.Generator(device).manual_seed(args.seed + rank)  # each rank samples its own
+    optimizer, scheduler = make_optimizer(policy, args, plan)
+    saver = checkpoint.Checkpoints(args, policy, optimizer, scheduler, tokenizer, ref, ctx.reference)
+    state = dict(step=0, epoch=0.0, micro_batches_done=0, world_size=world, nonfinite_steps=0,
+                 empty_steps=0, wandb_id=None)  # what trainer_state.json holds
+    since_log = MetricSums()  # the metrics since the last logged line
+    if resume:  # TRY NOT TO MODIFY: the optimizer, schedule, data position, streams, metric sums
+        state, sums, counts = checkpoint.restore(resume, policy, optimizer, scheduler, generator,
+                                                 rank, ctx.reference)
+        since_log = MetricSums(sums, counts)
+    checkpoint.start_output_dir(args, resume, state)
+    log = Log(args, plan, state, resume is not None)
+    eval_prompts, eval_columns = held_out(args, inputs.test_set, rank, world)
+    data = micro_batches(inputs.dataset, args, plan, rank, world, state["micro_batches_done"])
+
+    with stop_signals() as signals, log.bar:  # TRY NOT TO MODIFY: a signal waits for the step's end
+        for step in range(state["step"] + 1, plan.total + 1):
+            beta = args.beta[min((step - 1) // plan.per_epoch, len(args.beta) - 1)]  # one per epoch
+            this_step = MetricSums()
+            last_good = checkpoint.rank_state(generator, since_log)  # TRY NOT TO MODIFY: rewinds
+            for micro_step in range(GA):
+                batch = next(data)
+                prompts = batch.pop(args.dataset_prompt_column)
+
+                # 2. Sample K completions per prompt from the policy as it is now, (K*B, T).
+                samples = rollout(ctx, policy, prompts, generator, K, since_log)
+
+                # 3-4. Feedback and pairs: each prompt's best and worst sample, or the judge's pick.
+                try:
+                    pairs = preferences(ctx, prompts, samples, {k: v * K for k, v in batch.items()})
+                except FeedbackError as e:  # TRY NOT TO MODIFY: saves the step before: exact resume
+                    before = checkpoint.progress(state, step - 1, plan, args)
+                    raise saver.after_failure(e, f"step {step}", before, last_good) from None
+                pick = torch.cat([pairs.chosen, pairs.rejected])  # (2B,) rows: chosen, rejected
+
+                # 5. Log-probs of the pairs' completions, policy (with grad) and reference, (2B, T).
+                if isinstance(train_model, DDP):  # all-reduce in the last micro-step's backward
+                    train_model.require_backward_grad_sync = micro_step == GA - 1  # (FSDP2: each)
+                train_inputs = samples.training_inputs(pick, ctx.packed)
+                with ctx.autocast:
+                    logps = completion_logprobs(train_model, *train_inputs, packed=ctx.packed)
+                    with torch.no_grad():
+                        ref_logps = completion_logprobs(ref, *train_inputs, packed=ctx.packed)
+
+                # 6. Loss: per pair (dpo_loss, plus RPO's term), averaged over the pairs kept (none
+                # kept: 0, and backward keeps DDP in step); over GA, the micro-batches' mean.
+                logp = logps.sum(1)  # (2B,) each completion's log-prob
+                ref_logp = ref_logps.sum(1)
+                losses = dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], beta,
+                                  args.loss_type, args.label_smoothing)  # (B,)
+                kept = pairs.kept
+                parts = {}
+                if args.rpo_alpha is not None:  # RPO (Pang et al. 2024): + alpha x the chosen's NLL
+                    lengths = train_inputs.completion_mask[:B].sum(1)
+                    nll = args.rpo_alpha * -logp[:B] / lengths  # per token
+                    parts = {"loss/dpo": losses[kept].detach(), "loss/nll": nll[kept].detach()}
+                    losses = losses + nll
+                loss = torch.where(kept, losses, 0.0).sum() / kept.sum().clamp(min=1)
+                (loss / GA).backward()
+                in_loss = torch.arange(B, device=device)[kept]  # the kept pairs' chosen rows
+                metrics = step_metrics(logps.detach(), ref_logps, train_inputs.completion_mask,
+                                       pairs.scores, (in_loss, in_loss + B), samples.has_eos[pick],
+                                       losses[kept], beta)
+                this_step.add(metrics | pairs.metrics | parts)
+
+            # 7. Optimizer step: clip, AdamW, schedule; skipped on all ranks for a NaN/inf or no pair.
+            grad_norm, status, stopping = optimizer_step(policy, optimizer, scheduler, args, this_step,
+                                                         bool(signals))
+            halt = checkpoint.count_steps(state, status, step, args, this_step)  # TRY NOT TO MODIFY
+            if args.sync_ref_model and step % args.ref_model_sync_steps == 0:  # TR-DPO: ref moves
+                reference_answers(ctx, ref, eval_prompts, eval_columns)  # evaluate(): the first
+                mix_reference(ref, policy, args.ref_model_mixup_alpha)
+                log.line(step, {"ref_model_sync": 1})
+            if status != "nonfinite":
+                since_log.add(this_step.sums, this_step.counts)
+            since_log.steps += 1
+            log.bar.update(1)
+
+            # 8. Log (means over all ranks since the last line), the pairs, evaluate, checkpoint.
+            if step % plan.log == 0 or step == plan.total or halt:
+                log.line(step, since_log.means(
+                    learning_rate=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                    epoch=step / plan.per_epoch, nonfinite_steps=state["nonfinite_steps"],
+                    empty_steps=state["empty_steps"], **ctx.decoder.stats()))
+                since_log = MetricSums()
+            if plan.eval and step % plan.eval == 0:  # the last micro-batch's pairs; policy vs ref
+                log.pairs(step, prompts, samples.texts, pairs)
+                try:
+                    if step < plan.total and eval_prompts:
+                        log.line(step, *evaluate(ctx, policy, ref, eval_prompts, eval_columns))
+                except FeedbackError as e:  # TRY NOT TO MODIFY: saves this step, names it
+                    done = checkpoint.progress(state, step, plan, args)
+                    where = f"step {step}, in the comparison with the reference"
+                    my_state = checkpoint.rank_state(generator, since_log)
+                    raise saver.after_failure(e, where, done, my_state) from None
+            if (plan.save and step % plan.save == 0 and step < plan.total) or stopping or halt:
+                state = checkpoint.progress(state, step, plan, args)
+                saved = saver.save(state, checkpoint.rank_state(generator, since_log))
+            if halt or stopping:  # TRY NOT TO MODIFY: the run ends here, this step saved
+                log.close()
+                del train_model  # DDP's reducer goes now: freed at exit, it can deadlock gloo
+                command_line.end_after_save(step, saved, halt, signals)
+
+        # 9. Save the policy for from_pretrained(output_dir).
+        done = checkpoint.progress(state, plan.total, plan, args)
+        saver.save_final(done, checkpoint.rank_state(generator, since_log), plan)
+    say(f"saved the trained model to {args.output_dir}")
+
+    # 10. Before / after: the reference and the trained policy answer the same held-out prompts.
+    if eval_prompts:
+        logs, records = evaluate(ctx, policy, ref, eval_prompts, eval_columns)
+        log.line(plan.total, logs, records)
+        say(before_after(logs, records))
+    log.close()
+    if args.push_to_hub and is_main():
+        checkpoint.push_to_hub(args)
+    return policy
+
+
+# ---- The command line (dpo_support/command_line.py): every failure one line and an exit code
 
 
 def cli(argv=None):
-    """The Args from the command line; a preset's values are defaults that later flags override."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    preset = None
-    for i, word in enumerate(argv):
-        if word == "--preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
-        elif word.startswith("--preset="):
-            preset = word.split("=", 1)[1]
-    default = Args(preset=preset, **PRESETS[preset]) if preset in PRESETS else Args()  # tyro reports a bad name
-    return tyro.cli(Args, args=argv, default=default, use_underscores=True, config=(tyro.conf.FlagConversionOff,),
-                    description=__doc__.split("\n\n")[0])
-
-
-class FlagError(UsageError):
-    """A flag the parser refuses: exit code 2, as argparse's."""
-
-
-def parse_flags(argv):
-    """cli(), with the parser's box of lines as one line that keeps its suggestions."""
-    box = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(box):
-            return cli(argv)
-    except SystemExit as e:
-        if e.code in (0, None) or not box.getvalue().strip():
-            raise
-        lines = [line.strip(" ╭╮╰╯│") for line in box.getvalue().strip().splitlines()]
-        text = " ".join(line if line.strip("-─") else "\0" for line in lines[1:] if line)  # sections between rules
-        sections = [" ".join(section.split()) for section in text.split("\0") if section.strip()]
-        message = sections[0] if sections else lines[0].strip("─ ")
-        near = [re.findall(r"--[\w-]+", s) for s in sections if s.strip().startswith("Perhaps you meant")]
-        if near:
-            message += f" (did you mean {' or '.join(near[0])}?)"
-        raise FlagError(f"{message}; see --help") from None
+    """The Args from the command line: a preset's values are defaults that later flags override."""
+    return command_line.parse(Args, PRESETS, argv, description=__doc__.split("\n\n")[0])
 
 
 def run(argv=None):
-    """The command line. Exit code: 1 after an error, 2 for a flag, 128 + N for signal N before anything
-    was saved, else signal_exit()'s."""
-    STOP.clear()
-    SAVED.clear()
-    EVERYWHERE.clear()
-    handlers = {sig: signal.signal(sig, on_signal) for sig in SIGNALS}
-    where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
-    for stream in (sys.stdout, sys.stderr):  # under LC_ALL=C, a prompt may not be ASCII
-        if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(errors="backslashreplace")
-    try:
-        main(parse_flags(argv))
-        return 0
-    except (UsageError, TrainingError, OSError) as e:
-        kept = f"; the trained model is saved in {SAVED[0]}" if SAVED else ""  # the closing comparison failed
-        print(f"online_dpo.py: error{where}: {' '.join(str(e).splitlines())}{kept}", file=sys.stderr)
-        if EVERYWHERE:  # none exits (torchrun stops the rest) before all said it
-            dist.barrier()
-        return 2 if isinstance(e, FlagError) else 1
-    except SystemExit as e:  # --help, or the loop's stop after a signal, the step saved
-        return 0 if e.code is None else e.code
-    except (Stopped, KeyboardInterrupt) as e:
-        signum = e.args[0] if isinstance(e, Stopped) else signal.SIGINT
-        name = signal.Signals(signum).name
-        if SAVED:
-            say(f"stopped by {name} after the final save: the trained model is in {SAVED[0]}")
-            return signal_exit([signum])
-        print(f"online_dpo.py: error{where}: stopped by {name} before training began: nothing saved",
-              file=sys.stderr)
-        return 128 + signum
-    finally:
-        unlock_output_dir()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    """main() from the command line. Returns the exit code: 0, 1 after an error, 2 for a flag, 128 +
+    N for signal N before anything was saved."""
+    return command_line.run(main, cli, argv)
 
 
 if __name__ == "__main__":

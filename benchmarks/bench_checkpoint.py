@@ -1,4 +1,4 @@
-"""What a safe checkpoint costs: online_dpo.save_checkpoint (safetensors model, optimizer by parameter name, every file
+"""What a safe checkpoint costs: dpo_support.checkpoint.Checkpoints.save (safetensors model, optimizer by parameter name, every file
 fsynced, rename, `latest`) against the bare minimum, one torch.save of the model's and the optimizer's state dicts.
 Then the way back: our resume (from_pretrained + set_optimizer_state_dict) against torch.load + load_state_dict.
 
@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import online_dpo  # noqa: E402
-from dpo_kernels import durable  # noqa: E402
+from dpo_support import checkpoint  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny", "policy")
 
@@ -65,11 +65,12 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(TINY)
     root = a.dir or tempfile.mkdtemp(prefix="bench-checkpoint-")
     args = online_dpo.Args(output_dir=root, reward_funcs=("x:y",), save_total_limit=1)
-    mine = online_dpo.rank_state(torch.Generator(), online_dpo.Window())
+    mine = checkpoint.rank_state(torch.Generator(), online_dpo.MetricSums())
+    saver = checkpoint.Checkpoints(args, model, optimizer, scheduler, tokenizer, None, [])
     print(f"policy: {n / 1e6:.0f}M parameters, fp32, AdamW state filled; writing under {root}")
 
-    rows = {"bare torch.save": [], "online_dpo.save_checkpoint": [], "the same without fsync (for the breakdown)": []}
-    loads = {"bare torch.save": [], "online_dpo.save_checkpoint": []}
+    rows = {"bare torch.save": [], "Checkpoints.save": [], "the same without fsync (for the breakdown)": []}
+    loads = {"bare torch.save": [], "Checkpoints.save": []}
     sizes = {}
     for r in range(a.repeats):
         bare = os.path.join(root, "bare.pt")
@@ -81,16 +82,15 @@ def main() -> None:
         state = {"step": r + 1, "epoch": 0.0, "micro_batches_done": r + 1, "world_size": 1, "nonfinite_steps": 0,
                  "nonfinite_in_a_row": 0, "wandb_id": None}
         t0 = time.perf_counter()
-        online_dpo.save_checkpoint(model, optimizer, scheduler, tokenizer, args, None, [], state, mine)
-        rows["online_dpo.save_checkpoint"].append(time.perf_counter() - t0)
-        sizes["online_dpo.save_checkpoint"] = size_gb(os.path.join(root, f"checkpoint-{r + 1}"))
-        fsync, durable.fsync_tree = durable.fsync_tree, lambda path: None
+        saver.save(state, mine)
+        rows["Checkpoints.save"].append(time.perf_counter() - t0)
+        sizes["Checkpoints.save"] = size_gb(os.path.join(root, f"checkpoint-{r + 1}"))
+        fsync, checkpoint.fsync_tree = checkpoint.fsync_tree, lambda path: None
         t0 = time.perf_counter()
-        online_dpo.save_checkpoint(model, optimizer, scheduler, tokenizer, args, None, [], state | {"step": 1000 + r},
-                                   mine)
+        saver.save(state | {"step": 1000 + r}, mine)
         rows["the same without fsync (for the breakdown)"].append(time.perf_counter() - t0)
-        durable.fsync_tree = fsync
-        sizes["the same without fsync (for the breakdown)"] = sizes["online_dpo.save_checkpoint"]
+        checkpoint.fsync_tree = fsync
+        sizes["the same without fsync (for the breakdown)"] = sizes["Checkpoints.save"]
         ours = os.path.join(root, f"checkpoint-{1000 + r}")  # save_total_limit=1 kept only this one: load it
 
         drop_page_cache(bare)
@@ -110,7 +110,7 @@ def main() -> None:
         torch.optim.lr_scheduler.LambdaLR(fresh_opt, lambda s: 1.0)  # as in main(): it adds initial_lr to the groups
         saved = torch.load(os.path.join(ours, "optimizer.pt"), weights_only=True, mmap=True)
         set_optimizer_state_dict(fresh, fresh_opt, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
-        loads["online_dpo.save_checkpoint"].append(time.perf_counter() - t0)
+        loads["Checkpoints.save"].append(time.perf_counter() - t0)
         assert all(torch.equal(x, y) for x, y in zip(fresh.parameters(), model.parameters()))
         del saved, fresh, fresh_opt
 

@@ -29,7 +29,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import online_dpo  # noqa: E402
-from dpo_kernels.decode import CompiledDecoder  # noqa: E402
+from dpo_kernels import CompiledDecoder  # noqa: E402
 
 SHAPES = {"qwen2-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936)}
 
@@ -74,11 +74,11 @@ def measure(model, tokenizer, ids, mask, T, stop_ids, a):
     K = a.samples
 
     def ours(decoder=online_dpo.EAGER, new_tokens=T):
-        return online_dpo.sample(model, ids, mask, new_tokens, stop_ids, pad, num_samples=K, do_sample=False,
-                                 decoder=decoder)
+        how = online_dpo.Sampling(new_tokens, stop_ids, pad, do_sample=False)
+        return online_dpo.sample(model, ids, mask, how, K, decoder=decoder)
 
     if a.torch_compile:
-        decoder = CompiledDecoder(model, ids.size(1) + T, torch.device(a.device))
+        decoder = CompiledDecoder(online_dpo.EAGER, model, ids.size(1) + T, torch.device(a.device))
         runs = {"eager": ours, "compiled": lambda: ours(decoder)}
     else:
         def generate():
@@ -171,7 +171,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO, "benchmarks", "tiny", "policy"))
     model = make_model(a, tokenizer)
-    stop_ids = online_dpo.sampling_settings(online_dpo.Args(), tokenizer, model)[1]
+    stop_ids = online_dpo.sampling_settings(online_dpo.Args(), tokenizer, model).stop_ids
     rows = []
     for B in a.batches:
         ids, mask = (t.to(a.device) for t in online_dpo.encode_prompts(tokenizer, prompts(B), 192))

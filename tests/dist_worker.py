@@ -22,9 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import online_dpo  # noqa: E402
 
 
-def fixed_sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, num_samples=1, **_):
+def fixed_sample(model, prompt_ids, prompt_mask, how, num_samples=1, *_, **__):
     """rows [all first samples, all second samples] as online_dpo lays them out; each row's tokens depend only on
     (prompt, sample index): a length in 1..max_new_tokens, random non-stop tokens, and a stop token for 2 in 3."""
+    max_new_tokens, stop_ids, pad_id = how.max_new_tokens, how.stop_ids, how.pad_id
     prompt_ids, prompt_mask = prompt_ids.repeat(num_samples, 1), prompt_mask.repeat(num_samples, 1)
     N, vocab = prompt_ids.size(0), model.config.vocab_size
     filler = min(set(range(vocab)) - set(stop_ids))
@@ -51,11 +52,12 @@ def main() -> None:
     records, trained_on = [], []
     step_metrics, completion_logprobs = online_dpo.step_metrics, online_dpo.completion_logprobs
 
-    def recording_step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta):
+    def recording_step_metrics(logps, ref_logps, completion_mask, scores, pair_rows, has_eos, losses, beta):
+        chosen, rejected = pair_rows
         names = ("logps", "ref_logps", "completion_mask", "scores", "chosen", "rejected", "has_eos", "losses")
         values = (logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses)
         records.append({k: v.detach().cpu() for k, v in zip(names, values)} | {"beta": beta} | trained_on.pop())
-        return step_metrics(logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses, beta)
+        return step_metrics(logps, ref_logps, completion_mask, scores, pair_rows, has_eos, losses, beta)
 
     def recording_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest, **kw):
         training = torch.is_grad_enabled()

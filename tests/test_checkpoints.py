@@ -19,8 +19,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import dpo_support.checkpoint
 import online_dpo
-from online_dpo import Args, TrainingError, UsageError, main
+from dpo_support import checks
+from dpo_support.faults import TrainingError
+from online_dpo import Args, UsageError, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = {"model.safetensors", "config.json", "tokenizer.json", "online_dpo_args.json", "optimizer.pt", "rank_states.pt",
@@ -291,7 +294,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_when_they_persist(tiny, 
     assert "loss" in logs[0] and "loss" not in logs[1] and "loss" not in logs[2]
     calls.clear()
     monkeypatch.setattr(online_dpo, "dpo_loss", lambda *a, **kw: sometimes_nan(*a, nan_calls=(2, 3, 4), **kw))
-    monkeypatch.setattr(online_dpo, "MAX_NONFINITE_STEPS", 3)
+    monkeypatch.setattr(dpo_support.checkpoint, "MAX_NONFINITE_STEPS", 3)
     with pytest.raises(TrainingError, match="NaN/inf in 3 steps in a row \\(up to step 4\\)"):
         main(_args(tiny, tmp_path / "stop", max_steps=6, **common))
 
@@ -303,8 +306,8 @@ def test_weights_with_nan_are_never_saved(tiny, tmp_path):
     with torch.no_grad():
         next(policy.parameters())[0, 0] = float("nan")
     with pytest.raises(TrainingError, match="refusing to save weights with NaN/inf"):
-        tokenizer = online_dpo.load_tokenizer(args.output_dir, args, "--model_name_or_path")[0]
-        with online_dpo.written_in_place(args.output_dir, merge=True) as tmp:  # as the final save writes
-            online_dpo.write_model(policy, None, tokenizer, args, tmp)
+        tokenizer = checks.load_tokenizer(args.output_dir, args, "--model_name_or_path")[0]
+        with dpo_support.checkpoint.written_in_place(args.output_dir, merge=True) as tmp:  # as the final save writes
+            dpo_support.checkpoint.write_model(policy, None, tokenizer, args, tmp)
     after = _weights(args.output_dir)
     assert all(torch.equal(before[k], after[k]) for k in before)

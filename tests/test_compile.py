@@ -14,8 +14,8 @@ from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
 
 import online_dpo
-from dpo_kernels.decode import CompiledDecoder, compile_problem
-from online_dpo import TINY_WORLD, encode_prompts, main, sample
+from dpo_kernels import CompiledDecoder, compile_problem
+from online_dpo import EAGER, TINY_WORLD, Sampling, encode_prompts, main, sample
 from tests.test_sampler import _generate
 from tests.test_train import _args
 
@@ -34,7 +34,7 @@ def world():
 def compiled(world):
     """One compiled decoder for the module's tests, with the settings it has on CUDA (widths rounded up to 32, the
     end checked every 8 tokens); its graph compiles on the first call."""
-    return CompiledDecoder(world[1], max_width=128, device=torch.device("cpu"), width_step=32, check_every=8)
+    return CompiledDecoder(EAGER, world[1], max_width=128, device=torch.device("cpu"), width_step=32, check_every=8)
 
 
 def _stops(tokenizer):
@@ -50,8 +50,8 @@ def test_greedy_equals_eager_and_generate_and_compiles_once(world, compiled):
     ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
     pad, stops = tokenizer.pad_token_id, _stops(tokenizer)
     graphs = counters["stats"]["unique_graphs"]
-    ours, ours_mask = sample(policy, ids, mask, 24, stops, pad, num_samples=2, do_sample=False, decoder=compiled)
-    eager, eager_mask = sample(policy, ids, mask, 24, stops, pad, num_samples=2, do_sample=False)
+    ours, ours_mask = sample(policy, ids, mask, Sampling(24, stops, pad, do_sample=False), 2, decoder=compiled)
+    eager, eager_mask = sample(policy, ids, mask, Sampling(24, stops, pad, do_sample=False), 2)
     theirs = _generate(policy, ids, mask, 24, eos=stops, pad=pad)
     assert torch.equal(ours, eager) and torch.equal(ours_mask, eager_mask)
     assert torch.equal(ours[: len(PROMPTS)], theirs.masked_fill(eager_mask[: len(PROMPTS), : theirs.size(1)] == 0, pad))
@@ -63,8 +63,8 @@ def test_greedy_equals_eager_and_generate_and_compiles_once(world, compiled):
     after_first = counters["stats"]["unique_graphs"]
     for more, K in ((prompts[4:7], 1), (prompts[8:16], 2), (prompts[20:25], 1)):
         ids, mask = encode_prompts(tokenizer, more, 64)
-        ours, _ = sample(policy, ids, mask, 12, stops, pad, num_samples=K, do_sample=False, decoder=compiled)
-        eager, _ = sample(policy, ids, mask, 12, stops, pad, num_samples=K, do_sample=False)
+        ours, _ = sample(policy, ids, mask, Sampling(12, stops, pad, do_sample=False), K, decoder=compiled)
+        eager, _ = sample(policy, ids, mask, Sampling(12, stops, pad, do_sample=False), K)
         assert torch.equal(ours, eager)
     assert counters["stats"]["unique_graphs"] == after_first, "a new prompt length or row count recompiled"
 
@@ -76,8 +76,8 @@ def test_greedy_with_repetition_penalty_and_suppressed_tokens(world, compiled):
     mask = torch.ones_like(ids)
     pad = tokenizer.pad_token_id
     kw = dict(do_sample=False, repetition_penalty=1.8, suppress_tokens=[5, 6, 7])
-    ours, _ = sample(policy, ids, mask, 24, [pad], pad, decoder=compiled, **kw)
-    eager, _ = sample(policy, ids, mask, 24, [pad], pad, **kw)
+    ours, _ = sample(policy, ids, mask, Sampling(24, [pad], pad, **kw), decoder=compiled)
+    eager, _ = sample(policy, ids, mask, Sampling(24, [pad], pad, **kw))
     theirs = _generate(policy, ids, mask, 24, eos=[], pad=pad, repetition_penalty=1.8, suppress_tokens=[5, 6, 7])
     assert torch.equal(ours, eager) and torch.equal(ours, theirs)
 
@@ -102,10 +102,9 @@ def test_sampled_tokens_equal_eager_where_the_logits_agree(world, compiled, monk
     PROMPTS = prompts[:8]
     ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
     pad, stops = tokenizer.pad_token_id, _stops(tokenizer)
-    kw = dict(num_samples=2, temperature=0.8, top_k=50, top_p=0.95, min_p=0.01, repetition_penalty=1.2)
-    ours, ours_mask = sample(policy, ids, mask, 20, stops, pad, decoder=compiled,
-                             generator=torch.Generator().manual_seed(1), **kw)
-    eager, eager_mask = sample(policy, ids, mask, 20, stops, pad, generator=torch.Generator().manual_seed(1), **kw)
+    how = Sampling(20, stops, pad, temperature=0.8, top_k=50, top_p=0.95, min_p=0.01, repetition_penalty=1.2)
+    ours, ours_mask = sample(policy, ids, mask, how, 2, generator=torch.Generator().manual_seed(1), decoder=compiled)
+    eager, eager_mask = sample(policy, ids, mask, how, 2, generator=torch.Generator().manual_seed(1))
     assert torch.equal(ours, eager) and torch.equal(ours_mask, eager_mask)
     assert len(set(map(tuple, ours.tolist()))) > len(PROMPTS), "sampling must give different completions"
     steps = min(len(seen["compiled"]), len(seen["eager"]))

@@ -17,8 +17,11 @@ import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
+import dpo_support.checkpoint
 import online_dpo
+from dpo_support import checks, http_judge
 from tests import rewards
 from tests.judges import JudgeServer
 
@@ -196,7 +199,7 @@ def test_a_reward_model_as_reference_or_judge_is_refused(tiny, tmp_path, capsys,
 def test_a_pad_token_outside_the_embedding_falls_back_to_eos(tiny, tmp_path):
     policy = tmp_path / "policy"
     shutil.copytree(tiny["policy"], policy)
-    tokenizer = online_dpo.AutoTokenizer.from_pretrained(str(policy))
+    tokenizer = AutoTokenizer.from_pretrained(str(policy))
     tokenizer.add_special_tokens({"pad_token": "<|my_pad|>"})  # id 400: one past the model's 400 embeddings
     tokenizer.save_pretrained(str(policy))
     assert tokenizer.pad_token_id == 400
@@ -289,15 +292,15 @@ def test_an_api_judge_that_is_not_there_is_refused_before_loading(tiny, tmp_path
 
 def test_a_step_that_waits_on_the_judge_says_why(tiny, tmp_path, capsys, monkeypatch):
     server = JudgeServer()
-    request = online_dpo.judge_request
+    request = http_judge.request
 
     def slow(text, args):
         if "2 + 2?" not in text:  # not the trial question
             time.sleep(1.5)
         return request(text, args)
 
-    monkeypatch.setattr(online_dpo, "judge_request", slow)
-    monkeypatch.setattr(online_dpo, "JUDGE_WAIT_S", 0.2)
+    monkeypatch.setattr(http_judge, "request", slow)
+    monkeypatch.setattr(http_judge, "WAIT_S", 0.2)
     try:
         argv = _flags(tiny, tmp_path / "out", "--judge_api_base", server.url, "--judge_api_model", "judge", "--max_steps",
                       "1", reward=())
@@ -396,14 +399,14 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_one_before(tiny, tmp_path, ca
 
 def test_a_full_disk_at_the_final_save_keeps_the_trained_weights(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    write = online_dpo.write_model
+    write = dpo_support.checkpoint.write_model
 
     def full_disk(model, state_dict, tokenizer, args, directory, **kw):
         if directory.endswith("out.tmp"):  # the final save, not a checkpoint
             raise OSError(28, "No space left on device")
         return write(model, state_dict, tokenizer, args, directory, **kw)
 
-    monkeypatch.setattr(online_dpo, "write_model", full_disk)
+    monkeypatch.setattr(dpo_support.checkpoint, "write_model", full_disk)
     _refused(capsys, _flags(tiny, out), "could not write the trained model", "No space left on device",
              "they are in checkpoint-2")
     assert not os.path.exists(out / "model.safetensors") and not os.path.exists(f"{out}.tmp")
@@ -428,7 +431,7 @@ def test_a_stale_world_size_without_torchrun(tiny, tmp_path, capsys, monkeypatch
      ["RANK=2, LOCAL_RANK=0, WORLD_SIZE=2: not 0 <= LOCAL_RANK <= RANK"]),
 ])
 def test_torchrun_variables_are_checked_together(tiny, tmp_path, capsys, monkeypatch, no_models, env, culprits):
-    for name in online_dpo.TORCHRUN:
+    for name in checks.TORCHRUN:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -524,12 +527,12 @@ def test_reward_functions_get_copies_of_their_arguments(tiny, tmp_path, capsys):
 def test_vocabularies_against_their_models(tiny, tmp_path, capsys, no_models):
     from tests import assets
 
-    small = online_dpo.AutoTokenizer.from_pretrained(tiny["tokenizer2"])  # 320 tokens, the policy has 400
+    small = AutoTokenizer.from_pretrained(tiny["tokenizer2"])  # 320 tokens, the policy has 400
     assets.make_causal_lm(str(tmp_path / "ref"), small)
     _refused(capsys, _flags(tiny, tmp_path / "out", "--ref_model_path", tmp_path / "ref"), "--ref_model_path",
              "has 320 token embeddings, fewer than the policy's 400")
     assets.make_reward_model(str(tmp_path / "reward"), small)
-    online_dpo.AutoTokenizer.from_pretrained(tiny["policy"]).save_pretrained(tmp_path / "reward")  # 400 > 320
+    AutoTokenizer.from_pretrained(tiny["policy"]).save_pretrained(tmp_path / "reward")  # 400 > 320
     _refused(capsys, _flags(tiny, tmp_path / "out", reward=("--reward_model_path", tmp_path / "reward")),
              "--reward_model_path", "its tokenizer has 400 tokens, its model 320 embeddings")
 
@@ -562,9 +565,9 @@ def test_a_comparison_that_fails_keeps_the_work(tiny, tmp_path, capsys, monkeypa
 
 # ---- signals: from the first line of main() to the last
 
-def _raising(monkeypatch, name, sig, when=lambda *a, **kw: True):
-    """online_dpo.`name`, patched to receive signal `sig` on entry (the first call for which `when` holds)."""
-    original = getattr(online_dpo, name)
+def _raising(monkeypatch, name, sig, when=lambda *a, **kw: True, module=online_dpo):
+    """module.`name`, patched to receive signal `sig` on entry (the first call for which `when` holds)."""
+    original = getattr(module, name)
     sent = []
 
     def patched(*args, **kwargs):
@@ -573,7 +576,7 @@ def _raising(monkeypatch, name, sig, when=lambda *a, **kw: True):
             signal.raise_signal(sig)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(online_dpo, name, patched)
+    monkeypatch.setattr(module, name, patched)
     return sent
 
 
@@ -593,7 +596,8 @@ def test_sighup_in_training_saves_a_checkpoint(tiny, tmp_path, capsys, monkeypat
 
 def test_sigterm_during_the_final_save_finishes_it(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    _raising(monkeypatch, "write_model", signal.SIGTERM, when=lambda *a, **kw: kw.get("merge"))
+    _raising(monkeypatch, "write_model", signal.SIGTERM, when=lambda *a, **kw: kw.get("merge"),
+             module=dpo_support.checkpoint)
     assert online_dpo.run([str(a) for a in _flags(tiny, out)]) == 0
     assert f"stopped by SIGTERM after the final save: the trained model is in {out}" in capsys.readouterr().out
     online_dpo.AutoModelForCausalLM.from_pretrained(str(out))

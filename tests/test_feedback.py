@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import online_dpo
-from online_dpo import Args, judge_decisions, judge_locally, judge_over_http, judge_texts, main
+from dpo_support.faults import TrainingError
+from dpo_support.http_judge import ask as judge_over_http
+from online_dpo import Args, judge_decisions, judge_locally, judge_texts, main
 from tests import assets
 from tests.judges import TEMPLATE, JudgeServer, low_count, make_rule_judge
 
@@ -223,7 +225,7 @@ def test_every_pair_tied_trains_nothing_and_saves_nothing(tiny, tmp_path):
     """Every step skipped (no pair carried a preference): the run says so, and the input weights are not saved as
     trained ones."""
     args = _args(tiny, tmp_path / "out", reward_funcs=("tests.rewards:zero",), drop_ties=True, max_steps=2)
-    with pytest.raises(online_dpo.TrainingError, match="every one of the 2 steps was skipped .*2 with no preference"):
+    with pytest.raises(TrainingError, match="every one of the 2 steps was skipped .*2 with no preference"):
         main(args)
     assert not os.path.exists(os.path.join(args.output_dir, "model.safetensors"))
     logs = _lines(os.path.join(args.output_dir, "metrics.jsonl"))

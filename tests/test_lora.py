@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import online_dpo
-from dpo_kernels.lora import AdaptersOff, LoRALinear
-from online_dpo import TINY_WORLD, Args, add_lora, cli, main
+from online_dpo import TINY_WORLD, AdaptersOff, Args, LoRALinear, add_lora, cli, main
 
 
 def _args(tiny, out, **kw):

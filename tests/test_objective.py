@@ -157,7 +157,7 @@ def test_every_metric_against_the_formulas():
     has_eos = torch.tensor([True, False, True, True, False, False])
     chosen, rejected, _ = pair(scores)
     losses = torch.rand(B, generator=g, dtype=torch.float64)
-    got = {k: v.double().mean().item() for k, v in step_metrics(logps, ref_logps, mask, scores, chosen, rejected, has_eos, losses, beta).items()}
+    got = {k: v.double().mean().item() for k, v in step_metrics(logps, ref_logps, mask, scores, (chosen, rejected), has_eos, losses, beta).items()}
 
     # Written out per completion, with python loops over the real tokens only.
     lp = [sum(logps[i, t].item() for t in range(T) if mask[i, t]) for i in range(2 * B)]

@@ -77,7 +77,7 @@ def test_the_wheel_installs_only_names_of_its_own(tmp_path):
     wheel = next(p for p in tmp_path.iterdir() if p.suffix == ".whl")
     files = [name for name in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in name.split("/")[0] + "/"]
     top = {name.split("/")[0].removesuffix(".py") for name in files}
-    assert top == {"online_dpo", "dpo_kernels"}, top  # the loop's module and its kernels; tests/ and benchmarks/ stay
+    assert top == {"online_dpo", "dpo_kernels", "dpo_support"}, top  # tests/ and benchmarks/ stay out
     others = others_names()
     clashes = {name: others[name] for name in top if name in others}
     assert not clashes, f"the wheel installs import names of other distributions: {clashes}"

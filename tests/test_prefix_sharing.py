@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 import online_dpo
-from online_dpo import Args, check_packing, completion_logprobs, encode_prompts, sample
+from online_dpo import Args, Sampling, check_packing, completion_logprobs, encode_prompts, sample
 from tests import assets
 from tests.test_sampler import _FixedHead
 
@@ -164,7 +164,7 @@ def test_shared_prefill_greedy_equals_generate_for_every_sample(models, tokenize
     stop = int(reference[0, 4])  # some rows stop mid-way
     reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                eos_token_id=[stop], pad_token_id=pad)[:, ids.size(1):]
-    out, out_mask = sample(model, ids, mask, 12, [stop], pad, num_samples=3, do_sample=False)
+    out, out_mask = sample(model, ids, mask, Sampling(12, [stop], pad, do_sample=False), 3)
     assert torch.equal(out, reference.repeat(3, 1))
     assert out_mask[: len(PROMPTS)].sum() < out_mask[: len(PROMPTS)].numel()  # a row did stop early
 
@@ -187,8 +187,8 @@ def test_shared_prefill_samples_the_filtered_distribution(policy, tokenizer):
     expected = torch.where(allowed, scaled.softmax(-1), 0.0)
     expected /= expected.sum()
     ids, mask = encode_prompts(tokenizer, ["the old cat"], 64)
-    out, _ = sample(model, ids, mask, 2, [tokenizer.pad_token_id], tokenizer.pad_token_id, num_samples=n,
-                    temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(0))
+    how = Sampling(2, [tokenizer.pad_token_id], tokenizer.pad_token_id, temperature=temperature, top_p=top_p)
+    out, _ = sample(model, ids, mask, how, n, generator=torch.Generator().manual_seed(0))
     assert out.shape == (n, 2)
     k = int(allowed.sum())
     for t in range(2):

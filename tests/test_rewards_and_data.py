@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from online_dpo import (Args, UsageError, encode_prompts, load_frozen, load_prompts, load_reward_func,
-                        score_completions)
+from dpo_support.checks import load_prompts, load_reward_func
+from online_dpo import Args, UsageError, encode_prompts, load_frozen, score_completions
 from tests import rewards
 
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dpo_kernels.decode import draw, filter_logits
-from online_dpo import encode_prompts, sample
+from online_dpo import Sampling, draw, encode_prompts, filter_logits, sample
 from tests import assets
 
 PROMPTS = ["the cat", "a big old dog sits near the river and sings", "sun", "red stone house under a blue moon"]
@@ -32,14 +31,14 @@ def test_greedy_matches_generate_on_left_padded_prompts(arch, policy, llama_poli
     ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
     assert (mask == 0).any(), "the prompts must need left padding for this test to mean anything"
     pad = tokenizer.pad_token_id
-    free, free_mask = sample(model, ids, mask, 20, stop_ids=[pad], pad_id=pad, do_sample=False)  # nothing stops early
+    free, free_mask = sample(model, ids, mask, Sampling(20, stop_ids=[pad], pad_id=pad, do_sample=False))  # nothing stops early
     reference = _generate(model, ids, mask, 20, eos=[], pad=pad)
     assert torch.equal(free, reference)
     assert free_mask.all()
 
     # A stop token that greedy decoding produces mid-way in some rows: rows end there, the batch ends when all have.
     stop = int(reference[0, 5])
-    ours, ours_mask = sample(model, ids, mask, 20, stop_ids=[stop], pad_id=pad, do_sample=False)
+    ours, ours_mask = sample(model, ids, mask, Sampling(20, stop_ids=[stop], pad_id=pad, do_sample=False))
     theirs = _generate(model, ids, mask, 20, eos=[stop], pad=pad)
     assert ours.shape == theirs.shape
     assert torch.equal(ours, theirs)
@@ -54,7 +53,7 @@ def test_greedy_with_repetition_penalty_matches_generate(policy, tokenizer):
     ids = torch.randint(10, len(tokenizer), (3, 8), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     pad = tokenizer.pad_token_id
-    ours, _ = sample(policy, ids, mask, 24, stop_ids=[pad], pad_id=pad, do_sample=False, repetition_penalty=1.8)
+    ours, _ = sample(policy, ids, mask, Sampling(24, stop_ids=[pad], pad_id=pad, do_sample=False, repetition_penalty=1.8))
     theirs = _generate(policy, ids, mask, 24, eos=[], pad=pad, repetition_penalty=1.8)
     plain = _generate(policy, ids, mask, 24, eos=[], pad=pad)
     assert torch.equal(ours, theirs)
@@ -104,8 +103,8 @@ def test_sampled_tokens_respect_the_filters(policy, tokenizer, top_k, top_p, min
     temperature = 0.5  # < 1: filtering before the temperature would let through tokens it must cut
     gen = torch.Generator().manual_seed(3)
     pad = tokenizer.pad_token_id
-    out, out_mask = sample(policy_sharp, ids, mask, 16, stop_ids=[pad], pad_id=pad, temperature=temperature,
-                           top_k=top_k, top_p=top_p, min_p=min_p, generator=gen)
+    how = Sampling(16, stop_ids=[pad], pad_id=pad, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    out, out_mask = sample(policy_sharp, ids, mask, how, generator=gen)
     full = torch.cat([ids, out], 1)
     full_mask = torch.cat([mask, out_mask], 1)
     with torch.no_grad():
@@ -144,8 +143,9 @@ def test_token_frequencies_match_the_filtered_distribution(policy, tokenizer, to
     expected = torch.where(allowed, (logits / temperature).softmax(-1), 0.0)
     expected /= expected.sum()
     ids, mask = encode_prompts(tokenizer, ["the old cat"], 64)
-    out, _ = sample(model, ids.repeat(n, 1), mask.repeat(n, 1), 1, stop_ids=[tokenizer.pad_token_id], pad_id=tokenizer.pad_token_id,
-                    temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=torch.Generator().manual_seed(0))
+    how = Sampling(1, stop_ids=[tokenizer.pad_token_id], pad_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k,
+                   top_p=top_p, min_p=min_p)
+    out, _ = sample(model, ids.repeat(n, 1), mask.repeat(n, 1), how, generator=torch.Generator().manual_seed(0))
     observed = torch.bincount(out[:, 0], minlength=V).double() / n
     assert observed[~allowed].sum() == 0
     assert 10 <= allowed.sum() < V or (top_k, top_p, min_p) == (0, 1.0, None)

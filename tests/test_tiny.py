@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from online_dpo import PRESETS, TINY_WORLD, Args, cli, encode_prompts, main, sample
+from online_dpo import PRESETS, TINY_WORLD, Args, Sampling, cli, encode_prompts, main, sample
 
 sys.path.insert(0, os.path.join(os.path.dirname(TINY_WORLD)))
 import tiny_world  # noqa: E402  (benchmarks/tiny_world.py)
@@ -66,7 +66,7 @@ def test_the_shipped_models_load_and_hold_the_world():
     prompts = [p["prompt"] for p in _test_prompts()] * 2
     ids, mask = encode_prompts(tokenizer, prompts, 64)
     end = tokenizer.convert_tokens_to_ids("<|end|>")
-    out, out_mask = sample(policy, ids, mask, 64, [end], tokenizer.pad_token_id, temperature=1.0,
+    out, out_mask = sample(policy, ids, mask, Sampling(64, [end], tokenizer.pad_token_id, temperature=1.0),
                            generator=torch.Generator().manual_seed(0))
     answers = tokenizer.batch_decode([o[m.bool()] for o, m in zip(out, out_mask)], skip_special_tokens=True)
     known = {s.format(p=p, f=f) for s in tiny_world.POSITIVE + tiny_world.NEGATIVE for p in tiny_world.PRODUCTS
@@ -101,8 +101,8 @@ def _judged_by_the_rule(model_path, tokenizer, prompts, seed=0) -> tuple[float, 
     -> mean score_response, mean sentiment."""
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     ids, mask = encode_prompts(tokenizer, prompts, 64)
-    out, out_mask = sample(model, ids, mask, 64, [tokenizer.eos_token_id], tokenizer.pad_token_id, temperature=0.9,
-                           generator=torch.Generator().manual_seed(seed))
+    how = Sampling(64, [tokenizer.eos_token_id], tokenizer.pad_token_id, temperature=0.9)
+    out, out_mask = sample(model, ids, mask, how, generator=torch.Generator().manual_seed(seed))
     answers = tokenizer.batch_decode([o[m.bool()] for o, m in zip(out, out_mask)], skip_special_tokens=True)
     return (sum(map(tiny_world.score_response, answers)) / len(answers),
             sum(map(tiny_world.sentiment, answers)) / len(answers))

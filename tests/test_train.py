@@ -14,7 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import online_dpo
-from online_dpo import Args, UsageError, check_args, cli, main
+from dpo_support.checks import check_args
+from online_dpo import Args, UsageError, cli, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,7 +110,7 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(tiny, tmp_path):
 
 
 def test_stop_tokens_include_the_generation_configs_end_of_turn(tokenizer, policy):
-    assert online_dpo.sampling_settings(online_dpo.Args(), tokenizer, policy)[1] == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")})
+    assert online_dpo.sampling_settings(online_dpo.Args(), tokenizer, policy).stop_ids == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")})
 
 
 def test_beta_per_epoch_ipo_and_the_eos_penalty(tiny, tmp_path):

@@ -1,11 +1,7 @@
-"""How online_dpo.sample() runs its one-token decode steps over the KV cache (a Decoder), and draws each token
-(filter_logits, then draw).
-
-- EAGER (Decoder): the model's forward, as written; a fresh cache per call, each prompt's keys and values copied to
-  the rows of its K samples. The default, and the reference the tests hold the compiled step to.
-- CompiledDecoder (--torch_compile): the same step compiled once with dynamic shapes over a kept cache (gpt-fast's
-  recipe for a hand-written KV-cache sampler); on CUDA in mode reduce-overhead, which replays it as a CUDA graph, so
-  that a token no longer costs a launch per kernel. Whatever cannot be compiled decodes eagerly, saying why.
+"""The compiled decode step (--torch_compile): online_dpo.Decoder's one-token step compiled once with dynamic shapes
+over a kept KV cache (gpt-fast's recipe for a hand-written KV-cache sampler); on CUDA in mode reduce-overhead, which
+replays it as a CUDA graph, so that a token no longer costs a launch per kernel. Whatever cannot be compiled decodes
+eagerly, through the eager Decoder it was given, saying why (online_dpo.make_decoder).
 """
 
 import math
@@ -14,66 +10,11 @@ import time
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from transformers import MinPLogitsWarper, StaticCache, TopKLogitsWarper, TopPLogitsWarper
+from transformers import StaticCache
 
 STOP_CHECK_EVERY = 8  # compiled, on CUDA: tokens between the checks whether every row has stopped
 WIDTH_STEP = 32  # compiled, on CUDA: cache widths are P + T rounded up to a multiple of this
 GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
-def next_logits(model, token, mask, position_ids, cache):
-    """One decode step: the next-token logits (N, V) after `token` (N,), whose keys and values the
-    cache then holds too."""
-    out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids, cache=cache)
-    return out.logits[:, -1]
-
-
-def filter_logits(logits, top_k=0, top_p=1.0, min_p=None):
-    """Set the logits outside top_k, then top_p, then min_p to -inf, with transformers'
-    warpers, as generate() does."""
-    if top_k:
-        logits = TopKLogitsWarper(top_k)(None, logits)
-    if top_p < 1:
-        logits = TopPLogitsWarper(top_p)(None, logits)
-    if min_p:
-        logits = MinPLogitsWarper(min_p)(None, logits)
-    return logits
-
-
-def draw(probs, generator=None):
-    """A token per row (N,) from probs (N, V) by the exponential race argmax(p / Exp(1)): how
-    torch.multinomial draws one sample (the same tokens, the generator left in the same state), without
-    multinomial's checks of its input, which make the host wait for the device at every token."""
-    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
-
-
-class Decoder:
-    """How sample() runs its decode steps, by default: eagerly, with a fresh cache per call as wide
-    as the batch's longest prompt plus T. CompiledDecoder (--torch_compile) compiles the step."""
-    check_every = 1  # tokens between the checks whether every row has stopped (a host sync)
-
-    def width(self, model, prompt_len, max_new_tokens):
-        """The columns of the KV cache and of the attention mask."""
-        return prompt_len + max_new_tokens
-
-    def decode_cache(self, model, cache, K):
-        """The cache to decode from after the prefill of N prompts into `cache`: each prompt's keys
-        and values copied to the rows of its K samples, N -> K*N."""
-        if K > 1:
-            for layer in cache.layers:
-                layer.keys = layer.keys.repeat(K, 1, 1, 1)
-                layer.values = layer.values.repeat(K, 1, 1, 1)
-        return cache
-
-    def __call__(self, model, token, mask, position_ids, cache):
-        return next_logits(model, token, mask, position_ids, cache)
-
-    def stats(self):
-        """What the log lines report of it (nothing, when eager)."""
-        return {}
-
-
-EAGER = Decoder()
 
 
 def compile_problem(model):
@@ -88,24 +29,16 @@ def compile_problem(model):
     return None
 
 
-def make_decoder(compiled, policy, max_width, device, say=print):
-    """EAGER or, with compiled (--torch_compile), a CompiledDecoder unless the policy cannot be (a line says why)."""
-    if not compiled:
-        return EAGER
-    reason = compile_problem(policy)
-    if reason:
-        say(f"torch_compile: decoding eagerly, {reason}")
-        return EAGER
-    return CompiledDecoder(policy, max_width, device, say)
 
-
-class CompiledDecoder(Decoder):
+class CompiledDecoder:
     """The decode step compiled once with dynamic shapes; on CUDA, reduce-overhead (a CUDA graph per
     shape). Graphs need fixed addresses: each row count's KV cache is allocated once, max_width
     wide, widths as views. CUDA rounds widths up to WIDTH_STEP and checks the end every
-    STOP_CHECK_EVERY tokens; the CPU takes exact widths and checks every token (faster there)."""
+    STOP_CHECK_EVERY tokens; the CPU takes exact widths and checks every token (faster there). `eager`: the
+    Decoder whose step it compiles, and which decodes any other model (the reference) and after a failed compile."""
 
-    def __init__(self, policy, max_width, device, say=print, width_step=None, check_every=1):
+    def __init__(self, eager, policy, max_width, device, say=print, width_step=None, check_every=1):
+        self.eager = eager
         self.say = say  # online_dpo's: rank 0 prints
         self.policy = policy
         self.max_width = max_width
@@ -117,7 +50,7 @@ class CompiledDecoder(Decoder):
             self.check_every = check_every
         fullgraph = not isinstance(policy, FSDPModule)  # FSDP2's hooks stay out: graphs between them
         mode = "reduce-overhead" if self.cuda else None
-        self.step = torch.compile(next_logits, fullgraph=fullgraph, dynamic=True, mode=mode)
+        self.step = torch.compile(eager.step, fullgraph=fullgraph, dynamic=True, mode=mode)
         self.failed = False
         self.tensors = {}  # (rows, dtype): each layer's keys and values, max_width wide
         self.caches = {}  # (rows, dtype, width): a StaticCache whose layers view those
@@ -135,7 +68,7 @@ class CompiledDecoder(Decoder):
 
     def decode_cache(self, model, cache, K):
         if not self.compiles(model):
-            return super().decode_cache(model, cache, K)
+            return self.eager.decode_cache(model, cache, K)
         first = cache.layers[0].keys
         key = (first.size(0) * K, first.dtype)
         width = first.size(2)
@@ -164,7 +97,7 @@ class CompiledDecoder(Decoder):
 
     def __call__(self, model, token, mask, position_ids, cache):
         if not self.compiles(model):
-            return super().__call__(model, token, mask, position_ids, cache)
+            return self.eager(model, token, mask, position_ids, cache)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         start = time.perf_counter()
         if self.cuda:  # the last step's outputs are read no more
@@ -188,7 +121,7 @@ class CompiledDecoder(Decoder):
             first_line = (str(error).strip().splitlines() or [""])[0][:200]
             self.say(f"torch_compile: decoding eagerly, the decode step did not compile ({type(error).__name__}: "
                 f"{first_line})")
-            return super().__call__(model, token, mask, position_ids, cache)
+            return self.eager(model, token, mask, position_ids, cache)
         new = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
         if new:
             self.graphs += new
