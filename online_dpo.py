@@ -25,6 +25,7 @@ import os
 import random
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -366,14 +367,14 @@ def wants_bf16(args, device):
     return cuda and torch.cuda.is_bf16_supported(including_emulation=False)  # emulated: slow
 
 
-def load_policy(path, args, device, world, bf16, resume=False):
-    """The policy in fp32 (bf16 runs under autocast), and what the training forward goes through:
-    DDP's wrapper (it averages gradients over ranks), or the policy."""
+def load_policy(args, device, world, bf16, resume=None):
+    """The policy (the checkpoint `resume`'s, if given) in fp32 (bf16 runs under autocast), and what
+    the training forward goes through: DDP's wrapper (it averages gradients over ranks), or the policy."""
     kwargs = {"dtype": torch.float32} | args.init_kwargs
-    policy = load_model(AutoModelForCausalLM, path, args, **kwargs)
+    policy = load_model(AutoModelForCausalLM, resume or args.model_name_or_path, args, **kwargs)
     # LoRA first, so that turning dropout off turns the adapters' off too (as TRL).
     if args.use_peft:
-        add_lora(policy, args, resume=path if resume else None)
+        add_lora(policy, args, resume)
     if args.disable_dropout:
         for module in policy.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -542,15 +543,17 @@ def micro_batches(dataset, args, plan, rank, world, start):
 def prompt_token_ids(tokenizer, prompts):
     """Each prompt's token ids, whole. A conversation (a list of {role, content} messages: checks.py
     has checked every row) goes through the chat template, with the assistant's turn opened so that
-    the completion is the assistant's answer."""
+    the completion is the assistant's answer; one that ends with an assistant message (a prefill)
+    has that message continued, as TRL does (continue_final_message)."""
     if isinstance(prompts[0], list) and tokenizer.chat_template is None:
         raise UsageError("conversational prompts need a tokenizer with a chat template; "
                          "this one has none")
     texts = []
     for prompt in prompts:
         if isinstance(prompt, list):
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False,
-                                                   add_generation_prompt=True)
+            prefill = prompt[-1]["role"] == "assistant"
+            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=not prefill,
+                                                   continue_final_message=prefill)
         texts.append(prompt)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     if min(map(len, ids)) == 0:
@@ -764,6 +767,8 @@ class Context:
     judged: bool = False  # a judge compares the completions; rewards do not score them
     decoder: Decoder = EAGER  # the decode step: eager, or compiled (--torch_compile)
     reference: list = field(default_factory=list)  # its held-out answers and scores (evaluate())
+    logprobs: str = "fused"  # how completion_logprobs computes: fused, or naive (logprobs_impl)
+    trainer_state: object = None  # what reward functions get (trainer_state()), set each step
 
 
 # What a training forward takes: prompts (left-padded) and completions (right-padded).
@@ -839,7 +844,7 @@ def score_completions(prompts, completions, completion_ids, extra_columns, rewar
     columns = []
     for model, tokenizer in reward_models:
         if chat:
-            texts = [tokenizer.apply_chat_template(p + c, tokenize=False)
+            texts = [tokenizer.apply_chat_template(conversation(p, c), tokenize=False)
                      for p, c in zip(prompts, completions)]
         else:
             texts = [p + c for p, c in zip(prompts, completions)]
@@ -862,6 +867,15 @@ def score_completions(prompts, completions, completion_ids, extra_columns, rewar
     return total.masked_fill(unscored, math.nan), per_reward
 
 
+def conversation(prompt, completion):
+    """The conversation a reward model reads: the prompt's messages, then the completion's; a prefill
+    (the prompt's last message, the assistant's) and its continuation as one assistant message."""
+    if prompt[-1]["role"] == "assistant":
+        answer = prompt[-1]["content"] + completion[0]["content"]
+        return prompt[:-1] + [{"role": "assistant", "content": answer}]
+    return prompt + completion
+
+
 def reward_column(out, func, n, device):
     """A reward function's answer as a column (n,) of floats, None as NaN.
     Anything else names the function."""
@@ -880,11 +894,18 @@ def reward_column(out, func, n, device):
     return torch.tensor(values, device=device)
 
 
+def trainer_state(step, plan):
+    """What reward functions get as trainer_state in step `step`, as TRL passes its TrainerState: the
+    optimizer steps done, the epoch, the steps in all."""
+    return types.SimpleNamespace(global_step=step - 1, epoch=(step - 1) / plan.per_epoch, max_steps=plan.total)
+
+
 def score(ctx, prompts, samples, columns):
     """The samples' scores (N,), less --missing_eos_penalty for each
     completion that has no stop token."""
     n_rewards = len(ctx.reward_models) + len(ctx.reward_funcs)
     weights = torch.tensor(ctx.args.reward_weights or [1.0] * n_rewards, device=ctx.device)
+    columns = columns | {"trainer_state": ctx.trainer_state}  # as TRL gives reward functions
     with all_or_none(), ctx.autocast:  # one rank failing stops all
         scores, _ = score_completions(prompts, samples.completions, samples.token_ids, columns,
                                       ctx.reward_models, ctx.reward_funcs, weights)
@@ -1004,7 +1025,7 @@ class Pairs:
     chosen: torch.Tensor  # (B,) each prompt's chosen completion
     rejected: torch.Tensor  # (B,) and its rejected one
     kept: torch.Tensor  # (B,) bool: the pair goes into the loss
-    scores: torch.Tensor | None  # (2B,) the chosen's scores, then the rejected's; None: a judge
+    scores: torch.Tensor | None  # (K*B,) every sample's score, NaN if unscored; None: a judge
     metrics: dict  # per-pair feedback metrics, pairs/* or judge/*
     logged: dict  # (B,) each, for completions.jsonl
 
@@ -1032,10 +1053,18 @@ def preferences(ctx, prompts, samples, columns):
     chosen, rejected, tie = pair(scores, args.num_samples, args.tie_threshold)
     unscored = scores[chosen].isnan()  # the best unscored: all of its prompt's samples are
     kept = ~unscored & ~(tie & args.drop_ties)
-    pair_scores = scores[torch.cat([chosen, rejected])]
-    return Pairs(chosen=chosen, rejected=rejected, kept=kept, scores=pair_scores,
+    return Pairs(chosen=chosen, rejected=rejected, kept=kept, scores=scores,
                  metrics={"pairs/ties": tie.float(), "pairs/unscored": unscored.float()},
                  logged={"score_chosen": scores[chosen], "score_rejected": scores[rejected]})
+
+
+def count_kept(step_pairs):
+    """The pairs kept in the loss in a step's micro-batches (Pairs each), summed over all ranks: what
+    the loss divides by, so that each kept pair weighs the same whatever B, GA and the ranks."""
+    kept = torch.stack([pairs.kept.sum() for pairs in step_pairs]).sum()
+    if dist.is_initialized():
+        dist.all_reduce(kept)
+    return kept
 
 
 # ---- Log-probs and loss
@@ -1045,7 +1074,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
                         packed=False):
     """Per-token log-probs of the completions under `model`, (N, T), 0 on padding. fused: from the
     last hidden states and the output embedding, tile by tile (dpo_kernels/), so that no (tokens,
-    vocabulary) logits exist; naive: from the logits. packed: a row per pair (training_rows())."""
+    vocabulary) logits exist; naive: from the logits (logprobs_impl() decides which a model takes).
+    packed: a row per pair (training_rows())."""
     ids, mask, position_ids, row, column = training_rows(
         prompt_ids, prompt_mask, completion_ids, completion_mask, packed)
     inner = getattr(model, "module", model)  # DDP wraps the model; FSDP2 shards it in place
@@ -1060,12 +1090,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     column = column[real]
     targets = completion_ids[real]
     head = inner.get_output_embeddings()
-    config = inner.config
-    # Gemma 2 and Cohere transform their logits (a softcap, a scale), which
-    # the fused path would leave out.
-    plain_head = head.bias is None and getattr(config, "final_logit_softcapping", None) is None \
-        and getattr(config, "logit_scale", None) in (None, 1.0)
-    naive = impl == "naive" or not plain_head
+    naive = impl == "naive"
     first = prompt_ids.size(1) - 1  # the prompt's last token predicts the first completion token
     if naive:
         logits_to_keep = ids.size(1) - first
@@ -1141,66 +1166,35 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     return (1 - eps) * right + eps * flipped
 
 
-def check_packing(args, *models):
-    """Whether training can pack each pair into a row (training_rows()); if not, says why."""
-    if not args.prefix_sharing:
-        return False
-    for model in models:
-        reason = packing_problem(args, model)
-        if reason:
-            say(f"prefix sharing off in training: {reason}")
-            return False
-    return True
-
-
-def packing_problem(args, model):
-    """Why the model cannot take packed rows (a 4D mask; eager or sdpa, no short sliding window), or
-    None."""
-    config = model.config
-    if config._attn_implementation not in ("eager", "sdpa"):
-        return f"attn_implementation {config._attn_implementation} takes no 4D attention mask"
-    if (getattr(config, "sliding_window", None) or math.inf) < 2 * args.max_length:
-        return f"its sliding window ({config.sliding_window} tokens) may be shorter than a row"
-    # The trial, 5 sequences of 3 tokens: a rejected completion (5th) gets the same log-probs after
-    # either chosen one (2nd, 3rd), which it may not see, and others after another prompt (1st or
-    # 2nd), which it sees.
-    ids = (torch.arange(15, device=next(model.parameters()).device) % config.vocab_size).view(5, 3)
-    one = torch.ones_like(ids)
-    was_training = model.training
-    try:  # eval mode: no dropout; gathered: FSDP2 reshards afterwards
-        rejected = []
-        with torch.no_grad(), gathered(model.eval()):
-            for prompt, chosen in ((0, 2), (0, 3), (1, 2)):
-                logps = completion_logprobs(model, ids[[prompt]], one[:1], ids[[chosen, 4]], one[:2],
-                                            packed=True)
-                rejected.append(logps[1, 1:])  # its first token is predicted by the prompt alone
-        applied = torch.equal(rejected[0], rejected[1]) and not torch.equal(rejected[0], rejected[2])
-        reason = None if applied else "the model does not apply a 4D mask"
-    except Exception as e:
-        reason = f"the model refuses a 4D attention mask ({why(e)})"
-    model.train(was_training)
-    return reason
-
-
 # ---- Metrics and logging
 
 
 @torch.no_grad()
-def step_metrics(logps, ref_logps, completion_mask, scores, pair_rows, has_eos, losses, beta):
-    """Per-sample values of every logged metric, with TRL's names and formulas, from the log-probs of
-    the pairs' completions (2B, T); pair_rows: the rows of the chosen and of the rejected completions.
-    No score metrics when a judge decided (scores None)."""
-    chosen, rejected = pair_rows
+def step_metrics(logps, ref_logps, completion_mask, pairs, samples, losses, beta):
+    """Per-sample values of every logged metric, with TRL's names and formulas. KL, entropy and the
+    RLHF reward are over the pairs' completions, whose log-probs logps and ref_logps (2B, T) hold
+    (chosen, then rejected); scores, EOS and lengths over all K*B samples; rewards/* and logps/* over
+    the pairs kept in the loss (losses: theirs). Score metrics average over the completions a reward
+    scored (a reward may abstain with None), and a judge's run has none (pairs.scores None)."""
+    B = len(pairs.kept)
     logp = (logps * completion_mask).sum(1)  # (2B,)
     ref_logp = (ref_logps * completion_mask).sum(1)
     kl = logp - ref_logp
     non_score_reward = -beta * kl
+    chosen = torch.arange(B, device=logps.device)[pairs.kept]  # the kept pairs' rows among the 2B
+    rejected = chosen + B
     reward_chosen = beta * (logp[chosen] - ref_logp[chosen])
     reward_rejected = beta * (logp[rejected] - ref_logp[rejected])
     scored = {}
-    if scores is not None:
-        scored = {"objective/rlhf_reward": scores + non_score_reward, "objective/scores": scores,
-                  "objective/scores_margin": scores[chosen] - scores[rejected]}
+    if pairs.scores is not None:
+        scores = pairs.scores  # (K*B,)
+        pair_scores = scores[torch.cat([pairs.chosen, pairs.rejected])]  # (2B,)
+        rlhf_reward = pair_scores + non_score_reward
+        margin = scores[pairs.chosen] - scores[pairs.rejected]  # (B,)
+        scored = {"objective/rlhf_reward": rlhf_reward[~pair_scores.isnan()],
+                  "objective/scores": scores[~scores.isnan()],
+                  "objective/scores_margin": margin[~margin.isnan()],
+                  "objective/scored": (~scores.isnan()).float()}
     return {
         "loss": losses.detach(),
         "objective/kl": kl,
@@ -1213,8 +1207,8 @@ def step_metrics(logps, ref_logps, completion_mask, scores, pair_rows, has_eos, 
         "rewards/accuracies": (reward_chosen > reward_rejected).float(),
         "logps/chosen": logp[chosen],
         "logps/rejected": logp[rejected],
-        "val/contain_eos_token": has_eos.float(),
-        "completions/mean_length": completion_mask.sum(1).float(),
+        "val/contain_eos_token": samples.has_eos.float(),  # (K*B,)
+        "completions/mean_length": samples.completion_mask.sum(1).float(),
         "beta": torch.full((1,), float(beta), dtype=torch.float64, device=logps.device),
     }
 
@@ -1515,11 +1509,12 @@ def before_after(logs, records, show=4):
 
 def main(args):
     """Train, and return the policy (sharded under FSDP2). Under torchrun every rank runs this."""
+    this_file = sys.modules[__name__]  # the checks' trials run the step's own code (checks.py)
     # 0. Check before any model loads: flags, files, data, models, rewards, the judge (checks.py).
     checks.check_args(args)
     rank, world, device = init_distributed(args)  # a process per device; rank 0 prints and writes
     with all_or_none(UsageError):  # TRY NOT TO MODIFY: one rank that cannot read a file stops all
-        inputs = checks.check_inputs(args, world, sys.modules[__name__])  # trials run this file
+        inputs = checks.check_inputs(args, world, this_file)  # its trials run this file's code
         plan = make_plan(args, len(inputs.dataset), world)
     checkpoint.check_same_resume(inputs.resume)  # TRY NOT TO MODIFY: all ranks, one checkpoint
     resume = inputs.resume  # the checkpoint to continue from, or None
@@ -1531,8 +1526,7 @@ def main(args):
     bf16 = wants_bf16(args, device)
 
     # 1. Models: the policy (or its checkpoint), the reference, the reward models or the judge.
-    policy_path = resume or args.model_name_or_path
-    policy, train_model = load_policy(policy_path, args, device, world, bf16, bool(resume))
+    policy, train_model = load_policy(args, device, world, bf16, resume)
     shard = world > 1 and args.distributed == "fsdp"  # FSDP2 shards the frozen models too
     frozen = dict(args=args, device=device, shard=shard, bf16=bf16)
     ref = load_reference(args, policy, resume, frozen)
@@ -1542,13 +1536,15 @@ def main(args):
                   autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
                   sampling=sampling_settings(args, tokenizer, policy), reward_models=reward_models,
                   reward_funcs=inputs.reward_funcs, local_judge=local_judge,
-                  packed=check_packing(args, policy, ref),  # a trial: do the models take a 4D mask?
+                  packed=checks.check_packing(args, this_file, policy, ref),  # trials: a 4D mask?
                   judged=bool(args.judge_model_path or args.judge_api_base),
-                  decoder=make_decoder(args, policy, device))  # eager, or compiled
+                  decoder=make_decoder(args, policy, device),  # eager, or compiled
+                  logprobs=checks.logprobs_impl(this_file, policy, ref),  # the model's own logits?
+                  trainer_state=trainer_state(1, plan))
     say(feedback_line(args))
     generator = torch.Generator(device).manual_seed(args.seed + rank)  # each rank samples its own
     optimizer, scheduler = make_optimizer(policy, args, plan)
-    saver = checkpoint.Checkpoints(args, policy, optimizer, scheduler, tokenizer, ref, ctx.reference)
+    saver = checkpoint.Checkpoints(args, plan, policy, optimizer, scheduler, tokenizer, ref, ctx.reference)
     state = dict(step=0, epoch=0.0, micro_batches_done=0, world_size=world, nonfinite_steps=0,
                  empty_steps=0, wandb_id=None)  # what trainer_state.json holds
     since_log = MetricSums()  # the metrics since the last logged line
@@ -1564,8 +1560,10 @@ def main(args):
     with stop_signals() as signals, log.bar:  # TRY NOT TO MODIFY: a signal waits for the step's end
         for step in range(state["step"] + 1, plan.total + 1):
             beta = args.beta[min((step - 1) // plan.per_epoch, len(args.beta) - 1)]  # one per epoch
+            ctx.trainer_state = trainer_state(step, plan)  # what reward functions see, as in TRL
             this_step = MetricSums()
             last_good = checkpoint.rank_state(generator, since_log)  # TRY NOT TO MODIFY: rewinds
+            rollouts = []  # the step's micro-batches: (prompts, samples, pairs)
             for micro_step in range(GA):
                 batch = next(data)
                 prompts = batch.pop(args.dataset_prompt_column)
@@ -1574,24 +1572,25 @@ def main(args):
                 samples = rollout(ctx, policy, prompts, generator, K, since_log)
 
                 # 3-4. Feedback and pairs: each prompt's best and worst sample, or the judge's pick.
-                try:
+                with saver.on_failure(f"step {step}", state, step - 1, last_good):  # TRY NOT TO MODIFY
                     pairs = preferences(ctx, prompts, samples, {k: v * K for k, v in batch.items()})
-                except FeedbackError as e:  # TRY NOT TO MODIFY: saves the step before: exact resume
-                    before = checkpoint.progress(state, step - 1, plan, args)
-                    raise saver.after_failure(e, f"step {step}", before, last_good) from None
-                pick = torch.cat([pairs.chosen, pairs.rejected])  # (2B,) rows: chosen, rejected
+                rollouts.append((prompts, samples, pairs))
+            kept_in_step = count_kept([pairs for _, _, pairs in rollouts])  # on all ranks
 
+            for micro_step, (prompts, samples, pairs) in enumerate(rollouts):
                 # 5. Log-probs of the pairs' completions, policy (with grad) and reference, (2B, T).
+                pick = torch.cat([pairs.chosen, pairs.rejected])  # (2B,) rows: chosen, rejected
                 if isinstance(train_model, DDP):  # all-reduce in the last micro-step's backward
                     train_model.require_backward_grad_sync = micro_step == GA - 1  # (FSDP2: each)
                 train_inputs = samples.training_inputs(pick, ctx.packed)
                 with ctx.autocast:
-                    logps = completion_logprobs(train_model, *train_inputs, packed=ctx.packed)
+                    logps = completion_logprobs(train_model, *train_inputs, impl=ctx.logprobs, packed=ctx.packed)
                     with torch.no_grad():
-                        ref_logps = completion_logprobs(ref, *train_inputs, packed=ctx.packed)
+                        ref_logps = completion_logprobs(ref, *train_inputs, impl=ctx.logprobs, packed=ctx.packed)
 
-                # 6. Loss: per pair (dpo_loss, plus RPO's term), averaged over the pairs kept (none
-                # kept: 0, and backward keeps DDP in step); over GA, the micro-batches' mean.
+                # 6. Loss: per pair (dpo_loss, plus RPO's term), summed over the pairs kept, over the
+                # step's kept pairs on all ranks: each weighs the same whatever B, GA and ranks (x
+                # world: DDP and FSDP2 average the ranks' gradients). None kept: 0, still backward.
                 logp = logps.sum(1)  # (2B,) each completion's log-prob
                 ref_logp = ref_logps.sum(1)
                 losses = dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], beta,
@@ -1603,15 +1602,14 @@ def main(args):
                     nll = args.rpo_alpha * -logp[:B] / lengths  # per token
                     parts = {"loss/dpo": losses[kept].detach(), "loss/nll": nll[kept].detach()}
                     losses = losses + nll
-                loss = torch.where(kept, losses, 0.0).sum() / kept.sum().clamp(min=1)
-                (loss / GA).backward()
-                in_loss = torch.arange(B, device=device)[kept]  # the kept pairs' chosen rows
-                metrics = step_metrics(logps.detach(), ref_logps, train_inputs.completion_mask,
-                                       pairs.scores, (in_loss, in_loss + B), samples.has_eos[pick],
-                                       losses[kept], beta)
+                loss = torch.where(kept, losses, 0.0).sum() * world / kept_in_step.clamp(min=1)
+                loss.backward()
+                metrics = step_metrics(logps.detach(), ref_logps, train_inputs.completion_mask, pairs,
+                                       samples, losses[kept], beta)
                 this_step.add(metrics | pairs.metrics | parts)
 
             # 7. Optimizer step: clip, AdamW, schedule; skipped on all ranks for a NaN/inf or no pair.
+            learning_rate = scheduler.get_last_lr()[0]  # this step's, which HF's trainer logs
             grad_norm, status, stopping = optimizer_step(policy, optimizer, scheduler, args, this_step,
                                                          bool(signals))
             halt = checkpoint.count_steps(state, status, step, args, this_step)  # TRY NOT TO MODIFY
@@ -1627,20 +1625,16 @@ def main(args):
             # 8. Log (means over all ranks since the last line), the pairs, evaluate, checkpoint.
             if step % plan.log == 0 or step == plan.total or halt:
                 log.line(step, since_log.means(
-                    learning_rate=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                    learning_rate=learning_rate, grad_norm=float(grad_norm),
                     epoch=step / plan.per_epoch, nonfinite_steps=state["nonfinite_steps"],
                     empty_steps=state["empty_steps"], **ctx.decoder.stats()))
                 since_log = MetricSums()
             if plan.eval and step % plan.eval == 0:  # the last micro-batch's pairs; policy vs ref
                 log.pairs(step, prompts, samples.texts, pairs)
-                try:
+                now = checkpoint.rank_state(generator, since_log)  # TRY NOT TO MODIFY: saves this step:
+                with saver.on_failure(f"step {step}, in the comparison with the reference", state, step, now):
                     if step < plan.total and eval_prompts:
                         log.line(step, *evaluate(ctx, policy, ref, eval_prompts, eval_columns))
-                except FeedbackError as e:  # TRY NOT TO MODIFY: saves this step, names it
-                    done = checkpoint.progress(state, step, plan, args)
-                    where = f"step {step}, in the comparison with the reference"
-                    my_state = checkpoint.rank_state(generator, since_log)
-                    raise saver.after_failure(e, where, done, my_state) from None
             if (plan.save and step % plan.save == 0 and step < plan.total) or stopping or halt:
                 state = checkpoint.progress(state, step, plan, args)
                 saved = saver.save(state, checkpoint.rank_state(generator, since_log))
@@ -1651,7 +1645,7 @@ def main(args):
 
         # 9. Save the policy for from_pretrained(output_dir).
         done = checkpoint.progress(state, plan.total, plan, args)
-        saver.save_final(done, checkpoint.rank_state(generator, since_log), plan)
+        saver.save_final(done, checkpoint.rank_state(generator, since_log))
     say(f"saved the trained model to {args.output_dir}")
 
     # 10. Before / after: the reference and the trained policy answer the same held-out prompts.

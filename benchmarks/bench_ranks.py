@@ -30,13 +30,14 @@ import os, resource, sys
 tree, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 sys.path.insert(0, tree)
 import online_dpo
+from dpo_support import checks
 
 def loaded(*args, **kwargs):
     with open(os.path.join(out, f"rss{os.environ.get('RANK', '0')}.txt"), "w") as f:
         f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     raise SystemExit(0)
 
-online_dpo.check_packing = loaded
+checks.check_packing = loaded
 sys.exit(online_dpo.run(argv))
 """
 

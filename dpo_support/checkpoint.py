@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule
 
-from dpo_support.faults import TrainingError, UsageError, all_or_none, resume_hint, why
+from dpo_support.faults import FeedbackError, TrainingError, UsageError, all_or_none, resume_hint, why
 from dpo_support.ranks import gather_lists, is_main, say
 from dpo_support.signals import STOP, Stopped
 
@@ -325,8 +325,9 @@ class Checkpoints:
     """What main() saves: checkpoint-N (every --save_steps, after a signal or a halt, and the step before a failed
     reward or judge), and the trained model at the end. Rank 0 writes; under FSDP2 every rank gathers."""
 
-    def __init__(self, args, policy, optimizer, scheduler, tokenizer, ref, reference):
+    def __init__(self, args, plan, policy, optimizer, scheduler, tokenizer, ref, reference):
         self.args = args
+        self.plan = plan
         self.policy = policy
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -376,17 +377,23 @@ class Checkpoints:
             remove(os.path.join(args.output_dir, f"checkpoint-{old}"))
         return name
 
-    def after_failure(self, error, where, trainer_state, my_state):
-        """A reward function or the judge failed (on every rank) `where`: save trainer_state's step (none before
-        step 1) and return the error to raise, which names the step."""
-        saved = None
-        if trainer_state["step"] > 0:
-            saved = self.save(trainer_state, my_state)
-        return TrainingError(f"{where}: {error}; {resume_hint(saved)}")
+    @contextlib.contextmanager
+    def on_failure(self, where, trainer_state, step, my_state):
+        """A reward function or the judge that fails in the block (on every rank together) ends the run with
+        an error naming `where`, after saving trainer_state at `step` with `my_state` (none before step 1), the
+        point from which a resume is exact."""
+        try:
+            yield
+        except FeedbackError as e:
+            saved = None
+            if step > 0:
+                saved = self.save(progress(trainer_state, step, self.plan, self.args), my_state)
+            raise TrainingError(f"{where}: {e}; {resume_hint(saved)}") from None
 
-    def save_final(self, trainer_state, my_state, plan):
+    def save_final(self, trainer_state, my_state):
         """The trained model into output_dir; if that fails, a checkpoint, which the error names."""
         args = self.args
+        plan = self.plan
         if trainer_state["nonfinite_steps"] + trainer_state["empty_steps"] >= plan.total:
             cause = ""
             if "empty_cause" in trainer_state:

@@ -1,9 +1,11 @@
 """The checks of online_dpo.py's inputs, before any model loads: flags, files, data, models, reward functions and
 the judge. Each refusal is one UsageError whose message names the flag, file, row or function and says what to do.
 
-check_inputs() is what main() calls: it runs them all, in order, and returns what they loaded (prompts,
-tokenizers, reward functions). The trial calls run the step's own code: online_dpo's prompt_token_ids and
-score_completions, passed in as `step` (this package never imports online_dpo, which is run as a script).
+check_inputs() is what main() calls first: it runs them all, in order, and returns what they loaded (prompts,
+tokenizers, reward functions). Once the models are loaded, check_packing() and logprobs_impl() choose, by trial
+forwards, how the step computes log-probs. The trials run the step's own code (online_dpo's prompt_token_ids,
+score_completions, completion_logprobs, gathered), passed in as the module `step`: this package never imports
+online_dpo, which is run as a script.
 """
 
 import collections
@@ -15,10 +17,12 @@ import os
 import runpy
 import sys
 import tempfile
+import types
 
 import datasets
 import huggingface_hub
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoTokenizer
 
 from dpo_support import checkpoint, http_judge
@@ -461,8 +465,94 @@ def check_prompts(args, dataset, test_set, tokenizer, reward_tokenizers, reward_
     if chat:
         completions = [[{"role": "assistant", "content": t}] for t in texts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    before = types.SimpleNamespace(global_step=0, epoch=0.0, max_steps=args.max_steps)  # TRL's TrainerState
     for func in reward_funcs:
         for trial, trial_columns, what in trials:
             rows = len(trial)
-            step.score_completions(trial, completions[:rows], ids[:rows], trial_columns, [], [func], torch.ones(1),
-                              when=f" on a trial call ({what}, placeholder completions)")
+            columns = trial_columns | {"trainer_state": before}
+            step.score_completions(trial, completions[:rows], ids[:rows], columns, [], [func], torch.ones(1),
+                                   when=f" on a trial call ({what}, placeholder completions)")
+
+
+# ---- The models, on trial forwards: which paths of the step they can take
+
+
+def logprobs_impl(step, *models):
+    """fused if every model's log-probs may come from its last hidden states and output embedding
+    (step.completion_logprobs), else naive, from its logits, with a line that says why."""
+    for model in models:
+        reason = fused_problem(step, model)
+        if reason:
+            say(f"log-probs from the logits, not fused: {reason}")
+            return "naive"
+    return "fused"
+
+
+@torch.no_grad()
+def fused_problem(step, model, tolerance=1e-2):
+    """Why the model's logits are not its last hidden states times its output embedding, or None. A
+    trial forward on one row, whatever the config calls the change: Granite's logits_scaling,
+    Falcon-H1's lm_head_multiplier, Cohere's logit_scale. A softcap (Gemma 2) or a bias is known
+    from the model, as the trial's small logits would hide a cap."""
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
+    if head.bias is not None:
+        return "the output layer has a bias"
+    if getattr(inner.config, "final_logit_softcapping", None) is not None:
+        return "the model caps its logits (final_logit_softcapping)"
+    device = next(model.parameters()).device
+    ids = (torch.arange(16, device=device) % inner.config.vocab_size)[None]  # (1, 16)
+    was_training = model.training
+    with step.gathered(model.eval()):  # eval: no dropout; gathered: FSDP2 reshards afterwards
+        out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+        weight = head.weight
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+        fused = out.hidden_states[-1].float() @ weight.float().T  # (1, 16, V)
+    model.train(was_training)
+    logits = out.logits.float()
+    error = float((fused - logits).abs().max() / logits.abs().max().clamp(min=1e-30))
+    if error > tolerance:  # bf16 weights: about 0.004
+        return f"they differ from the model's own by {error:.2g} relative (its logits are scaled)"
+    return None
+
+
+def check_packing(args, step, *models):
+    """Whether training can pack each pair into a row (step.training_rows()); if not, says why."""
+    if not args.prefix_sharing:
+        return False
+    for model in models:
+        reason = packing_problem(args, step, model)
+        if reason:
+            say(f"prefix sharing off in training: {reason}")
+            return False
+    return True
+
+
+def packing_problem(args, step, model):
+    """Why the model cannot take packed rows (a 4D mask; eager or sdpa, no short sliding window), or
+    None."""
+    config = model.config
+    if config._attn_implementation not in ("eager", "sdpa"):
+        return f"attn_implementation {config._attn_implementation} takes no 4D attention mask"
+    if (getattr(config, "sliding_window", None) or math.inf) < 2 * args.max_length:
+        return f"its sliding window ({config.sliding_window} tokens) may be shorter than a row"
+    # The trial, 5 sequences of 3 tokens: a rejected completion (5th) gets the same log-probs after
+    # either chosen one (2nd, 3rd), which it may not see, and others after another prompt (1st or
+    # 2nd), which it sees.
+    ids = (torch.arange(15, device=next(model.parameters()).device) % config.vocab_size).view(5, 3)
+    one = torch.ones_like(ids)
+    was_training = model.training
+    try:  # eval mode: no dropout; gathered: FSDP2 reshards afterwards
+        rejected = []
+        with torch.no_grad(), step.gathered(model.eval()):
+            for prompt, chosen in ((0, 2), (0, 3), (1, 2)):
+                logps = step.completion_logprobs(model, ids[[prompt]], one[:1], ids[[chosen, 4]], one[:2],
+                                                 packed=True)
+                rejected.append(logps[1, 1:])  # its first token is predicted by the prompt alone
+        applied = torch.equal(rejected[0], rejected[1]) and not torch.equal(rejected[0], rejected[2])
+        reason = None if applied else "the model does not apply a 4D mask"
+    except Exception as e:
+        reason = f"the model refuses a 4D attention mask ({why(e)})"
+    model.train(was_training)
+    return reason

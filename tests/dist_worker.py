@@ -52,12 +52,17 @@ def main() -> None:
     records, trained_on = [], []
     step_metrics, completion_logprobs = online_dpo.step_metrics, online_dpo.completion_logprobs
 
-    def recording_step_metrics(logps, ref_logps, completion_mask, scores, pair_rows, has_eos, losses, beta):
-        chosen, rejected = pair_rows
+    def recording_step_metrics(logps, ref_logps, completion_mask, pairs, samples, losses, beta):
+        # As rows of the 2B pair completions (chosen, then rejected): the kept pairs' chosen and rejected rows,
+        # the completions' scores and EOS.
+        B = len(pairs.kept)
+        pick = torch.cat([pairs.chosen, pairs.rejected])
+        chosen = torch.arange(B)[pairs.kept.cpu()]
         names = ("logps", "ref_logps", "completion_mask", "scores", "chosen", "rejected", "has_eos", "losses")
-        values = (logps, ref_logps, completion_mask, scores, chosen, rejected, has_eos, losses)
+        values = (logps, ref_logps, completion_mask, pairs.scores[pick], chosen, chosen + B, samples.has_eos[pick],
+                  losses)
         records.append({k: v.detach().cpu() for k, v in zip(names, values)} | {"beta": beta} | trained_on.pop())
-        return step_metrics(logps, ref_logps, completion_mask, scores, pair_rows, has_eos, losses, beta)
+        return step_metrics(logps, ref_logps, completion_mask, pairs, samples, losses, beta)
 
     def recording_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest, **kw):
         training = torch.is_grad_enabled()
@@ -98,9 +103,8 @@ def loaded(out, args):
 
     try:
         rank, world, device = online_dpo.init_distributed(args)
-        models = {"policy_fsdp": online_dpo.load_policy(args.model_name_or_path, args, device, world, False)[0],
-                  "policy_ddp": online_dpo.load_policy(args.model_name_or_path, replace(args, distributed="ddp"), device,
-                                                       world, False)[1].module}
+        models = {"policy_fsdp": online_dpo.load_policy(args, device, world, False)[0],
+                  "policy_ddp": online_dpo.load_policy(replace(args, distributed="ddp"), device, world, False)[1].module}
         for shard in (False, True):
             models[f"reward_sharded={shard}"] = online_dpo.load_frozen(
                 AutoModelForSequenceClassification, args.reward_model_path[0], args, device, shard, False, num_labels=1)

@@ -29,7 +29,8 @@ def noisy_low_token_ids(prompts, completions, completion_ids, **kwargs):
 
     import numpy as np
 
-    return [r + 0.01 * random.random() + 0.01 * float(np.random.rand()) for r in low_token_ids(prompts, completions, completion_ids)]
+    noise = [0.01 * random.random() + 0.01 * float(np.random.rand()) for _ in completion_ids]
+    return [r + n for r, n in zip(low_token_ids(prompts, completions, completion_ids), noise)]
 
 
 def words(prompts, completions, **kwargs):
@@ -100,7 +101,8 @@ def edits_its_arguments(prompts, completions, completion_ids, **kwargs):
     prompts.clear()
     completions.clear()
     for values in kwargs.values():
-        values.clear()
+        if isinstance(values, list):  # the columns (trainer_state is no list)
+            values.clear()
     return scores
 
 
@@ -134,3 +136,24 @@ def fails_on_rank_1_in_step_3(prompts, completions, completion_ids, **kwargs):
         if len(_TRAINING_CALLS) == 3:
             raise ConnectionError("the reward server is unreachable from this node")
     return low_token_ids(prompts, completions, completion_ids)
+
+
+def ties_on_short_prompts(prompts, completions, completion_ids, **kwargs):
+    """low_token_ids, except that both samples of a prompt of four words or fewer tie (0.0): with --drop_ties, those
+    pairs leave the loss, unevenly across micro-batches and ranks."""
+    scores = low_token_ids(prompts, completions, completion_ids)
+    return [0.0 if len(p.split()) <= 4 else s for p, s in zip(prompts, scores)]
+
+
+def logged_abstaining(prompts, completions, completion_ids, trainer_state, **kwargs):
+    """low_token_ids, but no score (None) for a completion whose first token id is odd; each call's completion ids,
+    scores and trainer_state.global_step appended as a JSON line to $REWARD_LOG, for the tests to recompute the
+    logged metrics from."""
+    import json
+    import os
+
+    scores = low_token_ids(prompts, completions, completion_ids)
+    scores = [None if ids[:1] and ids[0] % 2 else s for ids, s in zip(completion_ids, scores)]
+    with open(os.environ["REWARD_LOG"], "a") as f:
+        f.write(json.dumps({"ids": completion_ids, "scores": scores, "global_step": trainer_state.global_step}) + "\n")
+    return scores

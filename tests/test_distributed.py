@@ -251,6 +251,39 @@ def test_metrics_of_two_ranks_are_the_formulas_over_the_global_batch(tiny, tmp_p
             assert log[k] == pytest.approx(float(v), rel=1e-6, abs=1e-9), k
 
 
+@pytest.fixture(scope="module")
+def uneven_drops(tiny, tmp_path_factory):
+    """One step of 16 prompts in one micro-batch, a third of its pairs tied and left out of the loss (--drop_ties)."""
+    out = str(tmp_path_factory.mktemp("uneven"))
+    return _run(out, "fixed", _uneven_flags(tiny, out, 16, 1), nproc=1)
+
+
+def _uneven_flags(tiny, out, batch, accumulation, **kw):
+    return _flags(tiny, out, reward_funcs="tests/rewards.py:ties_on_short_prompts", drop_ties="True", max_steps=1,
+                  per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, **kw)
+
+
+@pytest.mark.parametrize("split", ["8 x GA 2", "8 x 2 DDP ranks", "4 x GA 2 x 2 FSDP2 ranks"])
+def test_every_kept_pair_weighs_the_same_whatever_the_split(tiny, tmp_path, uneven_drops, split):
+    """The same 16 prompts, completions and preferences, with pairs dropped unevenly, trained as B=16 x GA=1, as
+    B=8 x GA=2, on 2 ranks (DDP, FSDP2): the same update, as each kept pair weighs 1 / (the step's kept pairs)."""
+    batch, accumulation, nproc, distributed = {"8 x GA 2": (8, 2, 1, "ddp"), "8 x 2 DDP ranks": (8, 1, 2, "ddp"),
+                                               "4 x GA 2 x 2 FSDP2 ranks": (4, 2, 2, "fsdp")}[split]
+    out = str(tmp_path / "split")
+    logs, ranks, _ = _run(out, "fixed", _uneven_flags(tiny, out, batch, accumulation, distributed=distributed),
+                          nproc=nproc)
+    one_logs, (one,), _ = uneven_drops
+    kept = [len(rec["chosen"]) for r in ranks for rec in r["records"]]  # per micro-batch
+    assert sum(kept) == len(one["records"][0]["chosen"]) < 16  # the same pairs kept, some dropped
+    assert len(set(kept)) > 1, "the dropped pairs must fall unevenly for this test to mean anything"
+    for name, value in one["params"].items():
+        torch.testing.assert_close(_full(ranks, name, value.shape), value, rtol=0, atol=1e-10, msg=name)
+    initial = AutoModelForCausalLM.from_pretrained(tiny["policy"], dtype=torch.float64).state_dict()
+    assert max((one["params"][k] - initial[k]).abs().max() for k in one["params"]) > 1e-4  # it moved
+    for k in ("loss", "rewards/margins", "objective/kl", "pairs/ties"):
+        assert logs[0][k] == pytest.approx(one_logs[0][k], rel=1e-6, abs=1e-9), k
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fsdp2_sampling_with_ranks_that_finish_early_and_sharded_frozen_models(tiny, tmp_path, compiled):
     """Real sampling with a reward model, bf16 mixed precision, sharded reference and reward model, and the

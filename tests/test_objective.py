@@ -1,6 +1,7 @@
 """Pairing, loss, metrics and the learning-rate schedule against formulas written out here."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -145,49 +146,63 @@ def test_reference_mixing_is_alpha_policy_plus_1_minus_alpha_reference():
 
 
 def test_every_metric_against_the_formulas():
+    """K = 3 samples of B = 3 prompts; a reward abstains (NaN) on two samples; one pair is left out of the loss.
+    KL, entropy and the RLHF reward are over the pairs' completions; scores, EOS and lengths over all K x B samples,
+    the scores over those a reward scored; rewards/* and logps/* over the pairs kept in the loss."""
     g = torch.Generator().manual_seed(2)
-    B, T, beta = 3, 5, 0.2
-    mask = torch.ones(2 * B, T, dtype=torch.long)
-    mask[0, 3:] = 0
-    mask[4, 1:] = 0
+    B, K, T, beta = 3, 3, 5, 0.2
+    scores = torch.randn(K * B, generator=g, dtype=torch.float64)
+    scores[[1, 5]] = math.nan  # prompt 1's first sample, prompt 2's second: no reward scored them
+    chosen, rejected, _ = pair(scores, K)
+    kept = torch.tensor([True, False, True])
+    all_mask = torch.ones(K * B, T, dtype=torch.long)
+    for row, length in ((0, 3), (4, 1), (7, 2), (8, 4)):
+        all_mask[row, length:] = 0
+    all_eos = torch.tensor([True, False, True, True, False, False, True, True, False])
+    pick = torch.cat([chosen, rejected])  # the pairs' rows among the K x B samples: chosen, then rejected
+    mask = all_mask[pick]
     logps = -torch.rand(2 * B, T, generator=g, dtype=torch.float64) * 3
     ref_logps = -torch.rand(2 * B, T, generator=g, dtype=torch.float64) * 3
     logps[mask == 0], ref_logps[mask == 0] = -99.0, -7.0  # padding must not count
-    scores = torch.randn(2 * B, generator=g, dtype=torch.float64)
-    has_eos = torch.tensor([True, False, True, True, False, False])
-    chosen, rejected, _ = pair(scores)
     losses = torch.rand(B, generator=g, dtype=torch.float64)
-    got = {k: v.double().mean().item() for k, v in step_metrics(logps, ref_logps, mask, scores, (chosen, rejected), has_eos, losses, beta).items()}
+    pairs = types.SimpleNamespace(chosen=chosen, rejected=rejected, kept=kept, scores=scores)
+    samples = types.SimpleNamespace(has_eos=all_eos, completion_mask=all_mask)
+    got = {k: v.double().mean().item()
+           for k, v in step_metrics(logps, ref_logps, mask, pairs, samples, losses[kept], beta).items()}
 
     # Written out per completion, with python loops over the real tokens only.
     lp = [sum(logps[i, t].item() for t in range(T) if mask[i, t]) for i in range(2 * B)]
     rp = [sum(ref_logps[i, t].item() for t in range(T) if mask[i, t]) for i in range(2 * B)]
     s = scores.tolist()
+    p = pick.tolist()
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    c, r = chosen.tolist(), rejected.tolist()
+    c = [i for i in range(B) if kept[i]]  # the kept pairs' chosen rows among the 2B; their rejected: + B
     rc = [beta * (lp[i] - rp[i]) for i in c]
-    rr = [beta * (lp[i] - rp[i]) for i in r]
+    rr = [beta * (lp[i + B] - rp[i + B]) for i in c]
     expected = {
-        "loss": mean(losses.tolist()),
+        "loss": mean([losses[i].item() for i in c]),
         "objective/kl": mean([lp[i] - rp[i] for i in range(2 * B)]),
         "objective/entropy": mean([-x for x in lp]),
         "objective/non_score_reward": mean([-beta * (lp[i] - rp[i]) for i in range(2 * B)]),
-        "objective/rlhf_reward": mean([s[i] - beta * (lp[i] - rp[i]) for i in range(2 * B)]),
-        "objective/scores": mean(s),
-        "objective/scores_margin": mean([s[i] - s[j] for i, j in zip(c, r)]),
+        "objective/rlhf_reward": mean([s[p[i]] - beta * (lp[i] - rp[i]) for i in range(2 * B) if s[p[i]] == s[p[i]]]),
+        "objective/scores": mean([x for x in s if x == x]),
+        "objective/scores_margin": mean([s[a] - s[b] for a, b in zip(chosen.tolist(), rejected.tolist())
+                                         if s[a] == s[a] and s[b] == s[b]]),
+        "objective/scored": 7 / 9,
         "rewards/chosen": mean(rc),
         "rewards/rejected": mean(rr),
         "rewards/margins": mean([a - b for a, b in zip(rc, rr)]),
         "rewards/accuracies": mean([float(a > b) for a, b in zip(rc, rr)]),
         "logps/chosen": mean([lp[i] for i in c]),
-        "logps/rejected": mean([lp[i] for i in r]),
-        "val/contain_eos_token": 0.5,
-        "completions/mean_length": mean([3, 5, 5, 5, 1, 5]),
+        "logps/rejected": mean([lp[i + B] for i in c]),
+        "val/contain_eos_token": 5 / 9,
+        "completions/mean_length": mean([3, 5, 5, 5, 1, 5, 5, 2, 4]),
         "beta": beta,
     }
     assert set(got) == set(expected)
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    assert any(math.isnan(s[p[i]]) for i in range(2 * B)), "an unscored completion must be in a pair"
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])

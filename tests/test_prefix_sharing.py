@@ -15,7 +15,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 import online_dpo
-from online_dpo import Args, Sampling, check_packing, completion_logprobs, encode_prompts, sample
+from dpo_support.checks import check_packing
+from online_dpo import Args, Sampling, completion_logprobs, encode_prompts, sample
 from tests import assets
 from tests.test_sampler import _FixedHead
 
@@ -104,8 +105,8 @@ def test_packed_pairs_give_the_logprobs_and_gradients_of_separate_forwards(model
 
 def test_packing_checks_pass_on_models_that_take_a_4d_mask(models, capsys):
     args = Args(max_length=64, max_new_tokens=16)
-    assert check_packing(args, models["qwen2", "sdpa"], models["llama", "eager"]) is True
-    assert check_packing(Args(prefix_sharing=False), models["qwen2", "sdpa"]) is False
+    assert check_packing(args, online_dpo, models["qwen2", "sdpa"], models["llama", "eager"]) is True
+    assert check_packing(Args(prefix_sharing=False), online_dpo, models["qwen2", "sdpa"]) is False
     assert capsys.readouterr().out == ""  # nothing to say
 
 
@@ -114,7 +115,7 @@ def test_the_packing_trial_is_not_fooled_by_dropout(tiny, tokenizer, tmp_path, c
     cannot make the rejected log-probs move with the chosen; the model is back in train mode after."""
     assets.make_causal_lm(str(tmp_path), tokenizer, "qwen2", seed=7)
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path), attention_dropout=0.5).train()
-    assert check_packing(Args(max_length=64, max_new_tokens=16), model) is True and model.training
+    assert check_packing(Args(max_length=64, max_new_tokens=16), online_dpo, model) is True and model.training
     assert capsys.readouterr().out == ""
 
 
@@ -129,23 +130,23 @@ def test_packing_falls_back_with_one_line_saying_why(models, capsys):
         # would not see its prompt); without those too, a causal mask (it would see the chosen).
         for dropped in ({"attention_mask": None}, {"attention_mask": None, "position_ids": None}):
             model.forward = lambda **kw: forward(**(kw | dropped))
-            assert check_packing(args, model) is False
+            assert check_packing(args, online_dpo, model) is False
             assert capsys.readouterr().out == "prefix sharing off in training: the model does not apply a 4D mask\n"
 
         def refuses(**kw):
             raise ValueError("custom masks are not supported")
         model.forward = refuses
-        assert check_packing(args, model) is False
+        assert check_packing(args, online_dpo, model) is False
         assert "the model refuses a 4D attention mask (ValueError: custom masks are not supported)" in \
             capsys.readouterr().out
     finally:
         model.forward = forward
     flash = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation="flash_attention_2"))
-    assert check_packing(args, flash) is False
+    assert check_packing(args, online_dpo, flash) is False
     assert "attn_implementation flash_attention_2 takes no 4D attention mask" in capsys.readouterr().out
     windowed = types.SimpleNamespace(config=types.SimpleNamespace(
         _attn_implementation="sdpa", sliding_window=32))
-    assert check_packing(args, windowed) is False
+    assert check_packing(args, online_dpo, windowed) is False
     assert "sliding window (32 tokens)" in capsys.readouterr().out
 
 
