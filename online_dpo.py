@@ -46,7 +46,7 @@ from dpo_kernels import (CompiledDecoder, compile_problem, fp32_head, linear_log
                          naive_token_logprobs)
 from dpo_support import checkpoint, checks, command_line, http_judge
 from dpo_support.command_line import Bool
-from dpo_support.faults import USER_FAULTS, FeedbackError, UsageError, all_or_none, why
+from dpo_support.faults import USER_FAULTS, FeedbackError, TrainingError, UsageError, all_or_none, why
 from dpo_support.ranks import gather_lists, is_main, say
 from dpo_support.signals import stop_signals
 
@@ -503,6 +503,7 @@ Plan = collections.namedtuple("Plan", "per_epoch total warmup log save eval")
 
 
 def make_plan(args, n_prompts, world):
+    """The run's steps (Plan), from the flags and the dataset's size."""
     B = args.per_device_train_batch_size
     GA = args.gradient_accumulation_steps
     per_epoch = n_prompts // (B * GA * world)
@@ -511,6 +512,9 @@ def make_plan(args, n_prompts, world):
                          "per_device_train_batch_size x gradient_accumulation_steps x processes = "
                          f"{B} x {GA} x {world} = {B * GA * world}")
     total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+    if args.sync_ref_model and args.ref_model_sync_steps > total:
+        raise UsageError(f"--ref_model_sync_steps {args.ref_model_sync_steps} is more than the run's {total} steps: "
+                         "the reference would never move; lower it, or drop --sync_ref_model")
     return Plan(per_epoch=per_epoch, total=total, warmup=steps_of(args.warmup_steps, total),
                 log=max(1, steps_of(args.logging_steps, total)),
                 save=steps_of(args.save_steps, total), eval=steps_of(args.eval_steps, total))
@@ -548,17 +552,66 @@ def prompt_token_ids(tokenizer, prompts):
     if isinstance(prompts[0], list) and tokenizer.chat_template is None:
         raise UsageError("conversational prompts need a tokenizer with a chat template; "
                          "this one has none")
-    texts = []
-    for prompt in prompts:
-        if isinstance(prompt, list):
-            prefill = prompt[-1]["role"] == "assistant"
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=not prefill,
-                                                   continue_final_message=prefill)
-        texts.append(prompt)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer([prompt_text(tokenizer, prompt) for prompt in prompts], add_special_tokens=False)["input_ids"]
     if min(map(len, ids)) == 0:
         raise UsageError("a prompt is empty after tokenization")
     return ids
+
+
+def prompt_text(tokenizer, prompt):
+    """The text the policy continues: the prompt, or a conversation through the chat template."""
+    if not isinstance(prompt, list):
+        return prompt
+    prefill = prompt[-1]["role"] == "assistant"
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=not prefill,
+                                         continue_final_message=prefill)
+
+
+def fit_prompts(tokenizer, prompts, limit):
+    """Each prompt cut from the left to at most `limit` tokens (max_length - max_new_tokens), as text or
+    as messages. The policy samples from these, and rewards and the judge are given these: the
+    context that sampled a completion is the one that scores it."""
+    lengths = [len(ids) for ids in prompt_token_ids(tokenizer, prompts)]
+    fitted = []
+    for prompt, length in zip(prompts, lengths):
+        if length > limit:
+            prompt = cut_left(prompt, lambda p: len(tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)
+                                                     ["input_ids"]) <= limit)
+        fitted.append(prompt)
+    return fitted
+
+
+def cut_left(prompt, fits):
+    """The prompt without its first d characters, the fewest for which fits(prompt) holds (a binary
+    search); a conversation loses its earliest text first, then its emptied messages, but never
+    its last message."""
+    lo = 0
+    hi = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(drop_left(prompt, mid)):
+            hi = mid
+        else:
+            lo = mid + 1
+    cut = drop_left(prompt, lo)
+    if not fits(cut):  # the chat template (and a completion) alone are longer
+        raise UsageError(f"a prompt cut to nothing is still over its token limit (a long chat template or "
+                         f"completion; raise --max_length, or lower --max_new_tokens): {str(prompt)[:60]}...")
+    return cut
+
+
+def drop_left(prompt, d):
+    """The prompt without its first d characters (across a conversation's messages)."""
+    if isinstance(prompt, str):
+        return prompt[d:]
+    messages = []
+    for i, message in enumerate(prompt):
+        if d >= len(message["content"]) and i < len(prompt) - 1:
+            d -= len(message["content"])  # dropped whole
+            continue
+        messages.append(message | {"content": message["content"][d:]})
+        d = 0
+    return messages
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_len):
@@ -780,6 +833,7 @@ TrainingInputs = collections.namedtuple(
 class Samples:
     """K completions of each of B prompts, a row each, in the order [all 1st
     samples, ..., all K-th samples]."""
+    prompts: list  # (B,) as sampled from: cut from the left to fit (fit_prompts)
     prompt_ids: torch.Tensor  # (B, P) left-padded
     prompt_mask: torch.Tensor  # (B, P)
     completion_ids: torch.Tensor  # (K*B, T) right-padded
@@ -799,9 +853,11 @@ class Samples:
 
 
 def rollout(ctx, model, prompts, generator, k=1, timing=None):
-    """Sample k completions of each prompt from `model` as it is now. Prompts are cut to their last
-    max_length - max_new_tokens tokens; the seconds spent go into timing.sampling_seconds."""
+    """Sample k completions of each prompt from `model` as it is now. Prompts are cut from the left to
+    max_length - max_new_tokens tokens (fit_prompts: Samples.prompts); the seconds spent go into
+    timing.sampling_seconds."""
     args = ctx.args
+    prompts = fit_prompts(ctx.tokenizer, prompts, args.max_length - args.max_new_tokens)
     ids, mask = encode_prompts(ctx.tokenizer, prompts, args.max_length - args.max_new_tokens)
     ids = ids.to(ctx.device)
     mask = mask.to(ctx.device)
@@ -825,7 +881,7 @@ def rollout(ctx, model, prompts, generator, k=1, timing=None):
     completions = texts
     if isinstance(prompts[0], list):  # conversations: the completion is the assistant's message
         completions = [[{"role": "assistant", "content": text}] for text in texts]
-    return Samples(prompt_ids=ids, prompt_mask=mask, completion_ids=completion_ids,
+    return Samples(prompts=prompts, prompt_ids=ids, prompt_mask=mask, completion_ids=completion_ids,
                    completion_mask=completion_mask, has_eos=has_eos, token_ids=token_ids,
                    texts=texts, completions=completions)
 
@@ -840,14 +896,10 @@ def score_completions(prompts, completions, completion_ids, extra_columns, rewar
     TRL, a NaN (None) counting 0; NaN if no reward scored it, which ranks last. Returns the scores
     (N,) and each reward (N, R)."""
     device = weights.device
-    chat = isinstance(prompts[0], list)
     columns = []
     for model, tokenizer in reward_models:
-        if chat:
-            texts = [tokenizer.apply_chat_template(conversation(p, c), tokenize=False)
-                     for p, c in zip(prompts, completions)]
-        else:
-            texts = [p + c for p, c in zip(prompts, completions)]
+        limit = getattr(model.config, "max_position_embeddings", None) or math.inf  # its own
+        texts = [reward_text(tokenizer, p, c, limit) for p, c in zip(prompts, completions)]
         batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right",
                           add_special_tokens=False)
         columns.append(model(**batch.to(device)).logits[:, 0].float())
@@ -865,6 +917,23 @@ def score_completions(prompts, completions, completion_ids, extra_columns, rewar
     total = (per_reward * weights).nansum(1)
     unscored = per_reward.isnan().all(1)
     return total.masked_fill(unscored, math.nan), per_reward
+
+
+def reward_text(tokenizer, prompt, completion, limit):
+    """What a reward model reads of a (prompt, completion): their text (a conversation through its
+    chat template), re-encoded with its tokenizer; past its own limit of positions, with the prompt
+    cut from the left and the completion whole."""
+    def text(p):
+        if isinstance(p, list):
+            return tokenizer.apply_chat_template(conversation(p, completion), tokenize=False)
+        return p + completion
+
+    def fits(p):
+        return len(tokenizer(text(p), add_special_tokens=False)["input_ids"]) <= limit
+
+    if limit < math.inf and not fits(prompt):
+        prompt = cut_left(prompt, fits)
+    return text(prompt)
 
 
 def conversation(prompt, completion):
@@ -1030,11 +1099,12 @@ class Pairs:
     logged: dict  # (B,) each, for completions.jsonl
 
 
-def preferences(ctx, prompts, samples, columns):
+def preferences(ctx, samples, columns):
     """Stages 3-4 for the K*B samples of B prompts: which completion of each prompt is chosen and
     which rejected. This is the one place that knows where preferences come from: a judge, or
     rewards (the best and the worst)."""
     args = ctx.args
+    prompts = samples.prompts  # as sampled from
     B = len(prompts)
     if ctx.judged:
         p, valid, kept, failed = ask_judge(ctx, prompts, samples.texts[:B], samples.texts[B:])
@@ -1260,6 +1330,7 @@ class Log:
     """Rank 0's record: lines, metrics.jsonl, completions.jsonl, wandb (NaN as null)."""
 
     def __init__(self, args, plan, state, resumed):
+        self.args = args
         self.on = is_main()
         self.total = plan.total
         self.dir = args.output_dir
@@ -1280,6 +1351,14 @@ class Log:
                         disable=not self.on)
 
     def write(self, name, records):
+        try:
+            self.append(name, records)
+        except OSError as e:  # a full disk, a read-only mount: worded as a checkpoint's failed write
+            latest = checkpoint.latest_checkpoint(self.args)
+            raise TrainingError(f"could not write {name} ({why(e)}); the latest checkpoint is intact "
+                                f"({latest})") from None
+
+    def append(self, name, records):
         if name not in self.files:
             path = os.path.join(self.dir, name)
             kept = []
@@ -1400,14 +1479,18 @@ def mix_reference(ref, policy, alpha):
 # ---- Evaluation: the policy against the reference on held-out prompts
 
 
-def held_out(args, test_set, rank, world):
-    """This rank's share of the held-out prompts (equal shares), and their other columns."""
+def held_out(args, test_set, tokenizer, rank, world):
+    """This rank's share of the held-out prompts (equal shares), cut to fit as in training, and their
+    other columns."""
     available = len(test_set) if test_set is not None else 0
     n = min(args.eval_prompts, available) // world * world
     if args.eval_prompts and n == 0:
         say(f"no policy/reference comparison: no {args.dataset_test_split!r} split of {world}+ prompts")
     columns = test_set[rank * n // world : (rank + 1) * n // world] if n else {}
-    return columns.pop(args.dataset_prompt_column, []), columns
+    prompts = columns.pop(args.dataset_prompt_column, [])
+    if prompts:
+        prompts = fit_prompts(tokenizer, prompts, args.max_length - args.max_new_tokens)
+    return prompts, columns
 
 
 @contextlib.contextmanager
@@ -1437,7 +1520,7 @@ def answers(ctx, model, prompts, columns, seed):
             scores += [math.nan] * len(samples.texts)
         else:
             chunk_columns = {k: v[chunk] for k, v in columns.items()}
-            scores += score(ctx, prompts[chunk], samples, chunk_columns).tolist()
+            scores += score(ctx, samples.prompts, samples, chunk_columns).tolist()
     return texts, torch.tensor(scores, dtype=torch.float64)
 
 
@@ -1554,7 +1637,7 @@ def main(args):
         since_log = MetricSums(sums, counts)
     checkpoint.start_output_dir(args, resume, state)
     log = Log(args, plan, state, resume is not None)
-    eval_prompts, eval_columns = held_out(args, inputs.test_set, rank, world)
+    eval_prompts, eval_columns = held_out(args, inputs.test_set, tokenizer, rank, world)
     data = micro_batches(inputs.dataset, args, plan, rank, world, state["micro_batches_done"])
 
     with stop_signals() as signals, log.bar:  # TRY NOT TO MODIFY: a signal waits for the step's end
@@ -1573,7 +1656,7 @@ def main(args):
 
                 # 3-4. Feedback and pairs: each prompt's best and worst sample, or the judge's pick.
                 with saver.on_failure(f"step {step}", state, step - 1, last_good):  # TRY NOT TO MODIFY
-                    pairs = preferences(ctx, prompts, samples, {k: v * K for k, v in batch.items()})
+                    pairs = preferences(ctx, samples, {k: v * K for k, v in batch.items()})
                 rollouts.append((prompts, samples, pairs))
             kept_in_step = count_kept([pairs for _, _, pairs in rollouts])  # on all ranks
 
@@ -1630,7 +1713,7 @@ def main(args):
                     empty_steps=state["empty_steps"], **ctx.decoder.stats()))
                 since_log = MetricSums()
             if plan.eval and step % plan.eval == 0:  # the last micro-batch's pairs; policy vs ref
-                log.pairs(step, prompts, samples.texts, pairs)
+                log.pairs(step, samples.prompts, samples.texts, pairs)
                 now = checkpoint.rank_state(generator, since_log)  # TRY NOT TO MODIFY: saves this step:
                 with saver.on_failure(f"step {step}, in the comparison with the reference", state, step, now):
                     if step < plan.total and eval_prompts:

@@ -33,15 +33,20 @@ from torch.distributed.fsdp import FSDPModule
 
 from dpo_support.faults import FeedbackError, TrainingError, UsageError, all_or_none, resume_hint, why
 from dpo_support.ranks import gather_lists, is_main, say
-from dpo_support.signals import STOP, Stopped
+from dpo_support.signals import STOP, Stopped, writing
 
 # ---- Writes that survive crashes
 
 
 @contextlib.contextmanager
 def written_in_place(path, merge=False):
-    """A path that then replaces `path` in one rename (merge: file by file)."""
-    tmp = os.path.abspath(path) + ".tmp"  # beside path, in its parent
+    """A path that then replaces `path` in one rename (merge: file by file, into the directory `path`). The
+    temporary is path.tmp beside it, or with merge path/.saving inside it: always within output_dir, which the run
+    owns (and locks), so that no folder of the user's is ever written or removed."""
+    tmp = os.path.abspath(path) + ".tmp"
+    if merge:
+        tmp = os.path.join(os.path.abspath(path), ".saving")
+        os.makedirs(path, exist_ok=True)
     remove(tmp)  # left by a crash
     try:
         yield tmp
@@ -50,7 +55,6 @@ def written_in_place(path, merge=False):
         remove(tmp)
         raise
     if merge:
-        os.makedirs(path, exist_ok=True)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
         os.rmdir(tmp)
@@ -157,8 +161,19 @@ def resume_point(args, world):
             raise UsageError(f"--output_dir {out!r} holds {what} --overwrite_output_dir to start afresh")
         return None
     path = args.resume_from_checkpoint
+    there = ", ".join(f"checkpoint-{n}" for n in checkpoint_steps(out)) if os.path.isdir(out) else ""
+    marker = os.path.join(out, "latest")
+    if path == "latest" and os.path.isdir(marker):
+        raise UsageError(f"--resume_from_checkpoint latest: {marker!r} is a directory, not the name of a checkpoint; "
+                         f"give {out}/checkpoint-N (there: {there or 'none'})")
+    if path == "latest" and latest != "none" and not os.path.isdir(latest):
+        raise UsageError(f"--resume_from_checkpoint latest: {marker!r} names {os.path.basename(latest)}, which is "
+                         f"gone; give {out}/checkpoint-N (there: {there or 'none'})")
     if path == "latest":
         path = latest
+    if path == "none" and there:
+        raise UsageError(f"--resume_from_checkpoint latest: {out!r} has no `latest`; give {out}/checkpoint-N "
+                         f"(there: {there})")
     if path == "none":
         raise UsageError(f"--resume_from_checkpoint latest: {out!r} has no checkpoint yet{shared}")
     if not os.path.basename(path):  # `latest` names none
@@ -319,6 +334,9 @@ def count_steps(state, status, step, args, metrics):
 # ---- Saving: checkpoints, the trained model, LoRA's adapters, the Hub
 
 SAVED: list[str] = []  # output_dir, once the final save has written the model into it
+# What a failed write raises: OSError (a full disk, a read-only mount), torch.save's RuntimeError,
+# safetensors' SafetensorError.
+WRITE_FAULTS = (OSError, RuntimeError, safetensors.SafetensorError)
 
 
 class Checkpoints:
@@ -352,7 +370,7 @@ class Checkpoints:
         step = trainer_state["step"]
         earlier = {"earlier": trainer_state.pop("earlier", [])}
         name = f"checkpoint-{step}"
-        with all_or_none(TrainingError):  # rank 0's failed write stops all
+        with all_or_none(TrainingError), writing():  # rank 0's failed write stops all; a signal waits for it
             if is_main():
                 try:
                     with written_in_place(os.path.join(args.output_dir, name)) as tmp:
@@ -365,7 +383,7 @@ class Checkpoints:
                         with open(f"{tmp}/trainer_state.json", "w") as f:
                             json.dump(trainer_state, f, indent=2)
                     replace_file(os.path.join(args.output_dir, "latest"), name)
-                except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError
+                except WRITE_FAULTS as e:  # a full disk: torch.save raises RuntimeError, safetensors its own
                     raise TrainingError(f"could not write {name} ({why(e)}); the latest checkpoint is intact "
                                         f"({latest_checkpoint(args)})") from None
         if not is_main():
@@ -374,7 +392,11 @@ class Checkpoints:
         steps = checkpoint_steps(args.output_dir)
         too_old = steps[: -args.save_total_limit] if args.save_total_limit else []
         for old in set(too_old) - {step}:
-            remove(os.path.join(args.output_dir, f"checkpoint-{old}"))
+            try:
+                remove(os.path.join(args.output_dir, f"checkpoint-{old}"))
+            except OSError as e:  # training goes on: only the disk fills
+                say(f"note: could not remove checkpoint-{old} for --save_total_limit ({why(e)}); it stays, "
+                    f"and {name} is written and intact")
         return name
 
     @contextlib.contextmanager
@@ -404,9 +426,9 @@ class Checkpoints:
         state_dict = full_state_dict(self.policy)
         try:
             if is_main():
-                with written_in_place(args.output_dir, merge=True) as tmp:
+                with writing(), written_in_place(args.output_dir, merge=True) as tmp:  # a signal waits for it
                     write_model(self.policy, state_dict, self.tokenizer, args, tmp, merge=True)
-        except (OSError, RuntimeError) as e:
+        except WRITE_FAULTS as e:
             error = why(e)
         errors = [e for e in gather_lists([error]) if e]  # rank 0 wrote; every rank learns how that went
         if errors:

@@ -73,7 +73,8 @@ RULES = {flag: (ok, what) for flags, ok, what in [
     ("reward_weights num_train_epochs", lambda v: True, "finite"),
     ("num_samples", lambda v: v >= 2, ">= 2 (a pair needs two completions)"),
     ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("min_p ref_model_mixup_alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("ref_model_mixup_alpha", lambda v: 0 < v <= 1, "in (0, 1] (0: a sync that never moves the reference)"),
     ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("judge_undecided label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)")] for flag in flags.split()}
@@ -152,6 +153,8 @@ def check_args(args):
         (judge and n_rewards > 0, "a judge and rewards both given: drop one"),
         (args.judge_model_path and args.judge_api_base, "--judge_model_path and --judge_api_base: give one judge"),
         (args.judge_api_base is not None and not args.judge_api_model, "--judge_api_base needs --judge_api_model"),
+        (args.judge_api_base is not None and not args.judge_api_base.startswith(("http://", "https://")),
+         f"--judge_api_base {args.judge_api_base!r} must start with http:// or https://, e.g. http://localhost:8000/v1"),
         (judge and args.num_samples != 2, "a judge compares two completions: --num_samples must be 2 with it"),
         (judge and args.missing_eos_penalty is not None, "--missing_eos_penalty lowers reward scores: drop it"),
         (args.reward_weights is not None and len(args.reward_weights) != n_rewards, f"--reward_weights has "
@@ -179,6 +182,9 @@ def check_args(args):
             if getattr(args, k) != getattr(defaults, k)]
     if lora and not args.use_peft:
         say(f"note: {', '.join(lora)} ignored without --use_peft")
+    tr_dpo = [f"--{k}" for k in ("ref_model_mixup_alpha", "ref_model_sync_steps") if getattr(args, k) != getattr(defaults, k)]
+    if tr_dpo and not args.sync_ref_model:
+        say(f"note: {', '.join(tr_dpo)} ignored without --sync_ref_model")
 
 
 # ---- Files
@@ -293,28 +299,52 @@ def load_prompts(args):
     return train, test
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 def check_prompt_rows(prompts, name, split):
-    """All prompts non-empty text, or all conversations; the first that is not is named."""
+    """All prompts non-empty text, or all conversations of known roles; the first that is not is named. A note
+    counts the conversations that end with the assistant's message (a prefill, continued as TRL does)."""
     kinds = set()
+    prefills = 0
     for i, prompt in enumerate(prompts):
-        chat = is_conversational(prompt)
+        chat = isinstance(prompt, list)
         kinds.add(chat)
+        problem = None
         if len(kinds) > 1:
             problem = "conversations and text mixed"
-        elif not chat and not (isinstance(prompt, str) and prompt.strip()):
+        elif chat:
+            problem = message_problem(prompt)
+            if problem:
+                problem = f"{problem} in {prompt!r:.80}"
+            prefills += problem is None and prompt[-1]["role"] == "assistant"
+        elif not (isinstance(prompt, str) and prompt.strip()):
             problem = f"the prompt is {prompt!r:.80}"
-        else:
-            continue
-        raise UsageError(f"--dataset_name {name!r}, split {split!r}, row {i}: {problem}; prompts are all non-empty "
-                         "text, or all lists of {role, content} messages")
+        if problem:
+            raise UsageError(f"--dataset_name {name!r}, split {split!r}, row {i}: {problem}; prompts are all "
+                             f"non-empty text, or all lists of {{role, content}} messages (roles: {', '.join(ROLES)})")
+    if prefills:
+        say(f"note: {prefills} prompts of the {split!r} split end with an assistant message: the completion continues "
+            "it (TRL's continue_final_message)")
+
+
+def message_problem(prompt):
+    """What is wrong with a conversation (a list of {role, content} messages), naming the message, or None."""
+    if not prompt:
+        return "the conversation is empty"
+    for j, m in enumerate(prompt):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return f"message {j} is {m!r:.80}, not {{role, content}} text"
+        if m["role"] not in ROLES:
+            return f"message {j} has the unknown role {m['role']!r}"
+        if not m["content"].strip():
+            return f"message {j} ({m['role']}) is empty"
+    return None
 
 
 def is_conversational(prompt):
-    """A non-empty list of {role, content} messages, each with some text."""
-    if not isinstance(prompt, list) or prompt == []:
-        return False
-    return all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-               and m["content"].strip() for m in prompt)
+    """A non-empty list of {role, content} messages of known roles, each with some text."""
+    return isinstance(prompt, list) and message_problem(prompt) is None
 
 
 # ---- torchrun's variables
@@ -351,6 +381,10 @@ def unreachable(what, path, error):
 
 def load_tokenizer(path, args, flag):
     """The model's tokenizer and config; a missing pad token, or one past the embedding, becomes EOS."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        what = "is empty" if not os.listdir(path) else "has no config.json"
+        raise UsageError(f"could not load model {path!r}: the directory {what}, so it is no saved model "
+                         "(save_pretrained writes config.json, the weights and the tokenizer)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: no tokenizer files
@@ -362,6 +396,14 @@ def load_tokenizer(path, args, flag):
     if tokenizer.vocab_size > vocab:  # another model's tokenizer
         raise UsageError(f"{flag} {path!r}: its tokenizer has {tokenizer.vocab_size} tokens, its model {vocab} "
                          "embeddings; save the model's own tokenizer with it")
+    # Tokens added past the embeddings would index outside them; a pad token there falls back to EOS (below).
+    beyond = []
+    if len(tokenizer) > vocab:
+        beyond = [i for i in range(vocab, len(tokenizer)) if i != tokenizer.pad_token_id]
+    if beyond:
+        names = ", ".join(tokenizer.convert_ids_to_tokens(beyond[:3]))
+        raise UsageError(f"{flag} {path!r}: its tokenizer has {len(tokenizer)} tokens with those added, its model "
+                         f"{vocab} embeddings ({names} ... have none); resize the model's embeddings and save both")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= vocab:
         if tokenizer.eos_token_id is None or tokenizer.eos_token_id >= vocab:
             raise UsageError(f"the tokenizer of {path!r} has no pad or EOS token in the model's {vocab} embeddings")
@@ -390,7 +432,7 @@ LOADING_KEYS = set("attn_implementation dtype torch_dtype revision low_cpu_mem_u
                    "subfolder local_files_only token".split())  # from_pretrained's own arguments
 SHAPE_KEYS = ("model_type vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
               "num_key_value_heads head_dim tie_word_embeddings").split()  # what fixes the weights' shapes
-ATTENTION = "eager, sdpa, flash_attention_2, flash_attention_3, flex_attention"
+ATTENTION = "eager, sdpa, flash_attention_2, flash_attention_3"  # flex_attention fails in a decode step
 
 
 def check_loading(args, config):
@@ -418,6 +460,7 @@ def check_loading(args, config):
          f"attn_implementation must be one of {ATTENTION}"),
         (dtype not in ("float32", "float64"), f"dtype must be float32 or float64, got {dtype!r} (see --bf16)")]
     raise_first(problems, prefix="--model_init_kwargs: ")
+    check_sizes(args, config)
     if not args.ref_model_path:
         return
     ref_config = model_config(args.ref_model_path, args, "--ref_model_path")
@@ -429,6 +472,35 @@ def check_loading(args, config):
     if args.sync_ref_model and differ:  # mixed weight by weight
         raise UsageError(f"--sync_ref_model mixes the policy into --ref_model_path, whose {differ[0]} differs from "
                          "the policy's; give a reference of the policy's shape")
+
+
+def check_sizes(args, config):
+    """What the flags ask of the model and the memory, known before it loads: --max_length within its positions,
+    and the KV cache of a decode within the device's memory (an absurd --num_samples fails here, not in an
+    allocation traceback)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and args.max_length > positions:
+        raise UsageError(f"--max_length {args.max_length} is beyond the model's {positions} positions "
+                         f"(max_position_embeddings of {args.model_name_or_path!r}): lower it")
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not (layers and heads and getattr(config, "hidden_size", None)):
+        return
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rows = args.num_samples * args.per_device_train_batch_size  # decoded together
+    cache = 2 * layers * rows * args.max_length * kv_heads * head_dim * 2  # keys and values, 2 bytes each at least
+    if torch.cuda.is_available() and not args.use_cpu:
+        memory = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+        where = "this GPU's"
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        where = "this machine's"
+    if cache > memory:
+        raise UsageError(f"--num_samples {args.num_samples} x --per_device_train_batch_size "
+                         f"{args.per_device_train_batch_size} rows of --max_length {args.max_length} tokens need a "
+                         f"{cache / 2**30:,.0f} GiB KV cache to sample, more than {where} {memory / 2**30:,.0f} GiB: "
+                         "lower one of them")
 
 
 # ---- Prompts against the tokenizers, and a trial of each reward function

@@ -15,10 +15,11 @@ import tyro
 from tyro.constructors import PrimitiveConstructorSpec
 
 from dpo_support import faults
-from dpo_support.checkpoint import SAVED, unlock_output_dir
+from dpo_support.checkpoint import SAVED, latest_checkpoint, unlock_output_dir
 from dpo_support.faults import TrainingError, UsageError
 from dpo_support.ranks import say
-from dpo_support.signals import SIGNALS, STOP, Stopped, on_signal, signal_exit
+from dpo_support import signals
+from dpo_support.signals import SIGNALS, Stopped, on_signal, signal_exit
 
 
 def _parse_bool(words):
@@ -76,7 +77,7 @@ def parse_flags(cli, argv):
 def run(main, cli, argv=None):
     """main(cli(argv)), ended every way in one line and an exit code: 1 after an error, 2 for a flag, 128 + N for
     signal N before anything was saved, else signal_exit()'s."""
-    STOP.clear()
+    signals.reset()
     SAVED.clear()
     faults.EVERYWHERE.clear()
     handlers = {sig: signal.signal(sig, on_signal) for sig in SIGNALS}
@@ -84,8 +85,10 @@ def run(main, cli, argv=None):
     for stream in (sys.stdout, sys.stderr):  # under LC_ALL=C, a prompt may not be ASCII
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
+    args = None
     try:
-        main(parse_flags(cli, argv))
+        args = parse_flags(cli, argv)
+        main(args)
         return 0
     except (UsageError, TrainingError, OSError) as e:
         kept = f"; the trained model is saved in {SAVED[0]}" if SAVED else ""  # the closing comparison failed
@@ -93,6 +96,14 @@ def run(main, cli, argv=None):
         if faults.EVERYWHERE:  # none exits (torchrun stops the rest) before all said it
             dist.barrier()
         return 2 if isinstance(e, FlagError) else 1
+    except RuntimeError as e:  # under torchrun: a collective broke off, as another rank ended
+        if not (dist.is_initialized() and collective_broke(e)):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"online_dpo.py: error{where}: a collective across the ranks failed ({first}): another rank stopped "
+              f"or lost its connection (its own line says why); the latest checkpoint is intact "
+              f"({latest_checkpoint(args)})", file=sys.stderr)
+        return 1
     except SystemExit as e:  # --help, or the loop's stop after a signal, the step saved
         return 0 if e.code is None else e.code
     except (Stopped, KeyboardInterrupt) as e:
@@ -112,10 +123,17 @@ def run(main, cli, argv=None):
             dist.destroy_process_group()
 
 
-def end_after_save(step, saved, halt, signals):
+def collective_broke(error):
+    """Whether a RuntimeError is a collective that failed because a peer went away (gloo's or NCCL's words)."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        word in text for word in ("Connection closed", "Connection reset", "closed by peer", "gloo", "NCCL"))
+
+
+def end_after_save(step, saved, halt, stop):
     """The loop's end after `step`, its checkpoint `saved`: a halt (persistent skipped steps) is an error; a
     signal exits with signal_exit()'s code."""
     if halt:
         raise TrainingError(f"{halt}; saved {saved}")
     say(f"stopped by a signal after step {step}; saved {saved}: go on with --resume_from_checkpoint latest")
-    raise SystemExit(signal_exit(signals))
+    raise SystemExit(signal_exit(stop))

@@ -3,6 +3,7 @@ one rank's error raised on every rank, and the steps that are skipped and, when 
 
 import contextlib
 
+import torch
 import torch.distributed as dist
 
 from dpo_support.ranks import gather_lists
@@ -33,21 +34,23 @@ EVERYWHERE: list[str] = []  # all_or_none()'s error, raised on all ranks: they s
 
 @contextlib.contextmanager
 def all_or_none(kind=FeedbackError):
-    """Under torchrun, an error of `kind` on one rank is raised on all (the first one's line), which
-    would wait in their next collective for the rank that ended."""
+    """Under torchrun, an error of `kind` (a class, or a tuple of them) on one rank is raised on all (the first one's
+    line, as that class), which would wait in their next collective for the rank that ended."""
     error = None
     try:
         yield
     except kind as e:
         if not dist.is_initialized():
             raise
-        error = str(e)
-    if dist.is_initialized():
-        error = next((f"{e} (on rank {r})" for r, e in enumerate(gather_lists([error])) if e), None)
-    if error and dist.is_initialized():
-        EVERYWHERE.append(error)
-    if error:
-        raise kind(error)
+        error = (type(e).__name__, str(e))
+    if not dist.is_initialized():
+        return
+    raised = next(((name, f"{e} (on rank {r})") for r, (name, e) in enumerate(gather_lists([error or ("", "")]))
+                   if e), None)
+    if raised:
+        EVERYWHERE.append(raised[1])
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        raise next((k for k in kinds if k.__name__ == raised[0]), kinds[0])(raised[1])
 
 
 def resume_hint(saved):
@@ -55,3 +58,34 @@ def resume_hint(saved):
     if saved:
         return f"saved {saved}: fix it, then resume with --resume_from_checkpoint latest"
     return "nothing saved"
+
+
+# ---- Out of memory: one line naming the levers
+
+class OutOfMemory(TrainingError):
+    """An allocation failed in a step (host memory, or a GPU's)."""
+
+
+LEVERS = ("lower --per_device_train_batch_size (or --generation_batch_size), --num_samples or --max_length, or keep "
+          "--gradient_checkpointing on")
+STEP_FAULTS = (FeedbackError, OutOfMemory)  # what a step may fail by, on all ranks together, the step before saved
+
+
+def out_of_memory(error):
+    """Whether `error` is an allocation failure: CUDA's out-of-memory, Python's MemoryError, or the CPU allocator's
+    RuntimeError."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+@contextlib.contextmanager
+def memory_named():
+    """An allocation failure in the block becomes OutOfMemory, whose line names the levers."""
+    try:
+        yield
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise OutOfMemory(f"out of memory ({type(e).__name__}: {first}); {LEVERS}") from None

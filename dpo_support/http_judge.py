@@ -42,15 +42,18 @@ def ask(texts, args):
     return q, mass, torch.tensor([a is None for a in answers])
 
 
-def request(text, args):
-    """One question, retried with backoff after a timeout, 408, 429 or 5xx; the answer."""
+def request(text, args, retries=None):
+    """One question, retried (--judge_api_retries times, unless `retries`) with backoff after a timeout, 408, 429
+    or 5xx; the answer."""
     key = os.environ.get("OPENAI_API_KEY")
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     body = json.dumps({"model": args.judge_api_model, "messages": [{"role": "user", "content": text}],
                        "temperature": 0, "max_tokens": 4}).encode()
-    for attempt in range(args.judge_api_retries + 1):
+    if retries is None:
+        retries = args.judge_api_retries
+    for attempt in range(retries + 1):
         if attempt:  # the jitter's own stream: Python's is in checkpoints, for an exact resume
             time.sleep(min(0.25 * 2 ** attempt, 8.0) * (0.5 + random.Random().random()))
         try:
@@ -70,10 +73,14 @@ def request(text, args):
 
 
 def check(args, question):
-    """A trial question before any model loads: a wrong URL, model or key fails now."""
-    say(f"asking the judge at {args.judge_api_base} a trial question")
+    """A trial question before any model loads, asked once (no retries: a judge that never answers is reported
+    after one --judge_api_timeout): a wrong URL, model or key fails now, and so does an answer other than A or B."""
+    say(f"asking the judge at {args.judge_api_base} a trial question (waiting up to {args.judge_api_timeout:g} s)")
     try:
-        request(question, args)
+        answer = request(question, args, retries=0)
     except Exception as e:
         raise UsageError(f"--judge_api_base {args.judge_api_base!r}: a trial question failed ({why(e)});"
                          " is it running? Check --judge_api_model and $OPENAI_API_KEY") from None
+    if answer.strip() not in ("A", "B"):
+        raise UsageError(f"--judge_api_base {args.judge_api_base!r}: the judge answered {answer.strip()[:60]!r} to a "
+                         "trial question, not A or B; check --judge_api_model, and --judge_prompt's instruction")

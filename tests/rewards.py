@@ -157,3 +157,13 @@ def logged_abstaining(prompts, completions, completion_ids, trainer_state, **kwa
     with open(os.environ["REWARD_LOG"], "a") as f:
         f.write(json.dumps({"ids": completion_ids, "scores": scores, "global_step": trainer_state.global_step}) + "\n")
     return scores
+
+
+def logged_prompts(prompts, completions, completion_ids, **kwargs):
+    """low_token_ids; each call's prompts appended as a JSON line to $REWARD_LOG."""
+    import json
+    import os
+
+    with open(os.environ["REWARD_LOG"], "a") as f:
+        f.write(json.dumps(prompts) + "\n")
+    return low_token_ids(prompts, completions, completion_ids)

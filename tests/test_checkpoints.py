@@ -311,3 +311,38 @@ def test_weights_with_nan_are_never_saved(tiny, tmp_path):
             dpo_support.checkpoint.write_model(policy, None, tokenizer, args, tmp)
     after = _weights(args.output_dir)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("second", ["50 ms later: the same request", "later: stop at once, after the write"])
+def test_two_signals_during_a_checkpoint_write_lose_nothing(tiny, tmp_path, uninterrupted, second):
+    """Ctrl-C twice while checkpoint-1 is being written. 50 ms apart they are one request: the write finishes, the
+    run stops after the next step with its checkpoint, exit 130. A second signal past SAME_REQUEST_S (here made 0)
+    stops the run at once, but only once the write in progress is complete: the process ends by SIGINT with
+    checkpoint-1 whole and `latest` naming it. Either way the run resumed from `latest` ends as the uninterrupted run,
+    bit for bit."""
+    out = tmp_path / "out"
+    args = _args(tiny, out, save_steps=1)
+    same = second.startswith("50 ms")
+    plant = ("import os, signal, time\nimport dpo_support.checkpoint, dpo_support.signals\n"
+             f"dpo_support.signals.SAME_REQUEST_S = {2.0 if same else 0.0}\n"
+             "real = dpo_support.checkpoint.write_model\n"
+             "def pressed_twice(*a, **kw):\n"
+             "    if a[4].endswith('checkpoint-1.tmp'):\n"
+             "        os.kill(os.getpid(), signal.SIGINT)\n        time.sleep(0.05)\n"
+             "        os.kill(os.getpid(), signal.SIGINT)\n"
+             "    return real(*a, **kw)\n"
+             "dpo_support.checkpoint.write_model = pressed_twice\n")
+    code, log = _finish(_start(args, plant))
+    assert "SIGINT: stopping after this step, with a checkpoint; to stop at once, without one, press Ctrl-C again" \
+        in log and "Traceback" not in log
+    if same:
+        assert code == 130, log
+        assert _latest(str(out)) == str(out / "checkpoint-2") and "stopped by a signal after step 2" in log
+    else:
+        assert code == -signal.SIGINT, log
+        assert _latest(str(out)) == str(out / "checkpoint-1")
+        assert "error: stopped by a second SIGINT once the write in progress was complete" in log
+    _assert_complete(_latest(str(out)))
+    code, log = _finish(_start(replace(args, resume_from_checkpoint="latest")))
+    assert code == 0, log
+    _assert_same_run(str(out), uninterrupted)

@@ -551,3 +551,71 @@ def test_sigterm_to_one_rank_checkpoints_all_of_them_and_exits_0(tiny, tmp_path)
     assert 1 <= step < 500 and "stopped by a signal after step" in log
     assert len(torch.load(os.path.join(checkpoint, "rank_states.pt"), weights_only=True)) == 2
     AutoModelForCausalLM.from_pretrained(checkpoint)
+
+
+def _start_torchrun(tiny, out, worker=True, **kw):
+    """2 ranks in a session of their own (a terminal's process group), with a checkpoint every step; through
+    dist_worker.py (which records), or online_dpo.py itself."""
+    flags = _flags(tiny, out, per_device_train_batch_size=2, save_steps=1, **kw)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    script = [WORKER, out, "sampled"] if worker else [os.path.join(REPO, "online_dpo.py")]
+    proc = subprocess.Popen([*launcher, *script, *flags], cwd=REPO, text=True, start_new_session=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": REPO},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + TIMEOUT
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):  # past step 1: the handlers are in place
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    return proc
+
+
+def _wait(proc):
+    try:
+        return proc.communicate(timeout=TIMEOUT)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the ranks did not stop:\n" + proc.communicate()[0][-3000:])
+
+
+def test_ctrl_c_twice_under_torchrun_saves_the_step_on_every_rank_and_resumes_exactly(tiny, tmp_path):
+    """The key press of a terminal reaches torchrun and both ranks (SIGINT to the process group), twice 50 ms apart;
+    torchrun then sends each rank SIGTERM. All of it is one request: both ranks finish the step, save it together and
+    exit, with one line saying so. Resumed from `latest`, the run ends as an uninterrupted one (to 1e-10 in float64,
+    as every resume under torchrun)."""
+    whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
+    logs, ranks, _ = _run(whole, "sampled", _flags(tiny, whole, per_device_train_batch_size=2, save_steps=1,
+                                                   max_steps=12), nproc=2)
+    proc = _start_torchrun(tiny, stopped, max_steps=12)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    log = _wait(proc)
+    assert log.count("SIGINT: stopping after this step, with a checkpoint") == 1, log[-3000:]
+    assert "online_dpo.py: error" not in log, log[-3000:]
+    with open(os.path.join(stopped, "latest")) as f:
+        checkpoint = os.path.join(stopped, f.read().strip())
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        step = json.load(f)["step"]
+    assert 1 <= step < 12 and len(torch.load(os.path.join(checkpoint, "rank_states.pt"), weights_only=True)) == 2
+    flags = _flags(tiny, stopped, per_device_train_batch_size=2, save_steps=1, max_steps=12,
+                   resume_from_checkpoint="latest")
+    again, ranks_again, _ = _run(stopped, "sampled", flags, nproc=2)
+    assert [m["step"] for m in again] == list(range(1, 13))  # the lines of the first part, kept, then the rest
+    for a, b in zip(again, logs, strict=True):  # as test_two_ranks_resume_where_they_stopped holds them
+        for k, v in b.items():
+            if not k.startswith("time/"):
+                assert a[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    for r, r_again in zip(ranks, ranks_again):
+        for name, value in r["params"].items():
+            torch.testing.assert_close(r_again["params"][name], value, rtol=0, atol=1e-10, msg=name)
+
+
+def test_a_rank_killed_leaves_a_line_on_the_other_naming_the_checkpoint_intact(tiny, tmp_path):
+    out = str(tmp_path / "out")
+    proc = _start_torchrun(tiny, out, worker=False, max_steps=500)
+    os.kill(_workers(proc.pid)[1], signal.SIGKILL)
+    log = _wait(proc)
+    lines = [line for line in log.splitlines() if line.startswith("online_dpo.py: error (rank 0)")]
+    assert len(lines) == 1 and "a collective across the ranks failed" in lines[0], log[-3000:]
+    assert "another rank stopped or lost its connection" in lines[0] and "checkpoint-" in lines[0]

@@ -17,12 +17,12 @@ import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo_support.checkpoint
 import online_dpo
 from dpo_support import checks, http_judge
-from tests import rewards
+from tests import assets, rewards
 from tests.judges import JudgeServer
 
 
@@ -402,14 +402,14 @@ def test_a_full_disk_at_the_final_save_keeps_the_trained_weights(tiny, tmp_path,
     write = dpo_support.checkpoint.write_model
 
     def full_disk(model, state_dict, tokenizer, args, directory, **kw):
-        if directory.endswith("out.tmp"):  # the final save, not a checkpoint
+        if directory.endswith("out/.saving"):  # the final save (its temporary is inside output_dir), not a checkpoint
             raise OSError(28, "No space left on device")
         return write(model, state_dict, tokenizer, args, directory, **kw)
 
     monkeypatch.setattr(dpo_support.checkpoint, "write_model", full_disk)
     _refused(capsys, _flags(tiny, out), "could not write the trained model", "No space left on device",
              "they are in checkpoint-2")
-    assert not os.path.exists(out / "model.safetensors") and not os.path.exists(f"{out}.tmp")
+    assert not os.path.exists(out / "model.safetensors") and not os.path.exists(out / ".saving")
     online_dpo.AutoModelForCausalLM.from_pretrained(str(out / "checkpoint-2"))
 
 
@@ -601,7 +601,7 @@ def test_sigterm_during_the_final_save_finishes_it(tiny, tmp_path, capsys, monke
     assert online_dpo.run([str(a) for a in _flags(tiny, out)]) == 0
     assert f"stopped by SIGTERM after the final save: the trained model is in {out}" in capsys.readouterr().out
     online_dpo.AutoModelForCausalLM.from_pretrained(str(out))
-    assert not os.path.exists(f"{out}.tmp") and not os.path.exists(out / "latest")
+    assert not os.path.exists(out / ".saving") and not os.path.exists(out / "latest")
 
 
 def test_ctrl_c_in_the_closing_comparison(tiny, tmp_path, capsys, monkeypatch):
@@ -701,3 +701,201 @@ def test_an_optimizer_state_that_does_not_fit_the_model(tiny, tmp_path, capsys, 
     _refused(capsys, _flags(tiny, out, "--resume_from_checkpoint", "latest", "--save_steps", "1", "--max_steps", "3"),
              "optimizer.pt does not fit the model's weights", "(3,)")
     assert _tree(out) == before
+
+
+# ---- round 3: long prompts, sizes, writes, checks and lines that point the right way
+
+def _write_rows(path, prompts):
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+def test_long_prompts_are_cut_from_the_left_for_sampling_and_for_feedback(tiny, tokenizer, tmp_path, monkeypatch):
+    """Prompts of 100,000 characters: the policy samples from their last max_length - max_new_tokens tokens, and the
+    reward function is given exactly that text (not the whole prompt, which would also have asked a reward model for
+    an attention matrix of 10^10 entries); a reward model whose positions are fewer than a row's still scores it."""
+    words = assets.corpus(4000, seed=5)
+    long_prompts = [" ".join(words[i * 40:(i + 1) * 40] * 200)[-100_000:] for i in range(8)]
+    assert all(len(p) == 100_000 for p in long_prompts)
+    data = _write_rows(tmp_path / "long.jsonl", long_prompts + ["the cat"])  # (not every prompt cut: that is refused)
+    short_reward = tmp_path / "short_reward"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["reward"])
+    model.config.max_position_embeddings = 40  # fewer than a 40-token prompt plus a completion
+    model.save_pretrained(short_reward)
+    AutoTokenizer.from_pretrained(tiny["reward"]).save_pretrained(short_reward)
+    log = tmp_path / "prompts.jsonl"
+    monkeypatch.setenv("REWARD_LOG", str(log))
+    argv = _flags(tiny, tmp_path / "out", "--dataset_name", data, "--max_steps", "1", "--max_length", "48",
+                  "--per_device_train_batch_size", "8", "--reward_model_path", short_reward,
+                  reward=("--reward_funcs", "tests.rewards:logged_prompts"))
+    assert online_dpo.run([str(a) for a in argv]) == 0
+    calls = [json.loads(line) for line in open(log)]
+    trained = calls[-1]  # the step's call (the first is the trial before loading)
+    assert len(trained) == 2 * 8 and sum(p != "the cat" for p in trained) >= 14
+    for prompt in trained:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert prompt == "the cat" or (30 <= len(ids) <= 48 - 8 and any(p.endswith(prompt) for p in long_prompts))
+
+
+def test_a_reward_models_input_keeps_the_completion_whole_within_its_positions(tokenizer):
+    prompt = " ".join(assets.corpus(40, seed=2))
+    completion = " the cat sits near the river."
+    text = online_dpo.reward_text(tokenizer, prompt, completion, 30)
+    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 30
+    assert text.endswith(completion) and prompt.endswith(text[: -len(completion)]) and len(text) < len(prompt)
+    chat = [{"role": "system", "content": prompt}, {"role": "user", "content": "the dog?"}]
+    text = online_dpo.reward_text(tokenizer, chat, [{"role": "assistant", "content": completion}], 60)
+    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 60 and "the dog?" in text
+    assert completion in text
+
+
+def test_sizes_the_flags_fix_are_checked_before_any_model_loads(tiny, tmp_path, capsys, no_models):
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--num_samples", "100000000"), "--num_samples 100000000",
+             "KV cache to sample, more than this machine's", "lower one of them")
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--max_length", "1000"),
+             "--max_length 1000 is beyond the model's 512 positions")
+
+
+def test_a_folder_beside_output_dir_named_like_a_temporary_is_left_alone(tiny, tmp_path):
+    mine = tmp_path / "out.tmp"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert online_dpo.run([str(a) for a in _flags(tiny, tmp_path / "out", "--save_steps", "1")]) == 0
+    assert (mine / "notes.txt").read_text() == "mine" and sorted(os.listdir(mine)) == ["notes.txt"]
+    assert not os.path.exists(tmp_path / "out" / ".saving")
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+
+
+def test_a_full_disk_inside_safetensors_is_worded_as_any_failed_write(tiny, tmp_path, capsys, monkeypatch):
+    import safetensors
+    import transformers.modeling_utils
+
+    real = transformers.modeling_utils.safe_save_file
+
+    def full(tensors, filename, *a, **kw):
+        if "checkpoint-2" in filename:
+            raise safetensors.SafetensorError("Error while serializing: IoError(No space left on device)")
+        return real(tensors, filename, *a, **kw)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    out = tmp_path / "out"
+    _refused(capsys, _flags(tiny, out, "--save_steps", "1", "--max_steps", "3"), "could not write checkpoint-2",
+             "SafetensorError", "No space left", f"the latest checkpoint is intact ({out}/checkpoint-1)")
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-1", "latest", "metrics.jsonl"]
+
+
+def test_old_checkpoints_that_cannot_be_removed_leave_a_note(tiny, tmp_path, capsys, monkeypatch):
+    real = dpo_support.checkpoint.remove
+
+    def read_only(path):
+        if path.endswith("checkpoint-1"):
+            raise OSError(30, "Read-only file system", path)
+        return real(path)
+
+    monkeypatch.setattr(dpo_support.checkpoint, "remove", read_only)
+    out = tmp_path / "out"
+    argv = _flags(tiny, out, "--save_steps", "1", "--max_steps", "3", "--save_total_limit", "1")
+    assert online_dpo.run([str(a) for a in argv]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "could not remove" in line]
+    assert notes == ["note: could not remove checkpoint-1 for --save_total_limit (OSError: [Errno 30] Read-only file system: "
+                     f"'{out}/checkpoint-1'); it stays, and checkpoint-2 is written and intact"]
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
+
+
+@pytest.mark.parametrize("prompt, culprits", [
+    ([{"role": "narrator", "content": "hi"}], ["row 0", "message 0 has the unknown role 'narrator'"]),
+    ([{"role": "user", "content": "hi"}, {"role": "user"}], ["row 0", "message 1 is {'role': 'user'}"]),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}], ["message 1 (assistant) is empty"]),
+])
+def test_conversations_are_checked_message_by_message(tiny, tmp_path, capsys, no_models, prompt, culprits):
+    data = _write_rows(tmp_path / "chat.jsonl", [prompt] + [[{"role": "user", "content": "the cat"}]] * 8)
+    error, _ = _refused(capsys, _flags(tiny, tmp_path / "out", "--dataset_name", data), *culprits)
+    assert "mixed" not in error
+
+
+def test_a_prefilled_assistant_turn_gets_a_note(tiny, tmp_path, capsys):
+    prefill = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "the dog"}]
+    data = _write_rows(tmp_path / "chat.jsonl", [prefill] * 3 + [[{"role": "user", "content": "the sun"}]] * 5)
+    assert online_dpo.run([str(a) for a in _flags(tiny, tmp_path / "out", "--dataset_name", data)]) == 0
+    assert "note: 3 prompts of the 'train' split end with an assistant message: the completion continues it" in \
+        capsys.readouterr().out
+
+
+def test_models_that_would_fail_later_are_refused_now(tiny, tokenizer, tmp_path, capsys, no_models):
+    added = tmp_path / "added"
+    shutil.copytree(tiny["policy"], added)
+    grown = AutoTokenizer.from_pretrained(tiny["policy"])
+    grown.add_tokens(["<new_a>", "<new_b>"])  # ids 400 and 401, past the model's 400 embeddings
+    grown.save_pretrained(added)
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--model_name_or_path", added), "its tokenizer has 402 tokens",
+             "its model 400 embeddings (<new_a>, <new_b> ... have none)")
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--model_init_kwargs", '{"attn_implementation": "flex_attention"}'),
+             "attn_implementation must be one of eager, sdpa, flash_attention_2, flash_attention_3")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--model_name_or_path", empty), "the directory is empty",
+             "no saved model")
+
+
+def test_tr_dpo_flags_that_would_do_nothing(tiny, tmp_path, capsys, no_models):
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--sync_ref_model", "--ref_model_mixup_alpha", "0"),
+             "--ref_model_mixup_alpha must be in (0, 1]")
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--sync_ref_model", "--ref_model_sync_steps", "5"),
+             "--ref_model_sync_steps 5 is more than the run's 2 steps")
+    _, printed = _refused(capsys, _flags(tiny, tmp_path / "out", "--ref_model_sync_steps", "3",
+                                         "--per_device_train_batch_size", "1000"), "one optimizer step needs")
+    assert "note: --ref_model_sync_steps ignored without --sync_ref_model" in printed
+
+
+def test_latest_that_names_nothing_usable(tiny, tmp_path, capsys, two_checkpoints, no_models):
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints, out)
+    resume = ("--resume_from_checkpoint", "latest", "--save_steps", "1", "--max_steps", "3")
+    shutil.rmtree(out / "checkpoint-2")
+    _refused(capsys, _flags(tiny, out, *resume), "latest' names checkpoint-2, which is gone", "there: checkpoint-1")
+    (out / "latest").unlink()
+    (out / "latest").mkdir()
+    _refused(capsys, _flags(tiny, out, *resume), "latest' is a directory", "there: checkpoint-1")
+    (out / "latest").rmdir()
+    _refused(capsys, _flags(tiny, out, *resume), "has no `latest`", "there: checkpoint-1")
+
+
+def test_judge_apis_that_point_the_wrong_way(tiny, tmp_path, capsys, no_models):
+    import http.server
+    import threading
+
+    class Rambles(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"choices": [{"message": {"content": "Both are fine, really."}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    judge = ("--judge_api_model", "judge")
+    _refused(capsys, _flags(tiny, tmp_path / "out", "--judge_api_base", "localhost:8000/v1", *judge, reward=()),
+             "must start with http:// or https://")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Rambles)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        _refused(capsys, _flags(tiny, tmp_path / "out", "--judge_api_base", url, *judge, reward=()),
+                 "the judge answered 'Both are fine, really.' to a trial question, not A or B")
+    finally:
+        server.shutdown()
+        server.server_close()
+    mute = socket.socket()  # accepts connections, never answers: reported after one timeout, not after the retries
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()
+    start = time.time()
+    try:
+        _refused(capsys, _flags(tiny, tmp_path / "out", "--judge_api_base", f"http://127.0.0.1:{mute.getsockname()[1]}",
+                                *judge, "--judge_api_timeout", "1", "--judge_api_retries", "3", reward=()),
+                 "a trial question failed", "timed out")
+    finally:
+        mute.close()
+    assert time.time() - start < 6

@@ -154,7 +154,7 @@ def test_saves_a_model_transformers_loads(tiny, tmp_path):
     assert any(not torch.equal(p, trained.state_dict()[n]) for n, p in checkpoint.state_dict().items())
     with open(os.path.join(out, "online_dpo_args.json")) as f:
         assert json.load(f)["max_steps"] == 4
-    assert not os.path.exists(out + ".tmp")
+    assert not os.path.exists(out + ".tmp") and not os.path.exists(os.path.join(out, ".saving"))
 
 
 @pytest.mark.parametrize("changes,message", [
