@@ -46,7 +46,8 @@ from dpo_kernels import (CompiledDecoder, compile_problem, fp32_head, linear_log
                          naive_token_logprobs)
 from dpo_support import checkpoint, checks, command_line, http_judge
 from dpo_support.command_line import Bool
-from dpo_support.faults import USER_FAULTS, FeedbackError, TrainingError, UsageError, all_or_none, why
+from dpo_support.faults import (STEP_FAULTS, USER_FAULTS, FeedbackError, TrainingError, UsageError, all_or_none,
+                                memory_named, why)
 from dpo_support.ranks import gather_lists, is_main, say
 from dpo_support.signals import stop_signals
 
@@ -178,6 +179,8 @@ class Args:
     """prompts per micro-batch"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
+    generation_batch_size: int | None = None
+    """prompts sampled together, a multiple of the batch size (None: a step's B x GA; GRPO's counts completions)"""
     num_train_epochs: float = 3.0
     """passes over the prompts (unless max_steps > 0)"""
     max_steps: int = -1
@@ -528,20 +531,20 @@ def steps_of(value, total):
 # ---- Prompts
 
 
-def micro_batches(dataset, args, plan, rank, world, start):
-    """Yield this rank's micro-batches of B prompts, from global micro-batch `start` on (a resumed
-    run starts mid-epoch). Each epoch shuffles the prompts with a seed of its own; rank r takes
-    the r-th B of each micro-step."""
+def step_batches(dataset, args, plan, rank, world, start):
+    """Yield this rank's prompts of each step (a dict of columns): its GA micro-batches of B prompts,
+    in a row, from global micro-batch `start` on (a resumed run starts mid-epoch). Each epoch
+    shuffles the prompts with a seed of its own; rank r takes the r-th B of each micro-step."""
     B = args.per_device_train_batch_size
-    per_epoch = plan.per_epoch * args.gradient_accumulation_steps  # micro-batches, on each rank
+    GA = args.gradient_accumulation_steps
+    per_epoch = plan.per_epoch * GA  # micro-batches, on each rank
     first_epoch = start // per_epoch
     for epoch in range(first_epoch, math.ceil(plan.total / plan.per_epoch)):
         generator = torch.Generator().manual_seed(args.seed + epoch)
         order = torch.randperm(len(dataset), generator=generator).tolist()
         first_batch = start % per_epoch if epoch == first_epoch else 0
-        for i in range(first_batch, per_epoch):
-            first = (i * world + rank) * B
-            yield dataset[order[first : first + B]]
+        for i in range(first_batch, per_epoch, GA):
+            yield dataset[[order[((i + g) * world + rank) * B + b] for g in range(GA) for b in range(B)]]
 
 
 def prompt_token_ids(tokenizer, prompts):
@@ -852,25 +855,44 @@ class Samples:
                               self.completion_ids[pick], self.completion_mask[pick])
 
 
+def interleave(passes, k, pad_id):
+    """The completion ids and masks of several passes of sample() (each (k*n, T) over n prompts) as
+    one (k*N, T) in sample()'s row order over all N prompts, right-padded to the longest."""
+    T = max(ids.size(1) for ids, _ in passes)
+    pieces = [F.pad(t, (0, T - t.size(1)), value=v) for p in passes for t, v in zip(p, (pad_id, 0))]
+    ids = [piece.unflatten(0, (k, -1)) for piece in pieces[0::2]]  # (k, n, T) each
+    masks = [piece.unflatten(0, (k, -1)) for piece in pieces[1::2]]
+    return torch.cat(ids, 1).flatten(0, 1), torch.cat(masks, 1).flatten(0, 1)
+
+
 def rollout(ctx, model, prompts, generator, k=1, timing=None):
-    """Sample k completions of each prompt from `model` as it is now. Prompts are cut from the left to
-    max_length - max_new_tokens tokens (fit_prompts: Samples.prompts); the seconds spent go into
-    timing.sampling_seconds."""
+    """Sample k completions of each prompt from `model` as it is now, all at once or in passes of
+    --generation_batch_size prompts. Prompts are cut from the left to max_length - max_new_tokens
+    tokens (fit_prompts: Samples.prompts); the seconds spent go into timing.sampling_seconds."""
     args = ctx.args
     prompts = fit_prompts(ctx.tokenizer, prompts, args.max_length - args.max_new_tokens)
     ids, mask = encode_prompts(ctx.tokenizer, prompts, args.max_length - args.max_new_tokens)
     ids = ids.to(ctx.device)
     mask = mask.to(ctx.device)
+    N = len(prompts)
+    G = args.generation_batch_size or N
     was_training = model.training
     t0 = time.perf_counter()
     model.eval()
     # Prefix sharing: sample() prefills each prompt once for its k samples. Without it, each of k
     # copies of a prompt is prefilled as a prompt of its own.
     copies = 1 if args.prefix_sharing else k
+    passes = []
     with gathered(model), ctx.autocast:
-        completion_ids, completion_mask = sample(model, ids.repeat(copies, 1), mask.repeat(copies, 1),
-                                                 ctx.sampling, k // copies, generator, ctx.decoder)
+        for first in range(0, N, G):
+            P = int(mask[first : first + G].sum(1).max())  # the pass's longest prompt: as if alone
+            pass_ids = ids[first : first + G, -P:].repeat(copies, 1)
+            pass_mask = mask[first : first + G, -P:].repeat(copies, 1)
+            passes.append(sample(model, pass_ids, pass_mask, ctx.sampling, k // copies, generator, ctx.decoder))
     model.train(was_training)
+    completion_ids, completion_mask = passes[0]
+    if len(passes) > 1:  # rows [all 1st samples, ..., all k-th] of the N prompts, from each pass's
+        completion_ids, completion_mask = interleave(passes, k, ctx.sampling.pad_id)
     if timing is not None:
         timing.sampling_seconds += time.perf_counter() - t0
     stop = torch.tensor(ctx.sampling.stop_ids, device=ctx.device)
@@ -902,7 +924,8 @@ def score_completions(prompts, completions, completion_ids, extra_columns, rewar
         texts = [reward_text(tokenizer, p, c, limit) for p, c in zip(prompts, completions)]
         batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right",
                           add_special_tokens=False)
-        columns.append(model(**batch.to(device)).logits[:, 0].float())
+        with memory_named(alone=isinstance(model, FSDPModule)):  # FSDP2: other ranks wait in its forward
+            columns.append(model(**batch.to(device)).logits[:, 0].float())
     for func in reward_funcs:
         # Copies: a function that edits its arguments changes nothing here.
         given = copy.deepcopy(dict(extra_columns, prompts=prompts, completions=completions,
@@ -969,15 +992,25 @@ def trainer_state(step, plan):
     return types.SimpleNamespace(global_step=step - 1, epoch=(step - 1) / plan.per_epoch, max_steps=plan.total)
 
 
-def score(ctx, prompts, samples, columns):
-    """The samples' scores (N,), less --missing_eos_penalty for each
-    completion that has no stop token."""
+def score(ctx, samples, columns):
+    """The K*N samples' scores (K*N,), less --missing_eos_penalty for each completion that has no
+    stop token. Rewards take --generation_batch_size prompts' samples at a time (all, by default);
+    columns: a value per sample."""
+    N = len(samples.prompts)
+    K = len(samples.texts) // N
+    G = ctx.args.generation_batch_size or N
     n_rewards = len(ctx.reward_models) + len(ctx.reward_funcs)
     weights = torch.tensor(ctx.args.reward_weights or [1.0] * n_rewards, device=ctx.device)
-    columns = columns | {"trainer_state": ctx.trainer_state}  # as TRL gives reward functions
-    with all_or_none(), ctx.autocast:  # one rank failing stops all
-        scores, _ = score_completions(prompts, samples.completions, samples.token_ids, columns,
-                                      ctx.reward_models, ctx.reward_funcs, weights)
+    scores = torch.empty(K * N, device=ctx.device)
+    for first in range(0, N, G):
+        rows = [k * N + i for k in range(K) for i in range(first, min(first + G, N))]
+        given = {k: [v[r] for r in rows] for k, v in columns.items()} | {"trainer_state": ctx.trainer_state}
+        # A failure on one rank stops all before the next pass's forwards (FSDP2: collectives).
+        with ctx.autocast, all_or_none(STEP_FAULTS), memory_named():  # (trainer_state: as in TRL)
+            scores[rows], _ = score_completions([samples.prompts[r % N] for r in rows],
+                                                [samples.completions[r] for r in rows],
+                                                [samples.token_ids[r] for r in rows], given,
+                                                ctx.reward_models, ctx.reward_funcs, weights)
     if ctx.args.missing_eos_penalty is not None:
         scores = scores - ctx.args.missing_eos_penalty * (~samples.has_eos).float()
     return scores
@@ -1034,7 +1067,8 @@ def judge_locally(model, tokenizer, texts, answer_ids, batch_size):
                           padding_side="left", add_special_tokens=not chat)
         batch = batch.to(next(model.parameters()).device)
         position_ids = positions(batch["attention_mask"])  # left padding
-        out = model(**batch, position_ids=position_ids, use_cache=False, logits_to_keep=1)
+        with memory_named(alone=isinstance(model, FSDPModule)):  # FSDP2: other ranks wait in its forward
+            out = model(**batch, position_ids=position_ids, use_cache=False, logits_to_keep=1)
         logits = out.logits[:, -1].float()
         p.append(logits.softmax(-1)[:, answer_ids])  # (b, 2)
     p = torch.cat(p)
@@ -1119,7 +1153,7 @@ def preferences(ctx, samples, columns):
         rejected = torch.where(first_wins, first + B, first)
         return Pairs(chosen=chosen, rejected=rejected, kept=kept, scores=None, metrics=metrics,
                      logged={"p_chosen": p_chosen})
-    scores = score(ctx, prompts * args.num_samples, samples, columns)  # (K*B,)
+    scores = score(ctx, samples, columns)  # (K*B,)
     chosen, rejected, tie = pair(scores, args.num_samples, args.tie_threshold)
     unscored = scores[chosen].isnan()  # the best unscored: all of its prompt's samples are
     kept = ~unscored & ~(tie & args.drop_ties)
@@ -1128,13 +1162,38 @@ def preferences(ctx, samples, columns):
                  logged={"score_chosen": scores[chosen], "score_rejected": scores[rejected]})
 
 
-def count_kept(step_pairs):
-    """The pairs kept in the loss in a step's micro-batches (Pairs each), summed over all ranks: what
-    the loss divides by, so that each kept pair weighs the same whatever B, GA and the ranks."""
-    kept = torch.stack([pairs.kept.sum() for pairs in step_pairs]).sum()
+def count_kept(pairs):
+    """The pairs a step keeps in the loss, summed over all ranks: what the loss divides by, so that
+    each kept pair weighs the same whatever B, GA and the ranks."""
+    kept = pairs.kept.sum()
     if dist.is_initialized():
         dist.all_reduce(kept)
     return kept
+
+
+def micro_batch(samples, pairs, j, B):
+    """Micro-batch j of a step (Samples of N = GA x B prompts, and their Pairs): its B prompts' K
+    samples, in the same row order, with the padding all of them share trimmed (as if sampled
+    alone), and their pairs, as rows of these."""
+    N = len(samples.prompts)
+    K = len(samples.texts) // N
+    device = samples.completion_ids.device
+    mine = torch.arange(j * B, (j + 1) * B, device=device)  # its prompts among the step's
+    rows = (torch.arange(K, device=device)[:, None] * N + mine).flatten()  # (K*B,) their samples
+    P = int(samples.prompt_mask[mine].sum(1).max())  # its longest prompt
+    T = int(samples.completion_mask[rows].sum(1).max())  # its longest completion
+    listed = rows.tolist()
+    part = Samples(prompts=samples.prompts[j * B : (j + 1) * B], prompt_ids=samples.prompt_ids[mine, -P:],
+                   prompt_mask=samples.prompt_mask[mine, -P:], completion_ids=samples.completion_ids[rows, :T],
+                   completion_mask=samples.completion_mask[rows, :T], has_eos=samples.has_eos[rows],
+                   token_ids=[samples.token_ids[r] for r in listed], texts=[samples.texts[r] for r in listed],
+                   completions=[samples.completions[r] for r in listed])
+    chosen = pairs.chosen[j * B : (j + 1) * B]  # sample k of prompt p: row k*N + p of the step's,
+    rejected = pairs.rejected[j * B : (j + 1) * B]  # row k*B + p - j*B of the micro-batch's
+    scores = None if pairs.scores is None else pairs.scores[rows]
+    return part, Pairs(chosen=chosen // N * B + chosen % N - j * B, rejected=rejected // N * B + rejected % N - j * B,
+                       kept=pairs.kept[j * B : (j + 1) * B], scores=scores, metrics={},
+                       logged={k: v[j * B : (j + 1) * B] for k, v in pairs.logged.items()})
 
 
 # ---- Log-probs and loss
@@ -1514,13 +1573,13 @@ def answers(ctx, model, prompts, columns, seed):
     generator = torch.Generator(ctx.device).manual_seed(seed)
     for i in range(0, len(prompts), chunk_size):
         chunk = slice(i, i + chunk_size)
-        samples = rollout(ctx, model, prompts[chunk], generator)
+        with all_or_none(STEP_FAULTS), memory_named():  # a failure on one rank stops all, here
+            samples = rollout(ctx, model, prompts[chunk], generator)
         texts += samples.texts
         if ctx.judged:
             scores += [math.nan] * len(samples.texts)
         else:
-            chunk_columns = {k: v[chunk] for k, v in columns.items()}
-            scores += score(ctx, samples.prompts, samples, chunk_columns).tolist()
+            scores += score(ctx, samples, {k: v[chunk] for k, v in columns.items()}).tolist()
     return texts, torch.tensor(scores, dtype=torch.float64)
 
 
@@ -1627,74 +1686,73 @@ def main(args):
     say(feedback_line(args))
     generator = torch.Generator(device).manual_seed(args.seed + rank)  # each rank samples its own
     optimizer, scheduler = make_optimizer(policy, args, plan)
-    saver = checkpoint.Checkpoints(args, plan, policy, optimizer, scheduler, tokenizer, ref, ctx.reference)
-    state = dict(step=0, epoch=0.0, micro_batches_done=0, world_size=world, nonfinite_steps=0,
-                 empty_steps=0, wandb_id=None)  # what trainer_state.json holds
+    saver = checkpoint.Checkpoints(args, plan, policy, optimizer, scheduler, tokenizer, ref, ctx)
+    state = checkpoint.new_state(world)  # what trainer_state.json holds
     since_log = MetricSums()  # the metrics since the last logged line
     if resume:  # TRY NOT TO MODIFY: the optimizer, schedule, data position, streams, metric sums
-        state, sums, counts = checkpoint.restore(resume, policy, optimizer, scheduler, generator,
-                                                 rank, ctx.reference)
-        since_log = MetricSums(sums, counts)
+        state = checkpoint.restore(resume, saver, generator, rank, since_log)
     checkpoint.start_output_dir(args, resume, state)
     log = Log(args, plan, state, resume is not None)
     eval_prompts, eval_columns = held_out(args, inputs.test_set, tokenizer, rank, world)
-    data = micro_batches(inputs.dataset, args, plan, rank, world, state["micro_batches_done"])
+    data = step_batches(inputs.dataset, args, plan, rank, world, state["micro_batches_done"])
 
     with stop_signals() as signals, log.bar:  # TRY NOT TO MODIFY: a signal waits for the step's end
         for step in range(state["step"] + 1, plan.total + 1):
             beta = args.beta[min((step - 1) // plan.per_epoch, len(args.beta) - 1)]  # one per epoch
             ctx.trainer_state = trainer_state(step, plan)  # what reward functions see, as in TRL
             this_step = MetricSums()
-            last_good = checkpoint.rank_state(generator, since_log)  # TRY NOT TO MODIFY: rewinds
-            rollouts = []  # the step's micro-batches: (prompts, samples, pairs)
-            for micro_step in range(GA):
-                batch = next(data)
-                prompts = batch.pop(args.dataset_prompt_column)
+            batch = next(data)  # the step's GA micro-batches of B prompts, in a row, and columns
+            prompts = batch.pop(args.dataset_prompt_column)
+            before = checkpoint.rank_state(generator, since_log)  # TRY NOT TO MODIFY: a failing
+            failure = saver.on_failure(f"step {step}", state, step - 1, before)  # step saves the one before
 
-                # 2. Sample K completions per prompt from the policy as it is now, (K*B, T).
+            # 2-4. Sample K completions per prompt from the policy as it is now, the step's prompts at once
+            # (or --generation_batch_size at a time), (K*GA*B, T); feedback, pairs: each prompt's best and
+            # worst sample, or the judge's pick. A failure on one rank stops all (after decoding, each pass).
+            with failure, all_or_none(STEP_FAULTS), memory_named():
                 samples = rollout(ctx, policy, prompts, generator, K, since_log)
+            with failure, all_or_none(STEP_FAULTS), memory_named():
+                pairs = preferences(ctx, samples, {k: v * K for k, v in batch.items()})
+            kept_in_step = count_kept(pairs)  # on all ranks
 
-                # 3-4. Feedback and pairs: each prompt's best and worst sample, or the judge's pick.
-                with saver.on_failure(f"step {step}", state, step - 1, last_good):  # TRY NOT TO MODIFY
-                    pairs = preferences(ctx, samples, {k: v * K for k, v in batch.items()})
-                rollouts.append((prompts, samples, pairs))
-            kept_in_step = count_kept([pairs for _, _, pairs in rollouts])  # on all ranks
+            with failure:  # out of memory in training (under torchrun: this rank alone, none saved)
+                for micro_step in range(GA):
+                    # 5. Log-probs of a micro-batch's pairs' completions, policy (with grad), reference.
+                    micro_samples, micro_pairs = micro_batch(samples, pairs, micro_step, B)
+                    pick = torch.cat([micro_pairs.chosen, micro_pairs.rejected])  # (2B,) rows
+                    if isinstance(train_model, DDP):  # all-reduce in the last micro-step's backward
+                        train_model.require_backward_grad_sync = micro_step == GA - 1  # (FSDP2: all)
+                    train_inputs = micro_samples.training_inputs(pick, ctx.packed)
+                    how = dict(impl=ctx.logprobs, packed=ctx.packed)
+                    with ctx.autocast:
+                        logps = completion_logprobs(train_model, *train_inputs, **how)  # (2B, T)
+                        with torch.no_grad():
+                            ref_logps = completion_logprobs(ref, *train_inputs, **how)
 
-            for micro_step, (prompts, samples, pairs) in enumerate(rollouts):
-                # 5. Log-probs of the pairs' completions, policy (with grad) and reference, (2B, T).
-                pick = torch.cat([pairs.chosen, pairs.rejected])  # (2B,) rows: chosen, rejected
-                if isinstance(train_model, DDP):  # all-reduce in the last micro-step's backward
-                    train_model.require_backward_grad_sync = micro_step == GA - 1  # (FSDP2: each)
-                train_inputs = samples.training_inputs(pick, ctx.packed)
-                with ctx.autocast:
-                    logps = completion_logprobs(train_model, *train_inputs, impl=ctx.logprobs, packed=ctx.packed)
-                    with torch.no_grad():
-                        ref_logps = completion_logprobs(ref, *train_inputs, impl=ctx.logprobs, packed=ctx.packed)
+                    # 6. Loss: per pair (dpo_loss, plus RPO's term), summed over the pairs kept,
+                    # over the step's kept pairs on all ranks: each weighs the same whatever B, GA
+                    # and ranks (x world: the ranks' gradients are averaged). None kept: 0.
+                    logp = logps.sum(1)  # (2B,) each completion's log-prob
+                    ref_logp = ref_logps.sum(1)
+                    losses = dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], beta,
+                                      args.loss_type, args.label_smoothing)  # (B,)
+                    kept = micro_pairs.kept
+                    parts = {}
+                    if args.rpo_alpha is not None:  # RPO (Pang et al. 2024): + alpha x chosen's NLL
+                        nll = args.rpo_alpha * -logp[:B] / train_inputs.completion_mask[:B].sum(1)
+                        parts = {"loss/dpo": losses[kept].detach(), "loss/nll": nll[kept].detach()}
+                        losses = losses + nll
+                    loss = torch.where(kept, losses, 0.0).sum() * world / kept_in_step.clamp(min=1)
+                    loss.backward()
+                    metrics = step_metrics(logps.detach(), ref_logps, train_inputs.completion_mask,
+                                           micro_pairs, micro_samples, losses[kept], beta)
+                    this_step.add(metrics | parts)
+            this_step.add(pairs.metrics)  # the step's ties and unscored, after the pairs' metrics
 
-                # 6. Loss: per pair (dpo_loss, plus RPO's term), summed over the pairs kept, over the
-                # step's kept pairs on all ranks: each weighs the same whatever B, GA and ranks (x
-                # world: DDP and FSDP2 average the ranks' gradients). None kept: 0, still backward.
-                logp = logps.sum(1)  # (2B,) each completion's log-prob
-                ref_logp = ref_logps.sum(1)
-                losses = dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], beta,
-                                  args.loss_type, args.label_smoothing)  # (B,)
-                kept = pairs.kept
-                parts = {}
-                if args.rpo_alpha is not None:  # RPO (Pang et al. 2024): + alpha x the chosen's NLL
-                    lengths = train_inputs.completion_mask[:B].sum(1)
-                    nll = args.rpo_alpha * -logp[:B] / lengths  # per token
-                    parts = {"loss/dpo": losses[kept].detach(), "loss/nll": nll[kept].detach()}
-                    losses = losses + nll
-                loss = torch.where(kept, losses, 0.0).sum() * world / kept_in_step.clamp(min=1)
-                loss.backward()
-                metrics = step_metrics(logps.detach(), ref_logps, train_inputs.completion_mask, pairs,
-                                       samples, losses[kept], beta)
-                this_step.add(metrics | pairs.metrics | parts)
-
-            # 7. Optimizer step: clip, AdamW, schedule; skipped on all ranks for a NaN/inf or no pair.
+            # 7. Optimizer step: clip, AdamW, schedule; skipped on all ranks for NaN/inf or no pair.
             learning_rate = scheduler.get_last_lr()[0]  # this step's, which HF's trainer logs
-            grad_norm, status, stopping = optimizer_step(policy, optimizer, scheduler, args, this_step,
-                                                         bool(signals))
+            stop_asked = bool(signals)
+            grad_norm, status, stopping = optimizer_step(policy, optimizer, scheduler, args, this_step, stop_asked)
             halt = checkpoint.count_steps(state, status, step, args, this_step)  # TRY NOT TO MODIFY
             if args.sync_ref_model and step % args.ref_model_sync_steps == 0:  # TR-DPO: ref moves
                 reference_answers(ctx, ref, eval_prompts, eval_columns)  # evaluate(): the first
@@ -1713,9 +1771,10 @@ def main(args):
                     empty_steps=state["empty_steps"], **ctx.decoder.stats()))
                 since_log = MetricSums()
             if plan.eval and step % plan.eval == 0:  # the last micro-batch's pairs; policy vs ref
-                log.pairs(step, samples.prompts, samples.texts, pairs)
-                now = checkpoint.rank_state(generator, since_log)  # TRY NOT TO MODIFY: saves this step:
-                with saver.on_failure(f"step {step}, in the comparison with the reference", state, step, now):
+                log.pairs(step, micro_samples.prompts, micro_samples.texts, micro_pairs)
+                where = f"step {step}, in the comparison with the reference"
+                now = checkpoint.rank_state(generator, since_log)
+                with saver.on_failure(where, state, step, now):  # TRY NOT TO MODIFY: saves this step
                     if step < plan.total and eval_prompts:
                         log.line(step, *evaluate(ctx, policy, ref, eval_prompts, eval_columns))
             if (plan.save and step % plan.save == 0 and step < plan.total) or stopping or halt:

@@ -5,6 +5,8 @@
     python benchmarks/bench_sampler.py --torch_compile --batches 8 32 --new_tokens 64               # (b) 512x8
     python benchmarks/bench_sampler.py --torch_compile --shape qwen2-0.5b --dtype bfloat16 --device cuda   # (c)
     python benchmarks/bench_sampler.py --tiny_runs 3          # whole `--preset tiny` runs, eager vs --torch_compile
+    python benchmarks/bench_sampler.py --passes --shape qwen2-0.5b --accumulation 2 4   # one pass a step vs GA passes
+    python benchmarks/bench_sampler.py --tiny_passes 3 --accumulation 2 4                # the same, whole tiny runs
 
 All decode the same left-padded batch of the tiny world's prompts (chat template) greedily with the same stop tokens,
 --samples completions per prompt from one prefill each (as training does), and must produce the same tokens (checked
@@ -143,6 +145,68 @@ def tiny_runs(a) -> None:
               f"{statistics.median(r['reward'] for r in warm):+.3f} |")
 
 
+def passes(model, tokenizer, a) -> None:
+    """A step's sampling (rollout(), sampled as in training: temperature 0.9, K samples per prompt from one prefill),
+    its GA x B prompts in one pass against GA passes of B (--generation_batch_size B, the old way), alternating."""
+    B, K, T = a.batches[0], a.samples, a.new_tokens[0]
+    rows = []
+    for GA in a.accumulation:
+        step_prompts = prompts(B * GA)
+        times = {"GA passes": [], "one pass": []}
+        for repeat in range(a.repeats + 1):  # the first: a warm-up
+            for name, size in (("GA passes", B), ("one pass", None)):
+                args = online_dpo.Args(max_new_tokens=T, max_length=192 + T, generation_batch_size=size)
+                how = online_dpo.Sampling(T, [tokenizer.eos_token_id], tokenizer.pad_token_id, temperature=0.9)
+                ctx = online_dpo.Context(args=args, tokenizer=tokenizer, rank=0, world=1, device=torch.device(a.device),
+                                         autocast=torch.autocast(a.device, enabled=False), sampling=how,
+                                         reward_models=[], reward_funcs=[], local_judge=None)
+                generator = torch.Generator(a.device).manual_seed(repeat)
+                samples, seconds = timed(lambda: online_dpo.rollout(ctx, model, step_prompts, generator, K), a.device)
+                if repeat:
+                    times[name].append(seconds)
+                print(f"GA {GA} {name}: {seconds:.2f} s, {int(samples.completion_mask.sum())} tokens", file=sys.stderr)
+        rows.append((GA, {k: statistics.median(v) for k, v in times.items()}))
+    name = "the tiny world's policy" if a.model == "tiny" else f"Qwen2 {a.hidden}x{a.layers}, vocab {a.vocab}"
+    print(f"\n{name}, {a.dtype}, {a.device}, {torch.get_num_threads()} threads; a step of GA x B = GA x {B} prompts, "
+          f"K = {K} samples each, {T} new tokens, temperature 0.9; median of {a.repeats} alternating runs\n")
+    print("| GA | rows per pass: GA passes / one pass | GA passes s/step | one pass s/step | one / GA passes |")
+    print("|---|---|---|---|---|")
+    for GA, t in rows:
+        print(f"| {GA} | {B * K} / {GA * B * K} | {t['GA passes']:.2f} | {t['one pass']:.2f} | "
+              f"{t['one pass'] / t['GA passes']:.2f} |")
+
+
+def tiny_passes(a) -> None:
+    """Whole `--preset tiny` runs with the step's 16 prompts as GA micro-batches of 16 / GA: one sampling pass per
+    step against GA (--generation_batch_size 16 / GA), alternating; time/sampling per step and the held-out reward."""
+    rows = []
+    for GA in a.accumulation:
+        B = 16 // GA
+        results = {"GA passes": [], "one pass": []}
+        for _ in range(a.tiny_passes):
+            for name, extra in (("GA passes", ["--generation_batch_size", str(B)]), ("one pass", [])):
+                out = tempfile.mkdtemp(prefix="tiny_passes_")
+                subprocess.run([sys.executable, os.path.join(REPO, "online_dpo.py"), "--preset", "tiny", "--max_steps",
+                                str(a.tiny_steps), "--per_device_train_batch_size", str(B),
+                                "--gradient_accumulation_steps", str(GA), "--output_dir", out, *extra],
+                               check=True, capture_output=True)
+                lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+                steps = [m for m in lines if "time/step" in m]
+                results[name].append((statistics.median(m["time/sampling"] for m in steps),
+                                      statistics.median(m["time/step"] for m in steps), lines[-1]["eval/reward_trained"]))
+                print(f"GA {GA} {name}: {results[name][-1]}", file=sys.stderr)
+        rows.append((GA, B, {k: [statistics.median(r[i] for r in v) for i in range(3)] for k, v in results.items()}))
+    print(f"\n`--preset tiny --max_steps {a.tiny_steps}` (16 prompts a step), {a.tiny_passes} alternating runs each, "
+          f"medians\n")
+    print("| GA x B | GA passes: sampling s/step | one pass: sampling s/step | one / GA passes | s/step: GA passes / "
+          "one pass | held-out reward: GA passes / one pass |")
+    print("|---|---|---|---|---|---|")
+    for GA, B, r in rows:
+        g, o = r["GA passes"], r["one pass"]
+        print(f"| {GA} x {B} | {g[0]:.3f} | {o[0]:.3f} | {o[0] / g[0]:.2f} | {g[1]:.3f} / {o[1]:.3f} | "
+              f"{g[2]:+.3f} / {o[2]:+.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["random", "tiny"], default="random", help="tiny: the tiny world's policy")
@@ -161,16 +225,24 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--torch_compile", action="store_true", help="eager against the compiled decode step")
     parser.add_argument("--tiny_runs", type=int, default=0, help="whole tiny-preset runs instead, this many each")
+    parser.add_argument("--passes", action="store_true", help="a step sampled in one pass against GA passes")
+    parser.add_argument("--accumulation", type=int, nargs="+", default=[2, 4], help="GA, with --passes")
+    parser.add_argument("--tiny_passes", type=int, default=0, help="--passes as whole tiny runs, this many each")
+    parser.add_argument("--tiny_steps", type=int, default=30, help="steps of each run, with --tiny_passes")
     a = parser.parse_args()
     for k, v in SHAPES.get(a.shape, {}).items():
         setattr(a, k, v)
     if a.tiny_runs:
         return tiny_runs(a)
+    if a.tiny_passes:
+        return tiny_passes(a)
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO, "benchmarks", "tiny", "policy"))
     model = make_model(a, tokenizer)
+    if a.passes:
+        return passes(model, tokenizer, a)
     stop_ids = online_dpo.sampling_settings(online_dpo.Args(), tokenizer, model).stop_ids
     rows = []
     for B in a.batches:

@@ -15,9 +15,12 @@
 #   2 sampler   bench_sampler.py --torch_compile: eager against the compiled decode step, tokens/s, same tokens
 #               (GPU: a random Qwen2-0.5B-shaped model, bf16)
 #   3 step      bench_step.py: seconds per step, TRL against ours and ours with --torch_compile, same workload
+#   3b passes   bench_sampler.py --passes: a step's sampling at GA = 2 and 4, its GA x B prompts in one pass against GA
+#               passes of B (issue 39); expected: one pass well under GA passes, as a decode step reads the weights
+#               whatever its rows
 #   4 run       a 20-step online_dpo.py run, random Qwen2-0.5B-shaped policy, a reward function, --torch_compile,
 #               bf16; its metrics.jsonl and the peak GPU memory
-# The limits add up to 9 minutes (75 + 45 + 150 + 150 + 120 s); a stage cut short still leaves its log. The compile of
+# The limits add up to 9.25 minutes (75 + 45 + 150 + 135 + 45 + 105 s); a stage cut short still leaves its log. The compile of
 # stage 4 finds the graph of stage 3 (the same model) in the inductor cache.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,9 +74,12 @@ if [ $device = cuda ]; then
   stage sampler 150 python3 benchmarks/bench_sampler.py --torch_compile --shape qwen2-0.5b --dtype bfloat16 \
     --device cuda --batches 8 32 --samples 2 --new_tokens 64 --repeats 3
   paths=$(python3 benchmarks/bench_step.py --build_only --sizes qwen2-0.5b --cache /tmp/online-dpo-bench-step)
-  stage step 150 python3 benchmarks/bench_step.py --device cuda --sizes qwen2-0.5b --configs trl ours ours-compile \
+  stage step 135 python3 benchmarks/bench_step.py --device cuda --sizes qwen2-0.5b --configs trl ours ours-compile \
     --steps 8 --cache /tmp/online-dpo-bench-step
+  stage passes 45 python3 benchmarks/bench_sampler.py --passes --shape qwen2-0.5b --dtype bfloat16 --device cuda \
+    --batches 8 --samples 2 --new_tokens 64 --accumulation 2 4 --repeats 3
   steps=20
+  run_limit=105
 else
   stage kernels 300 python3 -m pytest -q -s -p no:cacheprovider tests/test_kernels.py \
     tests/test_sampler.py::test_the_exponential_race_draws_the_tokens_multinomial_draws
@@ -83,10 +89,13 @@ else
   paths=$(python3 benchmarks/bench_step.py --build_only --sizes 128x2 --cache /tmp/online-dpo-bench-step)
   stage step 600 python3 benchmarks/bench_step.py --sizes 128x2 --configs trl ours ours-compile --steps 3 \
     --cache /tmp/online-dpo-bench-step
+  stage passes 120 python3 benchmarks/bench_sampler.py --passes --model tiny --batches 4 --samples 2 --new_tokens 12 \
+    --accumulation 2 4 --repeats 1
   steps=4
+  run_limit=120
 fi
 model=$(python3 -c "import json, sys; print(next(iter(json.loads(sys.argv[1])['models'].values())))" "$paths")
-stage run 120 python3 - "$OUT/run" "$model" "$steps" <<'PY'
+stage run $run_limit python3 - "$OUT/run" "$model" "$steps" <<'PY'
 import os, sys
 import torch
 sys.path.insert(0, os.getcwd())

@@ -3,6 +3,7 @@ working tree's, and compare what each wrote.
 
     python benchmarks/same_numbers.py --against HEAD            # every configuration, about 8 minutes on 2 cores
     python benchmarks/same_numbers.py --against HEAD --only ddp fsdp
+    python benchmarks/same_numbers.py --against HEAD --only ddp --new_flags "--generation_batch_size 4"
 
 Compared per configuration: metrics.jsonl and completions.jsonl (the time/* values aside), the printed lines
 (times and paths aside) and every .safetensors file the run wrote (the trained model, checkpoints, adapters), byte
@@ -139,6 +140,8 @@ def main():
     parser.add_argument("--against", default="HEAD", help="the commit whose online_dpo.py is the reference")
     parser.add_argument("--only", nargs="*", help="configuration names (default: all but tiny)")
     parser.add_argument("--keep", help="keep the runs' output directories here")
+    parser.add_argument("--new_flags", default="", help="flags for the working tree's runs only, in one string: a new "
+                        "flag's setting that should reproduce the old behaviour (\"--generation_batch_size 4\")")
     opts = parser.parse_args()
     root = opts.keep or tempfile.mkdtemp(prefix="same_numbers_")
     os.makedirs(root, exist_ok=True)
@@ -156,7 +159,8 @@ def main():
         seen = {}
         for side, tree in (("old", old), ("new", REPO)):
             out = os.path.join(root, side, name)
-            code, stdout, stderr = run_one(tree, nproc, argv, out, resume=name in RESUMED)
+            extra = opts.new_flags.split() if side == "new" else []
+            code, stdout, stderr = run_one(tree, nproc, argv + extra, out, resume=name in RESUMED)
             seen[side] = fingerprint(code, stdout, stderr, out, tree)
             if code:
                 print(f"{name} ({side}): exit code {code}\n{stderr[-3000:]}", file=sys.stderr)

@@ -27,11 +27,13 @@ import numpy as np
 import safetensors
 import safetensors.torch
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule
 
-from dpo_support.faults import FeedbackError, TrainingError, UsageError, all_or_none, resume_hint, why
+from dpo_support import faults
+from dpo_support.faults import STEP_FAULTS, OutOfMemory, TrainingError, UsageError, all_or_none, resume_hint, why
 from dpo_support.ranks import gather_lists, is_main, say
 from dpo_support.signals import STOP, Stopped, writing
 
@@ -124,11 +126,12 @@ def unlock_output_dir():
 
 # ---- Resume: which checkpoint, and what it restores
 
-# Args that change neither completions nor updates: a resumed run may change them.
+# Args that change neither completions nor updates: a resumed run may change them. And one memory lever that
+# changes only which random numbers the samples draw (after an out-of-memory): generation_batch_size.
 RESUMABLE_CHANGES = set("""preset output_dir resume_from_checkpoint overwrite_output_dir logging_steps save_steps
     save_total_limit eval_prompts report_to run_name push_to_hub hub_model_id bf16 gradient_checkpointing
     distributed prefix_sharing eval_steps judge_api_concurrency judge_api_timeout judge_api_retries
-    torch_compile""".split())
+    torch_compile generation_batch_size""".split())
 CHECKPOINT_FILES = ("trainer_state.json", "online_dpo_args.json", "config.json", "optimizer.pt", "rank_states.pt")
 SEVERAL_NODES = "; several nodes need an --output_dir that all of them see"
 
@@ -261,9 +264,11 @@ def rank_state(generator, metrics):
             "sampling": generator.get_state(), "sums": dict(metrics.sums), "counts": dict(metrics.counts)}
 
 
-def restore(path, policy, optimizer, scheduler, generator, rank, reference):
-    """Restore the optimizer, schedule, random streams and the reference's held-out answers (into `reference`).
-    Returns trainer_state, and the metric sums and counts since the last logged line."""
+def restore(path, saver, generator, rank, metrics):
+    """Restore the optimizer and schedule (of `saver`, the run's Checkpoints), the random streams, the metric sums
+    since the last logged line (into `metrics`), the reference's held-out answers. Returns trainer_state."""
+    policy = saver.policy
+    optimizer = saver.optimizer
     device = generator.device
     saved = torch.load(f"{path}/optimizer.pt", weights_only=True, mmap=True)
     try:
@@ -274,7 +279,7 @@ def restore(path, policy, optimizer, scheduler, generator, rank, reference):
         error = why(e)
     if error:
         raise UsageError(f"--resume_from_checkpoint {path!r}: optimizer.pt does not fit the model's weights ({error})")
-    scheduler.load_state_dict(saved["scheduler"])
+    saver.scheduler.load_state_dict(saved["scheduler"])
     mine = torch.load(f"{path}/rank_states.pt", weights_only=True)[rank]
     name, keys, pos, has_gauss, gauss = mine["numpy"]
     random.setstate(mine["python"])
@@ -283,13 +288,21 @@ def restore(path, policy, optimizer, scheduler, generator, rank, reference):
     if mine["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda"])
     generator.set_state(mine["sampling"])
-    reference.extend(mine.get("reference", []))  # none in checkpoints before 12-03
+    saver.ctx.reference.extend(mine.get("reference", []))  # none in checkpoints before 12-03
+    metrics.sums = {k: v.to(device) for k, v in mine["sums"].items()}
+    metrics.counts = mine["counts"]
     state = read_json(f"{path}/trainer_state.json")
     say(f"resuming from {path} at step {state['step']}")
-    return state, {k: v.to(device) for k, v in mine["sums"].items()}, mine["counts"]
+    return state
 
 
 # ---- The run's state: trainer_state.json
+
+def new_state(world):
+    """trainer_state.json before step 1."""
+    return dict(step=0, epoch=0.0, micro_batches_done=0, world_size=world, nonfinite_steps=0, empty_steps=0,
+                wandb_id=None)
+
 
 def progress(state, step, plan, args):
     """trainer_state after `step`."""
@@ -343,7 +356,7 @@ class Checkpoints:
     """What main() saves: checkpoint-N (every --save_steps, after a signal or a halt, and the step before a failed
     reward or judge), and the trained model at the end. Rank 0 writes; under FSDP2 every rank gathers."""
 
-    def __init__(self, args, plan, policy, optimizer, scheduler, tokenizer, ref, reference):
+    def __init__(self, args, plan, policy, optimizer, scheduler, tokenizer, ref, ctx):
         self.args = args
         self.plan = plan
         self.policy = policy
@@ -351,7 +364,7 @@ class Checkpoints:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.ref = ref  # saved in reference/ with --sync_ref_model (TR-DPO has moved it)
-        self.reference = reference  # the reference's held-out answers (evaluate())
+        self.ctx = ctx  # online_dpo's Context: its .reference, the reference's held-out answers (evaluate())
 
     def save(self, trainer_state, my_state):
         """output_dir/checkpoint-{step}, complete before it takes its name; then `latest`. `my_state`: this rank's
@@ -366,7 +379,7 @@ class Checkpoints:
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             optimizer_state = get_optimizer_state_dict(policy, self.optimizer, options=options)
         sums = {k: v.cpu() for k, v in my_state["sums"].items()}
-        ranks = gather_lists([my_state | {"sums": sums, "reference": self.reference}])
+        ranks = gather_lists([my_state | {"sums": sums, "reference": self.ctx.reference}])
         step = trainer_state["step"]
         earlier = {"earlier": trainer_state.pop("earlier", [])}
         name = f"checkpoint-{step}"
@@ -399,18 +412,10 @@ class Checkpoints:
                     f"and {name} is written and intact")
         return name
 
-    @contextlib.contextmanager
     def on_failure(self, where, trainer_state, step, my_state):
-        """A reward function or the judge that fails in the block (on every rank together) ends the run with
-        an error naming `where`, after saving trainer_state at `step` with `my_state` (none before step 1), the
-        point from which a resume is exact."""
-        try:
-            yield
-        except FeedbackError as e:
-            saved = None
-            if step > 0:
-                saved = self.save(progress(trainer_state, step, self.plan, self.args), my_state)
-            raise TrainingError(f"{where}: {e}; {resume_hint(saved)}") from None
+        """A context (OnFailure) for a part of a step: its failure ends the run with one line naming `where`,
+        after saving trainer_state at `step` with this rank's `my_state`."""
+        return OnFailure(self, where, trainer_state, step, my_state)
 
     def save_final(self, trainer_state, my_state):
         """The trained model into output_dir; if that fails, a checkpoint, which the error names."""
@@ -441,6 +446,41 @@ class Checkpoints:
         SAVED.append(args.output_dir)
         if STOP:  # a signal during the save, which has finished
             raise Stopped(STOP[0])
+
+
+class OnFailure:
+    """A reward function, the judge or an allocation that fails in the block ends the run with an error naming
+    `where`, after saving the step `step` (none before step 1): the point from which a resume is exact. Every rank
+    saves together: so the failure must be on all of them (all_or_none), or there is one process. An allocation
+    failure of this rank alone, under torchrun (in training, or in a sharded reward model's or judge's forward: where
+    ranks cannot meet to agree), saves nothing: its line names the latest checkpoint, and torchrun stops the other
+    ranks. Reusable, for each part of a step."""
+
+    def __init__(self, saver, where, trainer_state, step, my_state):
+        self.saver = saver
+        self.where = where
+        self.trainer_state = trainer_state
+        self.step = step
+        self.my_state = my_state
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is not None and faults.out_of_memory(error):
+            error = OutOfMemory(faults.memory_line(error))
+        if not isinstance(error, STEP_FAULTS):
+            return False
+        args = self.saver.args
+        alone = isinstance(error, OutOfMemory) and dist.is_initialized() and (error.alone or not faults.EVERYWHERE)
+        if alone:
+            raise TrainingError(f"{self.where}: {error} (on rank {dist.get_rank()}); the latest checkpoint is intact "
+                                f"({latest_checkpoint(args)})") from None
+        saved = None
+        if self.step > 0:
+            state = progress(self.trainer_state, self.step, self.saver.plan, args)
+            saved = self.saver.save(state, self.my_state)
+        raise TrainingError(f"{self.where}: {error}; {resume_hint(saved)}") from None
 
 
 def full_state_dict(model):

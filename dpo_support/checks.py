@@ -65,7 +65,7 @@ GENERATION_KEYS = "temperature top_k top_p min_p repetition_penalty do_sample su
 # What each numeric flag allows (NaN and inf: never).
 RULES = {flag: (ok, what) for flags, ok, what in [
     ("max_new_tokens per_device_train_batch_size gradient_accumulation_steps save_total_limit lora_r "
-     "judge_api_concurrency ref_model_sync_steps", lambda v: v >= 1, ">= 1"),
+     "judge_api_concurrency ref_model_sync_steps generation_batch_size", lambda v: v >= 1, ">= 1"),
     ("beta logging_steps lora_alpha judge_api_timeout", lambda v: v > 0, "> 0"),
     ("temperature repetition_penalty", lambda v: v >= 1e-4, ">= 1e-4 (logits divided by less can overflow)"),
     ("top_k missing_eos_penalty learning_rate warmup_steps weight_decay max_grad_norm save_steps "
@@ -160,6 +160,9 @@ def check_args(args):
         (args.reward_weights is not None and len(args.reward_weights) != n_rewards, f"--reward_weights has "
          f"{len(args.reward_weights or ())} values but there are {n_rewards} rewards (models, then functions)"),
         (args.max_steps <= 0 and args.num_train_epochs <= 0, "set --max_steps > 0 or --num_train_epochs > 0"),
+        ((args.generation_batch_size or 0) % max(args.per_device_train_batch_size, 1) != 0,
+         f"--generation_batch_size {args.generation_batch_size} must be a multiple of --per_device_train_batch_size "
+         f"{args.per_device_train_batch_size} (prompts, as it counts them)"),
         (args.resume_from_checkpoint is not None and args.overwrite_output_dir,
          "--resume_from_checkpoint and --overwrite_output_dir: give one"),
         (os.path.isfile(args.output_dir), f"--output_dir {args.output_dir!r} is a file; give a directory"),
@@ -488,7 +491,8 @@ def check_sizes(args, config):
         return
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rows = args.num_samples * args.per_device_train_batch_size  # decoded together
+    prompts = args.generation_batch_size or args.per_device_train_batch_size * args.gradient_accumulation_steps
+    rows = args.num_samples * prompts  # decoded together
     cache = 2 * layers * rows * args.max_length * kv_heads * head_dim * 2  # keys and values, 2 bytes each at least
     if torch.cuda.is_available() and not args.use_cpu:
         memory = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
@@ -497,10 +501,10 @@ def check_sizes(args, config):
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         where = "this machine's"
     if cache > memory:
-        raise UsageError(f"--num_samples {args.num_samples} x --per_device_train_batch_size "
-                         f"{args.per_device_train_batch_size} rows of --max_length {args.max_length} tokens need a "
-                         f"{cache / 2**30:,.0f} GiB KV cache to sample, more than {where} {memory / 2**30:,.0f} GiB: "
-                         "lower one of them")
+        raise UsageError(f"--num_samples {args.num_samples} x {prompts} prompts (--generation_batch_size, or "
+                         "--per_device_train_batch_size x --gradient_accumulation_steps) rows of --max_length "
+                         f"{args.max_length} tokens need a {cache / 2**30:,.0f} GiB KV cache to sample, more than "
+                         f"{where} {memory / 2**30:,.0f} GiB: lower one of them")
 
 
 # ---- Prompts against the tokenizers, and a trial of each reward function

@@ -92,7 +92,7 @@ def run(main, cli, argv=None):
         return 0
     except (UsageError, TrainingError, OSError) as e:
         kept = f"; the trained model is saved in {SAVED[0]}" if SAVED else ""  # the closing comparison failed
-        print(f"online_dpo.py: error{where}: {' '.join(str(e).splitlines())}{kept}", file=sys.stderr)
+        say_error(f"online_dpo.py: error{where}: {' '.join(str(e).splitlines())}{kept}")
         if faults.EVERYWHERE:  # none exits (torchrun stops the rest) before all said it
             dist.barrier()
         return 2 if isinstance(e, FlagError) else 1
@@ -100,9 +100,9 @@ def run(main, cli, argv=None):
         if not (dist.is_initialized() and collective_broke(e)):
             raise
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"online_dpo.py: error{where}: a collective across the ranks failed ({first}): another rank stopped "
-              f"or lost its connection (its own line says why); the latest checkpoint is intact "
-              f"({latest_checkpoint(args)})", file=sys.stderr)
+        say_error(f"online_dpo.py: error{where}: a collective across the ranks failed ({first}): another rank "
+                  f"stopped or lost its connection (its own line says why); the latest checkpoint is intact "
+                  f"({latest_checkpoint(args)})")
         return 1
     except SystemExit as e:  # --help, or the loop's stop after a signal, the step saved
         return 0 if e.code is None else e.code
@@ -112,8 +112,7 @@ def run(main, cli, argv=None):
         if SAVED:
             say(f"stopped by {name} after the final save: the trained model is in {SAVED[0]}")
             return signal_exit([signum])
-        print(f"online_dpo.py: error{where}: stopped by {name} before training began: nothing saved",
-              file=sys.stderr)
+        say_error(f"online_dpo.py: error{where}: stopped by {name} before training began: nothing saved")
         return 128 + signum
     finally:
         unlock_output_dir()
@@ -121,6 +120,18 @@ def run(main, cli, argv=None):
             signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def say_error(line):
+    """The error line on stderr in one write: the ranks of a node share it, and two writes each (text, then the
+    newline) would run their lines together."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # a stream in memory (the tests capture it)
+        print(line, file=sys.stderr)
+        return
+    sys.stderr.flush()
+    os.write(fd, (line + "\n").encode(sys.stderr.encoding or "utf-8", errors="backslashreplace"))
 
 
 def collective_broke(error):

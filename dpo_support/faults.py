@@ -35,12 +35,13 @@ EVERYWHERE: list[str] = []  # all_or_none()'s error, raised on all ranks: they s
 @contextlib.contextmanager
 def all_or_none(kind=FeedbackError):
     """Under torchrun, an error of `kind` (a class, or a tuple of them) on one rank is raised on all (the first one's
-    line, as that class), which would wait in their next collective for the rank that ended."""
+    line, as that class), which would wait in their next collective for the rank that ended. An error already raised
+    on all (a nested block's) or of this rank alone (OutOfMemory(alone=True)) passes through."""
     error = None
     try:
         yield
     except kind as e:
-        if not dist.is_initialized():
+        if not dist.is_initialized() or str(e) in EVERYWHERE or getattr(e, "alone", False):
             raise
         error = (type(e).__name__, str(e))
     if not dist.is_initialized():
@@ -63,7 +64,12 @@ def resume_hint(saved):
 # ---- Out of memory: one line naming the levers
 
 class OutOfMemory(TrainingError):
-    """An allocation failed in a step (host memory, or a GPU's)."""
+    """An allocation failed in a step (host memory, or a GPU's). alone: where the other ranks may be waiting in a
+    collective of a forward (FSDP2), so that the ranks cannot meet to agree: this rank ends alone."""
+
+    def __init__(self, message, alone=False):
+        super().__init__(message)
+        self.alone = alone
 
 
 LEVERS = ("lower --per_device_train_batch_size (or --generation_batch_size), --num_samples or --max_length, or keep "
@@ -76,16 +82,23 @@ def out_of_memory(error):
     RuntimeError."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
+    if isinstance(error, TrainingError):  # ours, already worded
+        return False
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
+def memory_line(error):
+    """An allocation failure's line: what failed, and the levers."""
+    first = (str(error).strip().splitlines() or [""])[0][:120]
+    return f"out of memory ({type(error).__name__}: {first}); {LEVERS}"
+
+
 @contextlib.contextmanager
-def memory_named():
-    """An allocation failure in the block becomes OutOfMemory, whose line names the levers."""
+def memory_named(alone=False):
+    """An allocation failure in the block becomes OutOfMemory, whose line names the levers (alone: see OutOfMemory)."""
     try:
         yield
     except Exception as e:
         if not out_of_memory(e):
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:120]
-        raise OutOfMemory(f"out of memory ({type(e).__name__}: {first}); {LEVERS}") from None
+        raise OutOfMemory(memory_line(e), alone) from None

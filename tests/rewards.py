@@ -167,3 +167,58 @@ def logged_prompts(prompts, completions, completion_ids, **kwargs):
     with open(os.environ["REWARD_LOG"], "a") as f:
         f.write(json.dumps(prompts) + "\n")
     return low_token_ids(prompts, completions, completion_ids)
+
+
+def sampling_oom_on_rank_1_in_step_3(prompts, completions, completion_ids, **kwargs):
+    """low_token_ids; its first call (the trial, before training) makes torchrun's rank 1 run out of memory while it
+    decodes step 3 (in sample(), the policy gathered), as CUDA says it: online_dpo.py runs as __main__, whose rollout
+    it wraps."""
+    import os
+    import sys
+
+    import torch
+
+    main = sys.modules["__main__"]
+    if os.environ.get("RANK") == "1" and not hasattr(main.rollout, "original"):
+        rollout = main.rollout
+        sample = main.sample
+
+        def out_of_memory(*args, **kw):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        def failing(ctx, *args, **kw):
+            main.sample = out_of_memory if ctx.trainer_state.global_step == 2 else sample
+            return rollout(ctx, *args, **kw)
+
+        failing.original = rollout
+        main.rollout = failing
+    return low_token_ids(prompts, completions, completion_ids)
+
+
+def training_oom_on_rank_1_in_step_3(prompts, completions, completion_ids, **kwargs):
+    """low_token_ids; its first call (the trial) makes torchrun's rank 1 run out of memory in the policy's forward of
+    step 3's training, as the CPU allocator says it: online_dpo.py runs as __main__, whose functions it wraps."""
+    import os
+    import sys
+
+    import torch
+
+    main = sys.modules["__main__"]
+    if os.environ.get("RANK") == "1" and not hasattr(main.rollout, "original"):
+        rollout = main.rollout
+        logprobs = main.completion_logprobs
+        step = []
+
+        def counting(ctx, *args, **kw):
+            step[:] = [ctx.trainer_state.global_step + 1]
+            return rollout(ctx, *args, **kw)
+
+        def failing(*args, **kw):
+            if step == [3] and torch.is_grad_enabled():
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
+            return logprobs(*args, **kw)
+
+        counting.original = rollout
+        main.rollout = counting
+        main.completion_logprobs = failing
+    return low_token_ids(prompts, completions, completion_ids)

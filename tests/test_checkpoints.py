@@ -346,3 +346,15 @@ def test_two_signals_during_a_checkpoint_write_lose_nothing(tiny, tmp_path, unin
     code, log = _finish(_start(replace(args, resume_from_checkpoint="latest")))
     assert code == 0, log
     _assert_same_run(str(out), uninterrupted)
+
+
+def test_one_sampling_pass_per_step_resumes_exactly_with_ga_4(tiny, tmp_path):
+    """GA = 4 micro-batches sampled in one pass each step, a checkpoint after step 2 of 4: resumed from it, the run
+    writes the same metrics and ends with the same weights, bit for bit."""
+    kw = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=4, save_steps=2, logging_steps=1)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    main(_args(tiny, whole, **kw))
+    shutil.copytree(os.path.join(whole, "checkpoint-2"), resumed / "checkpoint-2")
+    shutil.copy(os.path.join(whole, "metrics.jsonl"), resumed / "metrics.jsonl")
+    main(_args(tiny, resumed, resume_from_checkpoint=str(resumed / "checkpoint-2"), **kw))
+    _assert_same_run(str(resumed), str(whole))

@@ -376,11 +376,20 @@ def test_a_checkpoint_before_any_update_leaves_the_ddp_replicas_equal(tiny, tmp_
         assert torch.equal(ranks[1]["params"][name], value), name
 
 
-def test_a_reward_that_fails_on_one_rank_stops_every_rank_with_the_same_line_and_the_step_before_saved(tiny, tmp_path):
-    """Rank 1's reward function raises in step 3; rank 0's does not. Both ranks must stop there (not wait in the
-    next collective), each with the same line, which names the failing rank, and checkpoint-2 saved for a resume."""
+@pytest.mark.parametrize("reward, line", [
+    ("fails_on_rank_1_in_step_3", "step 3: reward function fails_on_rank_1_in_step_3 fails: ConnectionError: the "
+     "reward server is unreachable from this node (on rank 1); saved checkpoint-2"),
+    ("sampling_oom_on_rank_1_in_step_3", "step 3: out of memory (OutOfMemoryError: CUDA out of memory. Tried to "
+     "allocate 20.00 GiB); lower --per_device_train_batch_size (or --generation_batch_size), --num_samples or "
+     "--max_length, or keep --gradient_checkpointing on (on rank 1); saved checkpoint-2"),
+])
+def test_a_failure_on_one_rank_in_feedback_or_sampling_stops_every_rank_with_the_step_before_saved(tiny, tmp_path,
+                                                                                                   reward, line):
+    """Rank 1's reward function raises in step 3, or rank 1 runs out of memory while it samples step 3; rank 0 does
+    not. Both ranks must stop there (not wait in the next collective), each with the same line, which names the
+    failing rank, and checkpoint-2 saved for a resume."""
     out = str(tmp_path / "out")
-    flags = _flags(tiny, out, reward_funcs="tests/rewards.py:fails_on_rank_1_in_step_3", gradient_accumulation_steps=1,
+    flags = _flags(tiny, out, reward_funcs=f"tests/rewards.py:{reward}", gradient_accumulation_steps=1,
                    per_device_train_batch_size=2, max_steps=5, distributed="fsdp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "online_dpo.py", *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT, env=os.environ | {"PYTHONPATH": REPO})
@@ -388,8 +397,7 @@ def test_a_reward_that_fails_on_one_rank_stops_every_rank_with_the_same_line_and
     lines = {int(m[1]): m[2] for m in re.finditer(r"^online_dpo.py: error \(rank (\d)\): (.*)$", proc.stderr, re.M)}
     assert set(lines) == {0, 1}, proc.stderr[-3000:]
     assert lines[0] == lines[1]
-    assert lines[0].startswith("step 3: reward function fails_on_rank_1_in_step_3 fails: ConnectionError: the reward "
-                               "server is unreachable from this node (on rank 1); saved checkpoint-2"), lines[0]
+    assert lines[0].startswith(line), lines[0]
     with open(os.path.join(out, "checkpoint-2", "trainer_state.json")) as f:
         assert json.load(f)["step"] == 2
     assert AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoint-2")).num_parameters() > 0
@@ -397,6 +405,28 @@ def test_a_reward_that_fails_on_one_rank_stops_every_rank_with_the_same_line_and
         assert f.read().strip() == "checkpoint-2"
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2]
+
+
+def test_out_of_memory_in_training_on_one_rank_ends_it_with_its_line_and_the_checkpoint_intact(tiny, tmp_path):
+    """Rank 1 runs out of memory in the policy's forward of step 3, where the ranks cannot meet to agree (rank 0
+    waits in a collective): rank 1 says so in one line naming the levers and the latest checkpoint, intact; rank 0
+    that another rank stopped."""
+    out = str(tmp_path / "out")
+    flags = _flags(tiny, out, reward_funcs="tests/rewards.py:training_oom_on_rank_1_in_step_3",
+                   gradient_accumulation_steps=1, per_device_train_batch_size=2, max_steps=5, save_steps=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "online_dpo.py", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT, env=os.environ | {"PYTHONPATH": REPO})
+    assert proc.returncode != 0
+    lines = {int(m[1]): m[2] for m in re.finditer(r"^online_dpo.py: error \(rank (\d)\): (.*)$", proc.stderr, re.M)}
+    assert lines[1] == ("step 3: out of memory (RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to "
+                        "allocate 9 GB); lower --per_device_train_batch_size (or --generation_batch_size), --num_samples "
+                        "or --max_length, or keep --gradient_checkpointing on (on rank 1); the latest checkpoint is "
+                        f"intact ({out}/checkpoint-2)"), proc.stderr[-3000:]
+    if 0 in lines:  # (torchrun may stop rank 0 before it says anything)
+        assert "another rank stopped" in lines[0], lines[0]
+    with open(os.path.join(out, "latest")) as f:
+        assert f.read().strip() == "checkpoint-2"
+    assert AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoint-2")).num_parameters() > 0
 
 
 def _two_nodes(mode, flags, cwds=(REPO, REPO), out=None):

@@ -294,10 +294,10 @@ def test_a_step_that_waits_on_the_judge_says_why(tiny, tmp_path, capsys, monkeyp
     server = JudgeServer()
     request = http_judge.request
 
-    def slow(text, args):
+    def slow(text, args, retries=None):
         if "2 + 2?" not in text:  # not the trial question
             time.sleep(1.5)
-        return request(text, args)
+        return request(text, args, retries)
 
     monkeypatch.setattr(http_judge, "request", slow)
     monkeypatch.setattr(http_judge, "WAIT_S", 0.2)
@@ -899,3 +899,42 @@ def test_judge_apis_that_point_the_wrong_way(tiny, tmp_path, capsys, no_models):
     finally:
         mute.close()
     assert time.time() - start < 6
+
+
+def _fails_on_call(monkeypatch, owner, name, n, error):
+    """owner.`name`, patched to raise `error` on its n-th call with gradients on (the start-up trials run without)."""
+    original = getattr(owner, name)
+    calls = []
+
+    def patched(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        if sum(calls) == n:
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, patched)
+
+
+@pytest.mark.parametrize("owner, name, error, what", [
+    # sampling in step 2 (with --eval_prompts 0, rollout's 2nd call), as CUDA raises it
+    (online_dpo, "rollout", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+     "OutOfMemoryError"),
+    # the policy's forward in step 2's training, as the CPU allocator raises it
+    (online_dpo, "completion_logprobs",
+     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"), "RuntimeError"),
+    (torch.Tensor, "backward", MemoryError(), "MemoryError"),  # step 2's backward
+])
+def test_running_out_of_memory_names_the_levers_and_saves_the_step_before(tiny, tmp_path, capsys, monkeypatch, owner,
+                                                                           name, error, what):
+    _fails_on_call(monkeypatch, owner, name, 2, error)
+    out = tmp_path / "out"
+    line, _ = _refused(capsys, _flags(tiny, out, "--max_steps", "3"), "step 2: out of memory", what,
+                       "--per_device_train_batch_size", "--generation_batch_size", "--num_samples", "--max_length",
+                       "--gradient_checkpointing", "saved checkpoint-1", "--resume_from_checkpoint latest")
+    assert open(out / "latest").read() == "checkpoint-1"
+    # The checkpoint is the step before: a resume runs steps 2 and 3, and may lower --generation_batch_size.
+    monkeypatch.undo()
+    assert online_dpo.run([str(a) for a in _flags(tiny, out, "--max_steps", "3", "--resume_from_checkpoint",
+                                                  "latest", "--generation_batch_size", "4")]) == 0
+    steps = [m["step"] for m in map(json.loads, open(out / "metrics.jsonl")) if "loss" in m]
+    assert steps == [1, 2, 3]

@@ -164,7 +164,7 @@ def test_saves_a_model_transformers_loads(tiny, tmp_path):
     (dict(loss_type="ipo", label_smoothing=0.1), "--label_smoothing with --loss_type ipo: only sigmoid"),
     (dict(loss_type="hinge", label_smoothing=0.1), "--label_smoothing with --loss_type hinge: only sigmoid"),
     (dict(rpo_alpha=-1.0), "--rpo_alpha must be >= 0, got -1.0"),
-    (dict(ref_model_mixup_alpha=1.5), r"--ref_model_mixup_alpha must be in \[0, 1\], got 1.5"),
+    (dict(ref_model_mixup_alpha=1.5), r"--ref_model_mixup_alpha must be in \(0, 1\] .*, got 1.5"),
     (dict(ref_model_sync_steps=0), "--ref_model_sync_steps must be >= 1, got 0"),
     (dict(sync_ref_model=True, use_peft=True), "--sync_ref_model with --use_peft: the reference, the policy with "
      "its adapters off, has no weights of its own to move"),
@@ -419,3 +419,42 @@ def test_gradient_checkpointing_recomputes_the_training_forward_only(tiny, tmp_p
     main(_args(tiny, tmp_path, gradient_checkpointing=checkpointing, max_steps=1, gradient_accumulation_steps=2, eval_prompts=0))
     assert calls["grad"] == (4 if checkpointing else 2)  # 2 micro-steps
     assert calls["no_grad"] >= 2  # sampling: a prefill and decode steps per micro-step
+
+
+def test_a_step_samples_once_and_each_micro_batch_trains_on_its_own_prompts(tiny, tmp_path, monkeypatch):
+    """GA = 4 micro-batches of B = 2 prompts, K = 3 samples: sample() runs once per step, on all 8 prompts, and every
+    prompt gets exactly K samples; micro-batch j trains on the pairs of the step's prompts 2j and 2j + 1 (their
+    prompt and completion tokens, unpadded, are the step's). With --generation_batch_size 2 (= B: one pass per
+    micro-batch, as before), sample() runs GA times a step, on each micro-batch's prompts."""
+    calls, checked = [], []
+    sample, micro_batch = online_dpo.sample, online_dpo.micro_batch
+
+    def counting(model, prompt_ids, prompt_mask, how, num_samples=1, *rest, **kw):
+        ids, mask = sample(model, prompt_ids, prompt_mask, how, num_samples, *rest, **kw)
+        calls.append((prompt_ids.size(0), num_samples, ids.size(0)))
+        return ids, mask
+
+    def checking(samples, pairs, j, B):
+        part, part_pairs = micro_batch(samples, pairs, j, B)
+        N = len(samples.prompts)
+        assert part.prompts == samples.prompts[j * B : (j + 1) * B]
+        for i in range(B):
+            p = j * B + i
+            for step_row, row in ((pairs.chosen[p], part_pairs.chosen[i]), (pairs.rejected[p], part_pairs.rejected[i])):
+                assert int(step_row) % N == p and int(row) % B == i  # a sample of this very prompt
+                assert samples.token_ids[int(step_row)] == part.token_ids[int(row)]
+                real = part.completion_mask[row].bool()
+                assert part.completion_ids[row][real].tolist() == samples.token_ids[int(step_row)]
+            assert torch.equal(part.prompt_ids[i][part.prompt_mask[i].bool()],
+                               samples.prompt_ids[p][samples.prompt_mask[p].bool()])
+        checked.append(j)
+        return part, part_pairs
+
+    monkeypatch.setattr(online_dpo, "sample", counting)
+    monkeypatch.setattr(online_dpo, "micro_batch", checking)
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, num_samples=3, max_steps=2)
+    main(_args(tiny, tmp_path, **common))
+    assert calls == [(8, 3, 24)] * 2 and checked == [0, 1, 2, 3] * 2
+    calls.clear()
+    main(_args(tiny, tmp_path, **common, generation_batch_size=2, output_dir=str(tmp_path / "per_micro_batch")))
+    assert calls == [(2, 3, 6)] * 8
