@@ -351,14 +351,19 @@ def test_two_ranks_resume_where_they_stopped(tiny, tmp_path, distributed, varian
         assert [m["step"] for m in again if "ref_model_sync" in m] == [3, 4]
         logs, again = ([m for m in lines if "loss" in m] for lines in (logs, again))
     assert "resuming from" in proc.stdout and [m["step"] for m in again] == [3, 4]
-    for a, b in zip(again, logs[2:], strict=True):
+    _assert_same_run(again, logs[2:], ranks_again, ranks)
+    assert [len(r["records"]) for r in ranks_again] == [4, 4]  # 2 steps x 2 micro-steps: nothing replayed
+
+
+def _assert_same_run(lines, expected_lines, ranks, expected_ranks):
+    """The metrics lines (times aside) to 1e-9 and every rank's weights to 1e-10 (float64) of the expected run's."""
+    for a, b in zip(lines, expected_lines, strict=True):
         for k, v in b.items():
             if not k.startswith("time/"):
                 assert a[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
-    for r, r_again in zip(ranks, ranks_again):
-        for name, value in r["params"].items():
-            torch.testing.assert_close(r_again["params"][name], value, rtol=0, atol=1e-10, msg=name)
-    assert [len(r["records"]) for r in ranks_again] == [4, 4]  # 2 steps x 2 micro-steps: nothing replayed
+    for r, r_expected in zip(ranks, expected_ranks, strict=True):
+        for name, value in r_expected["params"].items():
+            torch.testing.assert_close(r["params"][name], value, rtol=0, atol=1e-10, msg=name)
 
 
 def test_a_checkpoint_before_any_update_leaves_the_ddp_replicas_equal(tiny, tmp_path):
@@ -558,21 +563,9 @@ def _workers(launcher_pid):
 def test_sigterm_to_one_rank_checkpoints_all_of_them_and_exits_0(tiny, tmp_path):
     """Preemption may reach one process only: the step ends on every rank, they save together and all exit 0."""
     out = str(tmp_path / "out")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.Popen([*launcher, WORKER, out, "sampled", *_flags(tiny, out, per_device_train_batch_size=2, max_steps=500)],
-                            cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    metrics = os.path.join(out, "metrics.jsonl")
-    deadline = time.time() + TIMEOUT
-    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):  # past step 1: the handlers are in place
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.1)
+    proc = _start_torchrun(tiny, out, max_steps=500, save_steps=0)
     os.kill(_workers(proc.pid)[1], signal.SIGTERM)
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the ranks did not stop after SIGTERM:\n" + proc.communicate()[0][-3000:])
+    log = _wait(proc)
     assert proc.returncode == 0, log[-3000:]
     with open(os.path.join(out, "latest")) as f:
         checkpoint = os.path.join(out, f.read().strip())
@@ -584,9 +577,9 @@ def test_sigterm_to_one_rank_checkpoints_all_of_them_and_exits_0(tiny, tmp_path)
 
 
 def _start_torchrun(tiny, out, worker=True, **kw):
-    """2 ranks in a session of their own (a terminal's process group), with a checkpoint every step; through
-    dist_worker.py (which records), or online_dpo.py itself."""
-    flags = _flags(tiny, out, per_device_train_batch_size=2, save_steps=1, **kw)
+    """2 ranks in a session of their own (a terminal's process group), with a checkpoint every step unless kw says
+    otherwise; through dist_worker.py (which records), or online_dpo.py itself. Returns once step 1 is logged."""
+    flags = _flags(tiny, out, **{"per_device_train_batch_size": 2, "save_steps": 1} | kw)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     script = [WORKER, out, "sampled"] if worker else [os.path.join(REPO, "online_dpo.py")]
     proc = subprocess.Popen([*launcher, *script, *flags], cwd=REPO, text=True, start_new_session=True,
@@ -632,13 +625,7 @@ def test_ctrl_c_twice_under_torchrun_saves_the_step_on_every_rank_and_resumes_ex
                    resume_from_checkpoint="latest")
     again, ranks_again, _ = _run(stopped, "sampled", flags, nproc=2)
     assert [m["step"] for m in again] == list(range(1, 13))  # the lines of the first part, kept, then the rest
-    for a, b in zip(again, logs, strict=True):  # as test_two_ranks_resume_where_they_stopped holds them
-        for k, v in b.items():
-            if not k.startswith("time/"):
-                assert a[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
-    for r, r_again in zip(ranks, ranks_again):
-        for name, value in r["params"].items():
-            torch.testing.assert_close(r_again["params"][name], value, rtol=0, atol=1e-10, msg=name)
+    _assert_same_run(again, logs, ranks_again, ranks)
 
 
 def test_a_rank_killed_leaves_a_line_on_the_other_naming_the_checkpoint_intact(tiny, tmp_path):
