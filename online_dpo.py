@@ -578,10 +578,13 @@ def fit_prompts(tokenizer, prompts, limit):
     fitted = []
     for prompt, length in zip(prompts, lengths):
         if length > limit:
-            prompt = cut_left(prompt, lambda p: len(tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)
-                                                     ["input_ids"]) <= limit)
+            prompt = cut_left(prompt, lambda p: n_tokens(tokenizer, prompt_text(tokenizer, p)) <= limit)
         fitted.append(prompt)
     return fitted
+
+
+def n_tokens(tokenizer, text):
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def cut_left(prompt, fits):
@@ -952,7 +955,7 @@ def reward_text(tokenizer, prompt, completion, limit):
         return p + completion
 
     def fits(p):
-        return len(tokenizer(text(p), add_special_tokens=False)["input_ids"]) <= limit
+        return n_tokens(tokenizer, text(p)) <= limit
 
     if limit < math.inf and not fits(prompt):
         prompt = cut_left(prompt, fits)
@@ -1188,12 +1191,14 @@ def micro_batch(samples, pairs, j, B):
                    completion_mask=samples.completion_mask[rows, :T], has_eos=samples.has_eos[rows],
                    token_ids=[samples.token_ids[r] for r in listed], texts=[samples.texts[r] for r in listed],
                    completions=[samples.completions[r] for r in listed])
-    chosen = pairs.chosen[j * B : (j + 1) * B]  # sample k of prompt p: row k*N + p of the step's,
-    rejected = pairs.rejected[j * B : (j + 1) * B]  # row k*B + p - j*B of the micro-batch's
+
+    def local(step_rows):  # sample k of prompt p: row k*N + p of the step's, k*B + p - j*B of the part's
+        picked = step_rows[j * B : (j + 1) * B]  # (B,) this micro-batch's prompts'
+        return picked // N * B + picked % N - j * B
+
     scores = None if pairs.scores is None else pairs.scores[rows]
-    return part, Pairs(chosen=chosen // N * B + chosen % N - j * B, rejected=rejected // N * B + rejected % N - j * B,
-                       kept=pairs.kept[j * B : (j + 1) * B], scores=scores, metrics={},
-                       logged={k: v[j * B : (j + 1) * B] for k, v in pairs.logged.items()})
+    return part, Pairs(chosen=local(pairs.chosen), rejected=local(pairs.rejected), kept=pairs.kept[j * B : (j + 1) * B],
+                       scores=scores, metrics={}, logged={k: v[j * B : (j + 1) * B] for k, v in pairs.logged.items()})
 
 
 # ---- Log-probs and loss
@@ -1686,7 +1691,7 @@ def main(args):
     say(feedback_line(args))
     generator = torch.Generator(device).manual_seed(args.seed + rank)  # each rank samples its own
     optimizer, scheduler = make_optimizer(policy, args, plan)
-    saver = checkpoint.Checkpoints(args, plan, policy, optimizer, scheduler, tokenizer, ref, ctx)
+    saver = checkpoint.Checkpoints(args, plan, policy, optimizer, scheduler, tokenizer, ref, ctx.reference)
     state = checkpoint.new_state(world)  # what trainer_state.json holds
     since_log = MetricSums()  # the metrics since the last logged line
     if resume:  # TRY NOT TO MODIFY: the optimizer, schedule, data position, streams, metric sums

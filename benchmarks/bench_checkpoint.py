@@ -14,7 +14,6 @@ import shutil
 import sys
 import tempfile
 import time
-import types
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -67,7 +66,7 @@ def main() -> None:
     root = a.dir or tempfile.mkdtemp(prefix="bench-checkpoint-")
     args = online_dpo.Args(output_dir=root, reward_funcs=("x:y",), save_total_limit=1)
     mine = checkpoint.rank_state(torch.Generator(), online_dpo.MetricSums())
-    saver = checkpoint.Checkpoints(args, None, model, optimizer, scheduler, tokenizer, None, types.SimpleNamespace(reference=[]))
+    saver = checkpoint.Checkpoints(args, None, model, optimizer, scheduler, tokenizer, None, [])
     print(f"policy: {n / 1e6:.0f}M parameters, fp32, AdamW state filled; writing under {root}")
 
     rows = {"bare torch.save": [], "Checkpoints.save": [], "the same without fsync (for the breakdown)": []}

@@ -288,7 +288,7 @@ def restore(path, saver, generator, rank, metrics):
     if mine["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda"])
     generator.set_state(mine["sampling"])
-    saver.ctx.reference.extend(mine.get("reference", []))  # none in checkpoints before 12-03
+    saver.reference.extend(mine.get("reference", []))  # none in checkpoints before 12-03
     metrics.sums = {k: v.to(device) for k, v in mine["sums"].items()}
     metrics.counts = mine["counts"]
     state = read_json(f"{path}/trainer_state.json")
@@ -356,7 +356,7 @@ class Checkpoints:
     """What main() saves: checkpoint-N (every --save_steps, after a signal or a halt, and the step before a failed
     reward or judge), and the trained model at the end. Rank 0 writes; under FSDP2 every rank gathers."""
 
-    def __init__(self, args, plan, policy, optimizer, scheduler, tokenizer, ref, ctx):
+    def __init__(self, args, plan, policy, optimizer, scheduler, tokenizer, ref, reference):
         self.args = args
         self.plan = plan
         self.policy = policy
@@ -364,7 +364,7 @@ class Checkpoints:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.ref = ref  # saved in reference/ with --sync_ref_model (TR-DPO has moved it)
-        self.ctx = ctx  # online_dpo's Context: its .reference, the reference's held-out answers (evaluate())
+        self.reference = reference  # the reference's held-out answers (evaluate()), filled in place
 
     def save(self, trainer_state, my_state):
         """output_dir/checkpoint-{step}, complete before it takes its name; then `latest`. `my_state`: this rank's
@@ -379,7 +379,7 @@ class Checkpoints:
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             optimizer_state = get_optimizer_state_dict(policy, self.optimizer, options=options)
         sums = {k: v.cpu() for k, v in my_state["sums"].items()}
-        ranks = gather_lists([my_state | {"sums": sums, "reference": self.ctx.reference}])
+        ranks = gather_lists([my_state | {"sums": sums, "reference": self.reference}])
         step = trainer_state["step"]
         earlier = {"earlier": trainer_state.pop("earlier", [])}
         name = f"checkpoint-{step}"
